@@ -1,0 +1,90 @@
+"""Pieces shared by every attention path: mask constants, input checks, key normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Logit given to a query's own key: large but finite, so a query whose every other key
+#: is masked still attends to itself (and never produces NaN). Representable in fp16.
+SELF_ATTN_VALUE = -5e4
+
+
+def masked_value(dtype: torch.dtype) -> float:
+    """Logit for a hidden key: the most negative finite value of ``dtype`` (never -inf)."""
+    return -torch.finfo(dtype).max
+
+
+def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
+    """Shared-QK keys: ``qk / ||qk||`` along the last dim (eps 1e-12 guards zero vectors)."""
+    return qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+    """Raise a clear error for tensors that do not form a ``(batch, len, d)`` attention input."""
+    for name, t in (("qk", qk), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must have shape (batch, len, dim), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if qk.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"qk and v must agree in (batch, len): qk is {tuple(qk.shape)}, v is {tuple(v.shape)}"
+        )
+    if qk.dtype != v.dtype:
+        raise ValueError(f"qk and v must have the same dtype, got {qk.dtype} and {v.dtype}")
+    if qk.shape[1] == 0:
+        raise ValueError("qk must have at least one position (len >= 1)")
+    check_mask("input_mask", key_mask, qk.shape[:2])
+
+
+def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> None:
+    """A mask is a bool tensor of exactly ``shape`` (True = attend), or None."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor (True = keep), got {got}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+
+
+def window_softmax(
+    dots: torch.Tensor,
+    hidden: torch.Tensor | None,
+    is_self: torch.Tensor,
+    dropout: float,
+    training: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax over the last dim; returns ``(probs, lse)`` with ``lse`` keepdim.
+
+    ``hidden`` keys get the dtype's most negative value, the query's own key
+    :data:`SELF_ATTN_VALUE` (so it is used only when nothing else is visible).
+    """
+    if hidden is not None:
+        dots = dots.masked_fill(hidden, masked_value(dots.dtype))
+    dots = dots.masked_fill(is_self, SELF_ATTN_VALUE)
+    # Normalise by the sum, not by exp(-lse): near the self value (-5e4) an fp32 lse is only
+    # accurate to ~4e-3, which would leak into the weights of self-only queries.
+    peak = dots.amax(dim=-1, keepdim=True).detach()
+    exp = (dots - peak).exp()
+    total = exp.sum(dim=-1, keepdim=True)
+    probs = exp / total
+    lse = peak + total.log()
+    if dropout > 0 and training:
+        probs = F.dropout(probs, dropout)
+    return probs, lse
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def check_prob(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+    return float(value)

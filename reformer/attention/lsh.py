@@ -1,0 +1,170 @@
+"""LSHAttention and FullQKAttention modules (heads folded into the batch)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..hashing import (
+    BucketSpec,
+    buckets_for_length,
+    draw_rotations,
+    hash_vectors,
+    total_buckets,
+    validate_n_buckets,
+)
+from .chunked import lsh_attention_chunked
+from .common import check_int, check_prob, check_qkv
+from .full import full_qk_attention
+
+
+class LSHAttention(nn.Module):
+    """Multi-round LSH attention with shared queries and keys (Kitaev et al. 2020).
+
+    Args:
+        dropout: dropout on the attention weights (training only).
+        bucket_size: chunk length; each query attends within its chunk and the previous one.
+        n_hashes: number of hashing rounds, combined by their log-sum-exp.
+        causal: autoregressive masking. With ``strict_causal=True`` (default) a query sees
+            only the at most ``bucket_size`` keys of its own bucket that precede it in the
+            round's sorted order, so its output depends on earlier positions only. With
+            ``strict_causal=False`` it is the classic trax / Hugging Face rule: every earlier
+            key in the (chunk, previous chunk) window - where chunk boundaries, and so earlier
+            outputs, can shift when later tokens change.
+        strict_causal: see ``causal``; ignored when ``causal=False``.
+        allow_duplicate_attention: if False, subtract ``log N_ij`` from each logit, where
+            ``N_ij`` counts the window entries in all rounds in which query i sees key j, so
+            the combined attention is a softmax over the *set* of keys seen.
+        attend_across_buckets: if False, keys of other buckets (or other rounds) in the
+            window are masked too (the paper's strict ``P_i``).
+        random_rotations_per_head: a separate random rotation per head instead of one shared.
+        return_attn: also return the dense ``(batch, len, len)`` attention (costly).
+        n_buckets: buckets per round: an even int, or a factorised tuple such as
+            ``(64, 128)``. Default: derived from ``max_seq_len``, or else from the input length.
+        max_seq_len: the longest sequence the layer will see; fixes ``n_buckets``
+            (``max_seq_len // bucket_size``, even) so that hashing never depends on length.
+        heads: heads folded into the batch (rows ordered ``(batch, head)``); with
+            ``random_rotations_per_head`` the rotations are per head, not per row.
+        hash_seed: seed of the eval-mode rotations (default: drawn from torch's RNG at
+            construction and saved in the state dict). Training always draws fresh rotations.
+    """
+
+    def __init__(
+        self,
+        dropout: float = 0.0,
+        bucket_size: int = 64,
+        n_hashes: int = 8,
+        causal: bool = False,
+        allow_duplicate_attention: bool = True,
+        attend_across_buckets: bool = True,
+        random_rotations_per_head: bool = False,
+        return_attn: bool = False,
+        *,
+        strict_causal: bool = True,
+        n_buckets: BucketSpec | None = None,
+        max_seq_len: int | None = None,
+        heads: int | None = None,
+        hash_seed: int | None = None,
+    ):
+        super().__init__()
+        self.dropout = check_prob("dropout", dropout)
+        self.bucket_size = check_int("bucket_size", bucket_size, 1)
+        self.n_hashes = check_int("n_hashes", n_hashes, 1)
+        self.causal = bool(causal)
+        self.strict_causal = bool(strict_causal)
+        self.allow_duplicate_attention = bool(allow_duplicate_attention)
+        self.attend_across_buckets = bool(attend_across_buckets)
+        self.random_rotations_per_head = bool(random_rotations_per_head)
+        self.return_attn = bool(return_attn)
+        if max_seq_len is not None:
+            check_int("max_seq_len", max_seq_len, 1)
+        if n_buckets is None and max_seq_len is not None:
+            n_buckets = buckets_for_length(max_seq_len, bucket_size)
+        self.n_buckets = None if n_buckets is None else validate_n_buckets(n_buckets)
+        self.heads = None if heads is None else check_int("heads", heads, 1)
+        if hash_seed is None:
+            hash_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        self.register_buffer("hash_seed", torch.tensor(int(hash_seed), dtype=torch.int64))
+
+    def extra_repr(self) -> str:
+        return (
+            f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
+            f"causal={self.causal}, strict_causal={self.strict_causal}"
+        )
+
+    def bucket_spec(self, length: int) -> BucketSpec:
+        """The bucket count used for an input of ``length`` positions."""
+        return self.n_buckets if self.n_buckets is not None else buckets_for_length(length, self.bucket_size)
+
+    def hash(self, qk: torch.Tensor) -> torch.Tensor:
+        """Bucket ids ``(rows, n_hashes, len)`` of ``qk`` ``(rows, len, d)``."""
+        rows, length, d = qk.shape
+        n_buckets = self.bucket_spec(length)
+        n_sets = 1
+        if self.random_rotations_per_head:
+            n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
+        seed = None if self.training else int(self.hash_seed)
+        rotations = draw_rotations(
+            d, self.n_hashes, n_buckets, n_sets, seed=seed, device=qk.device, dtype=qk.dtype
+        )
+        with torch.no_grad():
+            return hash_vectors(qk.detach(), rotations, n_buckets)
+
+    def forward(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        input_mask: torch.Tensor | None = None,
+        *,
+        chunks: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``qk``, ``v``: ``(rows, len, d)``; ``input_mask``: ``(rows, len)`` bool, True = real.
+
+        ``chunks`` splits the rows to bound peak memory (hashing is done once for all).
+        Returns ``out`` ``(rows, len, dv)``, ``attn`` ``(rows, len, len)`` when
+        ``return_attn`` (else None) and ``buckets`` ``(rows, n_hashes, len)``.
+        """
+        check_qkv(qk, v, input_mask)
+        check_int("chunks", chunks, 1)
+        buckets = self.hash(qk)
+        n_total = total_buckets(self.bucket_spec(qk.shape[1]))
+        outs, attns = [], []
+        for rows in torch.arange(qk.shape[0], device=qk.device).tensor_split(min(chunks, qk.shape[0])):
+            sl = slice(int(rows[0]), int(rows[-1]) + 1)
+            out, attn = lsh_attention_chunked(
+                qk[sl],
+                v[sl],
+                buckets[sl],
+                bucket_size=self.bucket_size,
+                n_buckets=n_total,
+                causal=self.causal,
+                strict_causal=self.strict_causal,
+                key_mask=None if input_mask is None else input_mask[sl],
+                allow_duplicate_attention=self.allow_duplicate_attention,
+                attend_across_buckets=self.attend_across_buckets,
+                dropout=self.dropout,
+                training=self.training,
+                return_attn=self.return_attn,
+            )
+            outs.append(out)
+            attns.append(attn)
+        attn = torch.cat(attns) if self.return_attn else None
+        return torch.cat(outs), attn, buckets
+
+
+class FullQKAttention(nn.Module):
+    """Dense shared-QK attention with the masks of :class:`LSHAttention` (O(len^2))."""
+
+    def __init__(self, causal: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.causal = bool(causal)
+        self.dropout = check_prob("dropout", dropout)
+
+    def forward(
+        self, qk: torch.Tensor, v: torch.Tensor, input_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        check_qkv(qk, v, input_mask)
+        out, attn = full_qk_attention(
+            qk, v, causal=self.causal, key_mask=input_mask, dropout=self.dropout, training=self.training
+        )
+        return out, attn, torch.empty(0, dtype=torch.long, device=qk.device)

@@ -1,0 +1,165 @@
+"""ReformerConfig: every model option in one place, with its default and meaning.
+
+The model constructors accept these fields as keyword arguments (the names of
+``reformer_pytorch``); checkpoints store the config as JSON next to the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from .hashing import validate_n_buckets
+
+
+@dataclass
+class ReformerConfig:
+    # --- sizes ---------------------------------------------------------------------------
+    num_tokens: int = 256
+    """Vocabulary size (byte-level models use 256)."""
+    dim: int = 512
+    """Model width."""
+    depth: int = 6
+    """Number of reversible blocks (each: attention + feed-forward)."""
+    max_seq_len: int = 4096
+    """Longest sequence; also fixes the LSH bucket count (``max_seq_len // bucket_size``)."""
+    heads: int = 8
+    """Attention heads."""
+    dim_head: int | None = None
+    """Per-head width; default ``dim // heads``."""
+    emb_dim: int | None = None
+    """Token embedding width, projected to ``dim`` when smaller (factorised embedding)."""
+
+    # --- LSH attention -------------------------------------------------------------------
+    bucket_size: int = 64
+    """Chunk length of LSH attention (keys per query window: two chunks)."""
+    n_hashes: int = 4
+    """Hashing rounds; more rounds approximate full attention better and cost linearly."""
+    n_buckets: int | tuple[int, ...] | None = None
+    """Buckets per round (even int, or factorised tuple like ``(64, 128)``); default from
+    ``max_seq_len``."""
+    causal: bool = False
+    """Autoregressive model."""
+    strict_causal: bool = True
+    """With ``causal``: a query sees only earlier keys of its own bucket (no future token can
+    move chunk boundaries). False: classic trax / Hugging Face chunk semantics."""
+    allow_duplicate_attention: bool = True
+    """False: correct logits by ``-log N_ij`` for keys seen in several rounds/chunks."""
+    attend_across_buckets: bool = True
+    """False: mask keys of other buckets inside the chunk window."""
+    random_rotations_per_head: bool = False
+    """A separate random rotation per head."""
+    hash_seed: int | None = None
+    """Seed of eval-mode rotations (default: drawn at construction, saved with the model)."""
+    attn_chunks: int = 1
+    """Process attention over ``batch * heads`` in this many chunks (memory)."""
+    num_mem_kv: int = 0
+    """Learned memory key/values every query may attend to."""
+    n_local_attn_heads: int = 0
+    """Heads using local (sliding-block) attention instead of LSH."""
+    use_full_attn: bool = False
+    """Use dense shared-QK attention everywhere (for comparison)."""
+    full_attn_thres: int | None = None
+    """Use dense attention for inputs at most this long (default ``bucket_size``)."""
+    lsh_dropout: float = 0.0
+    """Dropout on LSH attention weights."""
+    post_attn_dropout: float = 0.0
+    """Dropout on the attention output."""
+
+    # --- feed-forward and blocks ---------------------------------------------------------
+    ff_mult: int = 4
+    """Feed-forward hidden width is ``dim * ff_mult``."""
+    ff_chunks: int = 1
+    """Split the feed-forward along the sequence into this many chunks (memory)."""
+    ff_activation: str = "gelu"
+    """Feed-forward activation: ``gelu``, ``relu`` or ``silu``."""
+    ff_glu: bool = False
+    """Gated linear unit in the feed-forward."""
+    ff_dropout: float = 0.0
+    """Dropout inside the feed-forward."""
+    layer_dropout: float = 0.0
+    """Probability of skipping a whole block in training (stochastic depth)."""
+    weight_tie: bool = False
+    """Share one block's parameters across all depths."""
+    twin_attention: bool = False
+    """Both reversible branches are attention (no feed-forward)."""
+    use_scale_norm: bool = False
+    """ScaleNorm instead of LayerNorm."""
+    use_rezero: bool = False
+    """ReZero residual scaling instead of normalisation."""
+    reverse_thres: int = 0
+    """Below this length run the plain (non-reversible) stack, which is faster."""
+
+    # --- positions and output ------------------------------------------------------------
+    axial_position_emb: bool = True
+    """Axial position embeddings (paper default)."""
+    axial_position_shape: tuple[int, ...] | None = None
+    """Axial factorisation of ``max_seq_len``; default ``(max_seq_len // bucket_size, bucket_size)``."""
+    fixed_position_emb: bool = False
+    """Fixed sinusoidal positions."""
+    rotary_emb: bool = False
+    """Rotary position embedding on queries/keys."""
+    weight_tie_embedding: bool = False
+    """Tie the output projection to the token embedding."""
+    return_embeddings: bool = False
+    """Return final hidden states instead of logits."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size",
+                     "n_hashes", "attn_chunks", "ff_mult", "ff_chunks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("num_mem_kv", "n_local_attn_heads", "reverse_thres"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        for name in ("lsh_dropout", "post_attn_dropout", "ff_dropout", "layer_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
+        if self.dim_head is None and self.dim % self.heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}) unless dim_head is given")
+        if self.n_local_attn_heads > self.heads:
+            raise ValueError(f"n_local_attn_heads must be in [0, heads={self.heads}], got {self.n_local_attn_heads}")
+        if self.n_buckets is not None:
+            self.n_buckets = validate_n_buckets(self.n_buckets)
+        if self.ff_activation not in ("gelu", "relu", "silu"):
+            raise ValueError(f"ff_activation must be 'gelu', 'relu' or 'silu', got {self.ff_activation!r}")
+        if self.axial_position_shape is not None:
+            self.axial_position_shape = tuple(self.axial_position_shape)
+
+    @classmethod
+    def field_docs(cls) -> dict[str, str]:
+        """``{field: one-line doc}``, read from the attribute docstrings above."""
+        import ast
+        import inspect
+
+        tree = ast.parse(inspect.getsource(cls))
+        body = tree.body[0].body
+        docs = {}
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+        return docs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ReformerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields {unknown}; allowed: {sorted(known)}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReformerConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+

@@ -1,0 +1,101 @@
+"""Angular locality-sensitive hashing (Andoni et al. 2015), as used by Reformer.
+
+A vector ``x`` is projected by a random rotation ``R`` (``d x n/2``) and assigned the
+bucket ``argmax([xR ; -xR])``: nearby directions land in the same bucket with high
+probability. ``n_hashes`` independent rotations give ``n_hashes`` rounds.
+
+For large bucket counts a *factorised* count ``(n1, n2)`` hashes with two independent
+rotation blocks and combines them mixed-radix, first factor most significant:
+``bucket = b1 * n2 + b2`` (``n1 * n2`` buckets from ``n1/2 + n2/2`` projections).
+
+Rotations are drawn fresh from torch's global RNG in training (so a reversible
+recompute replays them by restoring the RNG state) and from a fixed per-layer seed in
+eval mode, which makes eval forwards deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+BucketSpec = int | tuple[int, ...]
+
+
+def validate_n_buckets(n_buckets: BucketSpec | Sequence[int], name: str = "n_buckets") -> BucketSpec:
+    """Return ``n_buckets`` normalised (int or tuple of ints), or raise a clear ValueError."""
+    if isinstance(n_buckets, int) or not isinstance(n_buckets, Sequence) or isinstance(n_buckets, str):
+        factors = (n_buckets,)
+    else:
+        factors = tuple(n_buckets)
+    if not factors or any(isinstance(f, bool) or not isinstance(f, int) for f in factors):
+        raise ValueError(f"{name} must be an even int >= 2 or a tuple of them, got {n_buckets!r}")
+    for f in factors:
+        if f < 2 or f % 2:
+            raise ValueError(f"{name} must be even and >= 2 (each factor), got {n_buckets!r}")
+    return factors[0] if isinstance(n_buckets, int) else factors
+
+
+def total_buckets(n_buckets: BucketSpec) -> int:
+    """Number of distinct bucket ids of a (possibly factorised) bucket spec."""
+    if isinstance(n_buckets, int):
+        return n_buckets
+    total = 1
+    for f in n_buckets:
+        total *= f
+    return total
+
+
+def buckets_for_length(length: int, bucket_size: int) -> int:
+    """Default bucket count for sequences of ``length``: ``length // bucket_size``, even, >= 2."""
+    n = max(2, length // bucket_size)
+    return n + (n % 2)
+
+
+def draw_rotations(
+    dim: int,
+    n_hashes: int,
+    n_buckets: BucketSpec,
+    n_sets: int = 1,
+    *,
+    seed: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Random rotations of shape ``(n_sets, dim, n_hashes, sum(factors) // 2)``.
+
+    ``seed=None`` draws from torch's global RNG on ``device`` (training); an int seed
+    draws from a private CPU generator, so the result is the same on every device and
+    independent of the global RNG (eval).
+    """
+    factors = (n_buckets,) if isinstance(n_buckets, int) else n_buckets
+    shape = (n_sets, dim, n_hashes, sum(factors) // 2)
+    if seed is None:
+        return torch.randn(shape, device=device, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec) -> torch.Tensor:
+    """Bucket ids of ``x`` (``(rows, len, d)``) for every round: ``(rows, n_hashes, len)`` int64.
+
+    ``rotations`` is ``(n_sets, d, n_hashes, r)`` from :func:`draw_rotations`; row ``i``
+    uses set ``i % n_sets`` (rows are ``(batch, head)`` flattened, head fastest).
+    """
+    rows, length, d = x.shape
+    n_sets = rotations.shape[0]
+    if rows % n_sets:
+        raise ValueError(f"rows ({rows}) must be a multiple of the rotation sets ({n_sets})")
+    xs = x.reshape(rows // n_sets, n_sets, length, d)
+    # (b, s, len, d) x (s, d, h, r) -> (b, s, h, len, r)
+    rotated = torch.einsum("bsld,sdhr->bshlr", xs, rotations.to(x.dtype))
+    rotated = rotated.reshape(rows, rotations.shape[2], length, -1)
+    factors = (n_buckets,) if isinstance(n_buckets, int) else n_buckets
+    buckets = None
+    start = 0
+    for f in factors:
+        part = rotated[..., start : start + f // 2]
+        start += f // 2
+        ids = torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        buckets = ids if buckets is None else buckets * f + ids
+    return buckets

@@ -1,0 +1,269 @@
+"""LSH attention: the chunked fast path against the dense reference, and its invariances."""
+
+import itertools
+
+import pytest
+import torch
+
+from reformer import FullQKAttention, LSHAttention
+from reformer.attention.chunked import lsh_attention_chunked
+from reformer.attention.full import full_qk_attention
+from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
+
+MODES = [  # (causal, strict_causal)
+    (False, True),
+    (True, True),
+    (True, False),
+]
+SWEEP = list(
+    itertools.product(
+        MODES,
+        [1, 2, 4, 8],  # n_hashes
+        [(16, 4), (37, 8), (5, 8)],  # (len, bucket_size): divides, does not, shorter than a bucket
+        [False, True],  # padding mask
+        [True, False],  # allow_duplicate_attention
+        [True, False],  # attend_across_buckets
+    )
+)
+
+
+def _inputs(b, length, d=8, dv=6, dtype=torch.float32):
+    qk = torch.randn(b, length, d, dtype=dtype)
+    v = torch.randn(b, length, dv, dtype=dtype)
+    return qk, v
+
+
+@pytest.mark.parametrize("mode,n_hashes,shape,masked,dup,across", SWEEP)
+def test_chunked_equals_reference(mode, n_hashes, shape, masked, dup, across):
+    causal, strict = mode
+    length, bucket_size = shape
+    qk, v = _inputs(3, length)
+    n_buckets = 4
+    buckets = torch.randint(0, n_buckets, (3, n_hashes, length))
+    key_mask = torch.rand(3, length) > 0.3 if masked else None
+    kw = dict(
+        bucket_size=bucket_size,
+        n_buckets=n_buckets,
+        causal=causal,
+        strict_causal=strict,
+        key_mask=key_mask,
+        allow_duplicate_attention=dup,
+        attend_across_buckets=across,
+    )
+    out, attn = lsh_attention_chunked(qk, v, buckets, return_attn=True, **kw)
+    ref_out, ref_attn = lsh_attention_reference(qk, v, buckets, **kw)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(3, length), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal,strict", MODES)
+def test_module_uses_its_hash_and_equals_reference(causal, strict):
+    layer = LSHAttention(bucket_size=8, n_hashes=4, causal=causal, strict_causal=strict, n_buckets=(2, 4)).eval()
+    qk, v = _inputs(4, 45, d=16)
+    mask = torch.rand(4, 45) > 0.2
+    out, _, buckets = layer(qk, v, mask)
+    assert buckets.shape == (4, 4, 45) and buckets.max() < 8
+    ref, _ = lsh_attention_reference(
+        qk, v, buckets, bucket_size=8, n_buckets=8, causal=causal, strict_causal=strict, key_mask=mask
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_real_buckets_large_sweep_chunked_vs_reference():
+    # Buckets from real hashing (clustered, uneven sizes) rather than uniform random ids.
+    for causal, strict in MODES:
+        for n_hashes in (1, 2, 4, 8):
+            layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=strict).eval()
+            layer.return_attn = True
+            qk, v = _inputs(2, 200, d=16)
+            out, attn, buckets = layer(qk, v)
+            ref_out, ref_attn = lsh_attention_reference(
+                qk, v, buckets, bucket_size=16, n_buckets=12, causal=causal, strict_causal=strict
+            )
+            torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
+            torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n_hashes", [1, 3])
+@pytest.mark.parametrize("length", [16, 11])
+def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
+    qk, v = _inputs(2, length)
+    mask = torch.rand(2, length) > 0.25
+    layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=False).eval()
+    for dup in (True, False):
+        layer.allow_duplicate_attention = dup
+        out, _, _ = layer(qk, v, mask)
+        dense, _ = full_qk_attention(qk, v, causal=causal, key_mask=mask)
+        torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(dense, full_qk_attention_reference(qk, v, causal=causal, key_mask=mask), atol=1e-6, rtol=0)
+    full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, mask)
+    torch.testing.assert_close(full_out, dense)
+
+
+def test_query_with_no_visible_key_attends_to_itself():
+    qk, v = _inputs(1, 8)
+    mask = torch.zeros(1, 8, dtype=torch.bool)
+    mask[0, 5] = True
+    out, _ = full_qk_attention(qk, v, causal=True, key_mask=mask)
+    torch.testing.assert_close(out[0, :5], v[0, :5])  # nothing visible before position 5
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "causal,strict,dup,across",
+    [(False, True, True, True), (True, True, False, True), (True, False, False, False), (False, True, False, True)],
+)
+def test_gradcheck_float64(causal, strict, dup, across):
+    qk, v = _inputs(2, 13, d=4, dv=3, dtype=torch.float64)
+    qk.requires_grad_()
+    v.requires_grad_()
+    buckets = torch.randint(0, 4, (2, 2, 13))
+    mask = torch.rand(2, 13) > 0.2
+
+    def fn(a, b):
+        return lsh_attention_chunked(
+            a, b, buckets, bucket_size=4, n_buckets=4, causal=causal, strict_causal=strict,
+            key_mask=mask, allow_duplicate_attention=dup, attend_across_buckets=across,
+        )[0]
+
+    assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
+
+
+def _first_change(layer, length, d=16):
+    """Largest change of outputs at positions <= i when positions > i change (over several i)."""
+    qk, v = _inputs(2, length, d=d)
+    base, _, _ = layer(qk, v)
+    worst = 0.0
+    for i in sorted({0, 1, length // 3, length // 2, length - 2}):
+        qk2, v2 = qk.clone(), v.clone()
+        qk2[:, i + 1 :] = torch.randn_like(qk2[:, i + 1 :])
+        v2[:, i + 1 :] = torch.randn_like(v2[:, i + 1 :])
+        out, _, _ = layer(qk2, v2)
+        worst = max(worst, (out[:, : i + 1] - base[:, : i + 1]).abs().max().item())
+    return worst
+
+
+@pytest.mark.parametrize("length,bucket_size", [(64, 8), (100, 16), (33, 4), (256, 32)])
+@pytest.mark.parametrize("n_hashes", [1, 4])
+def test_strict_causal_outputs_ignore_the_future(length, bucket_size, n_hashes):
+    layer = LSHAttention(bucket_size=bucket_size, n_hashes=n_hashes, causal=True, n_buckets=4).eval()
+    assert _first_change(layer, length) <= 1e-6
+    layer.allow_duplicate_attention = False
+    assert _first_change(layer, length) <= 1e-6
+
+
+def test_strict_causal_prefix_is_independent_of_total_length():
+    layer = LSHAttention(bucket_size=8, n_hashes=2, causal=True, max_seq_len=128).eval()
+    qk, v = _inputs(1, 128)
+    full, _, _ = layer(qk, v)
+    for n in (1, 9, 50, 77):
+        part, _, _ = layer(qk[:, :n], v[:, :n])
+        torch.testing.assert_close(part, full[:, :n], atol=1e-6, rtol=0)
+
+
+def test_classic_causal_leaks_which_is_why_strict_is_default():
+    layer = LSHAttention(bucket_size=8, n_hashes=4, causal=True, strict_causal=False, n_buckets=4).eval()
+    assert _first_change(layer, 64) > 1e-3  # the check above can fail on a leaky rule
+
+
+def test_eval_is_deterministic_and_training_is_not():
+    layer = LSHAttention(bucket_size=8, n_hashes=2, causal=True)
+    qk, v = _inputs(2, 64)
+    layer.eval()
+    a, _, ba = layer(qk, v)
+    b, _, bb = layer(qk, v)
+    assert torch.equal(a, b) and torch.equal(ba, bb)
+    layer.train()
+    c, _, bc = layer(qk, v)
+    d, _, bd = layer(qk, v)
+    assert not torch.equal(bc, bd) and not torch.equal(c, d)
+
+
+def test_hash_seed_travels_with_the_state_dict():
+    a = LSHAttention(bucket_size=8, n_hashes=2).eval()
+    b = LSHAttention(bucket_size=8, n_hashes=2).eval()
+    qk, v = _inputs(1, 64)
+    assert not torch.equal(a(qk, v)[2], b(qk, v)[2])
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a(qk, v)[0], b(qk, v)[0])
+
+
+def test_chunks_do_not_change_the_result():
+    layer = LSHAttention(bucket_size=8, n_hashes=3, causal=True).eval()
+    qk, v = _inputs(6, 40)
+    one, _, _ = layer(qk, v)
+    three, _, _ = layer(qk, v, chunks=4)
+    torch.testing.assert_close(one, three, atol=1e-6, rtol=0)
+
+
+def test_dropout_only_in_training():
+    layer = LSHAttention(bucket_size=8, n_hashes=2, dropout=0.5, hash_seed=3)
+    qk, v = _inputs(2, 32)
+    layer.eval()
+    ref, _ = lsh_attention_reference(qk, v, layer(qk, v)[2], bucket_size=8, n_buckets=4, strict_causal=True)
+    torch.testing.assert_close(layer(qk, v)[0], ref, atol=1e-5, rtol=0)
+    layer.train()
+    torch.manual_seed(5)
+    a = layer(qk, v)[0]
+    torch.manual_seed(5)
+    b = layer(qk, v)[0]
+    assert torch.equal(a, b)  # replayable from the RNG state (reversible recompute needs this)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_finite_and_close(dtype):
+    layer = LSHAttention(bucket_size=16, n_hashes=2, causal=True).eval()
+    qk, v = _inputs(2, 96, d=32)
+    out32, _, buckets = layer(qk, v)
+    out, _ = lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, bucket_size=16, n_buckets=6, causal=True)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    ref32, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=16, n_buckets=6, causal=True)
+    torch.testing.assert_close(out32, ref32)
+    assert (out.float() - ref32).abs().max() < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(n_buckets=3), "n_buckets"),
+        (dict(n_buckets=(4, 7)), "n_buckets"),
+        (dict(bucket_size=0), "bucket_size"),
+        (dict(bucket_size=-4), "bucket_size"),
+        (dict(n_hashes=0), "n_hashes"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(max_seq_len=0), "max_seq_len"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LSHAttention(**kwargs)
+
+
+def test_bad_forward_inputs():
+    layer = LSHAttention(bucket_size=4, n_hashes=1)
+    qk, v = _inputs(2, 8)
+    cases = [
+        ((qk[0], v[0]), {}, "qk must have shape"),
+        ((qk, v[:, :7]), {}, "agree"),
+        ((qk, v[:1]), {}, "agree"),
+        ((qk.long(), v), {}, "floating-point"),
+        ((qk, v.double()), {}, "same dtype"),
+        ((qk, v), {"input_mask": torch.ones(2, 7, dtype=torch.bool)}, "input_mask must have shape"),
+        ((qk, v), {"input_mask": torch.ones(2, 8)}, "bool"),
+        ((qk, v), {"chunks": 0}, "chunks"),
+        ((qk[:, :0], v[:, :0]), {}, "at least one"),
+    ]
+    for args, kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            layer(*args, **kwargs)
+
+
+def test_seed_readme_lsh_attention_example():
+    attn = LSHAttention(bucket_size=64, n_hashes=16, causal=True)
+    qk = torch.randn(10, 1024, 128)
+    v = torch.randn(10, 1024, 128)
+    out, attn_weights, buckets = attn(qk, v)
+    assert out.shape == (10, 1024, 128) and attn_weights is None
+    assert buckets.shape == (10, 16, 1024)
