@@ -31,10 +31,11 @@ def padded_length(length: int, bucket_size: int) -> int:
     return -(-length // bucket_size) * bucket_size
 
 
-def look_back(x: torch.Tensor) -> torch.Tensor:
-    """``(b, n, c, ...)`` chunks -> ``(b, n, 2c, ...)``: each chunk followed by its predecessor
-    (chunk 0 wraps to chunk n-1)."""
-    return torch.cat([x, x.roll(1, dims=1)], dim=2)
+def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """``(n_chunks, 2 * chunk)`` slot indices of each chunk's keys: its own slots, then those of
+    the previous chunk (chunk 0 wraps to the last one)."""
+    own = torch.arange(n_chunks * chunk, device=device).view(n_chunks, chunk)
+    return torch.cat([own, own.roll(1, dims=0)], dim=1)
 
 
 def _duplicate_counts(
@@ -60,9 +61,9 @@ def _duplicate_counts(
     else:
         info = torch.stack([(rounds * lp + inv) // c, buckets], dim=-1)  # chunk id, bucket
     info = info.permute(0, 2, 1, 3).reshape(b, lp, h * 2)
-    at_slots = info.gather(1, perm_flat[..., None].expand(-1, -1, h * 2)).view(b, n, c, h, 2)
-    q = at_slots[:, :, :, None]  # (b, n, c, 1, h, 2)
-    k = look_back(at_slots)[:, :, None]  # (b, n, 1, 2c, h, 2)
+    at_slots = info.gather(1, perm_flat[..., None].expand(-1, -1, h * 2)).view(b, h * lp, h, 2)
+    q = at_slots.view(b, n, c, 1, h, 2)
+    k = at_slots[:, window_slots(n, c, inv.device)][:, :, None]  # (b, n, 1, 2c, h, 2)
     same_bucket = q[..., 1] == k[..., 1]  # (b, n, c, 2c, h)
     if strict:
         gap = q[..., 0] - k[..., 0]
@@ -122,21 +123,23 @@ def lsh_attention_chunked(
     perm_flat = perm.reshape(b, total)  # position at each slot
     inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
 
-    def gather_slots(x: torch.Tensor) -> torch.Tensor:  # (b, lp, e) -> (b, n, c, e)
-        return x.gather(1, perm_flat[..., None].expand(-1, -1, x.shape[-1])).view(b, n, c, -1)
+    win = window_slots(n, c, qk.device)  # (n, 2c): own chunk's slots, then the previous chunk's
+    q_pos = perm_flat.view(b, n, c)  # position of each query slot
+    k_pos = perm_flat[:, win]  # (b, n, 2c) position of each key slot in the window
 
-    bq = gather_slots(qk)  # (b, n, c, d)
-    bk = look_back(gather_slots(normalize_keys(qk)))  # (b, n, 2c, d)
-    bv = look_back(gather_slots(v))  # (b, n, 2c, dv)
-    dots = torch.matmul(bq, bk.transpose(-1, -2)) * (d**-0.5)  # (b, n, c, 2c)
+    def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (b, lp, e) -> (b, *index, e)
+        flat = index.reshape(b, -1, 1).expand(-1, -1, x.shape[-1])
+        return x.gather(1, flat).view(*index.shape, x.shape[-1])
 
-    q_pos = perm_flat.view(b, n, c)
-    k_pos = look_back(q_pos)  # (b, n, 2c)
+    bq = gather_rows(qk * d**-0.5, q_pos)  # (b, n, c, d), scaled here: cheaper than scaling dots
+    bk = gather_rows(normalize_keys(qk), k_pos)  # (b, n, 2c, d)
+    bv = gather_rows(v, k_pos)  # (b, n, 2c, dv)
+    dots = torch.matmul(bq, bk.transpose(-1, -2))  # (b, n, c, 2c)
+
     is_self = q_pos[..., :, None] == k_pos[..., None, :]
     hidden = None
     if key_mask is not None:
-        k_valid = look_back(key_mask.gather(1, perm_flat).view(b, n, c))
-        hidden = ~k_valid[:, :, None, :]
+        hidden = ~key_mask.gather(1, k_pos.view(b, -1)).view(b, n, 1, 2 * c)
 
     def hide(extra: torch.Tensor) -> None:
         nonlocal hidden
@@ -144,23 +147,23 @@ def lsh_attention_chunked(
 
     strict = causal and strict_causal
     if strict or not attend_across_buckets:
-        slot_bucket = (sort_keys // lp).reshape(b, n, c)
-        same_bucket = slot_bucket[..., :, None] == look_back(slot_bucket)[..., None, :]
+        slot_bucket = (sort_keys // lp).reshape(b, total)
+        same_bucket = slot_bucket.view(b, n, c, 1) == slot_bucket[:, win][:, :, None, :]
+    q_slots = win[:, :c]  # (n, c)
     if strict:
-        # Slot indices with the wrapped look-back of chunk 0 placed before slot 0, so that
-        # "same round" and "at most bucket_size earlier in sorted order" are comparisons.
-        slots = torch.arange(total, device=qk.device).view(n, c)
-        k_slots = torch.cat([slots, slots.roll(1, dims=0)], dim=1)
+        # Slot distance with the wrapped look-back of chunk 0 counted as far behind, so that
+        # "same round, at most bucket_size earlier in sorted order" is a comparison.
+        k_slots = win.clone()
         k_slots[0, c:] -= total
-        gap = slots[:, :, None] - k_slots[:, None, :]  # (n, c, 2c)
-        same_round = slots[:, :, None] // lp == k_slots[:, None, :].div(lp, rounding_mode="floor")
-        hide(~(same_bucket & same_round & (gap >= 0) & (gap <= c)))
+        gap = q_slots[:, :, None] - k_slots[:, None, :]  # (n, c, 2c)
+        same_round = q_slots[:, :, None] // lp == k_slots.div(lp, rounding_mode="floor")[:, None, :]
+        in_reach = (gap >= 0) & (gap <= c) & same_round
+        hide(~(same_bucket & in_reach))
     else:
         if causal:
             hide(k_pos[..., None, :] > q_pos[..., :, None])
         if not attend_across_buckets:
-            slot_round = (torch.arange(total, device=qk.device) // lp).view(n, c)
-            same_round = slot_round[:, :, None] == look_back(slot_round[None])[0][:, None, :]
+            same_round = q_slots[:, :, None] // lp == (win // lp)[:, None, :]
             hide(~(same_bucket & same_round))
 
     if not allow_duplicate_attention:

@@ -60,7 +60,7 @@ def local_attention_chunked(
     hidden = ~k_valid[:, :, None, :]
     if causal:
         hidden = hidden | (k_pos[..., None, :] > q_pos[..., :, None])
-    is_self = (k_pos[..., None, :] == q_pos[..., :, None]).expand_as(hidden)
+    is_self = k_pos[..., None, :] == q_pos[..., :, None]
     probs, _ = window_softmax(dots, hidden, is_self, dropout, training)
     out = torch.matmul(probs, vv).view(b, lp, -1)
     return out[:, :length]
