@@ -106,8 +106,18 @@ class ReformerConfig:
     """Return final hidden states instead of logits."""
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size",
-                     "n_hashes", "attn_chunks", "ff_mult", "ff_chunks"):
+        for name in (
+            "num_tokens",
+            "dim",
+            "depth",
+            "max_seq_len",
+            "heads",
+            "bucket_size",
+            "n_hashes",
+            "attn_chunks",
+            "ff_mult",
+            "ff_chunks",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -139,7 +149,7 @@ class ReformerConfig:
         tree = ast.parse(inspect.getsource(cls))
         body = tree.body[0].body
         docs = {}
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in zip(body, body[1:], strict=False):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
         return docs
@@ -161,5 +171,3 @@ class ReformerConfig:
     @classmethod
     def load(cls, path: str | Path) -> ReformerConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
-
-

@@ -76,6 +76,12 @@ def draw_rotations(
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
+#: Elements of the rotated-vector buffer per hashing step. The projections have
+#: ``len x n_buckets / 2`` entries per round (quadratic in length when ``n_buckets`` grows
+#: with it), so long inputs are hashed a slice of positions at a time.
+HASH_BLOCK_ELEMENTS = 2**24
+
+
 def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec) -> torch.Tensor:
     """Bucket ids of ``x`` (``(rows, len, d)``) for every round: ``(rows, n_hashes, len)`` int64.
 
@@ -83,19 +89,27 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec
     uses set ``i % n_sets`` (rows are ``(batch, head)`` flattened, head fastest).
     """
     rows, length, d = x.shape
-    n_sets = rotations.shape[0]
+    n_sets, _, n_hashes, width = rotations.shape
     if rows % n_sets:
         raise ValueError(f"rows ({rows}) must be a multiple of the rotation sets ({n_sets})")
-    xs = x.reshape(rows // n_sets, n_sets, length, d)
-    # (b, s, len, d) x (s, d, h, r) -> (b, s, h, len, r)
-    rotated = torch.einsum("bsld,sdhr->bshlr", xs, rotations.to(x.dtype))
-    rotated = rotated.reshape(rows, rotations.shape[2], length, -1)
     factors = (n_buckets,) if isinstance(n_buckets, int) else n_buckets
-    buckets = None
-    start = 0
-    for f in factors:
-        part = rotated[..., start : start + f // 2]
-        start += f // 2
-        ids = torch.cat([part, -part], dim=-1).argmax(dim=-1)
-        buckets = ids if buckets is None else buckets * f + ids
-    return buckets
+    rotations = rotations.to(x.dtype)
+    xs = x.reshape(rows // n_sets, n_sets, length, d)
+    step = max(1, HASH_BLOCK_ELEMENTS // (rows * n_hashes * width))
+    blocks = []
+    for start in range(0, length, step):
+        # (b, s, l, d) x (s, d, h, r) -> (b, s, h, l, r)
+        rotated = torch.einsum("bsld,sdhr->bshlr", xs[:, :, start : start + step], rotations)
+        rotated = rotated.reshape(rows, n_hashes, -1, width)
+        buckets = None
+        offset = 0
+        for f in factors:
+            part = rotated[..., offset : offset + f // 2]
+            offset += f // 2
+            # argmax over [part, -part] without building it: the largest |projection|, and
+            # its sign picks the first or second half.
+            idx = part.abs().argmax(dim=-1, keepdim=True)
+            ids = (idx + (part.gather(-1, idx) < 0) * (f // 2)).squeeze(-1)
+            buckets = ids if buckets is None else buckets * f + ids
+        blocks.append(buckets)
+    return torch.cat(blocks, dim=-1)

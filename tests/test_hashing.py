@@ -72,3 +72,18 @@ def test_bucket_count_for_length():
     assert buckets_for_length(1024, 64) == 16
     assert buckets_for_length(100, 64) == 2
     assert buckets_for_length(64 * 5, 64) == 6
+
+
+def test_blockwise_hashing_equals_one_shot(monkeypatch):
+    import reformer.hashing as hashing
+
+    x = torch.randn(4, 300, 16)
+    rot = draw_rotations(16, 3, (4, 8), n_sets=2)
+    whole = hash_vectors(x, rot, (4, 8))
+    monkeypatch.setattr(hashing, "HASH_BLOCK_ELEMENTS", 1000)  # many small blocks
+    assert torch.equal(hash_vectors(x, rot, (4, 8)), whole)
+    # and the definition: argmax over [xR, -xR] per factor
+    proj = torch.einsum("bsld,sdhr->bshlr", x.view(2, 2, 300, 16), rot).reshape(4, 3, 300, 6)
+    first = torch.cat([proj[..., :2], -proj[..., :2]], -1).argmax(-1)
+    second = torch.cat([proj[..., 2:], -proj[..., 2:]], -1).argmax(-1)
+    assert torch.equal(whole, first * 8 + second)

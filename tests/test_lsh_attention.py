@@ -97,7 +97,9 @@ def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
         out, _, _ = layer(qk, v, mask)
         dense, _ = full_qk_attention(qk, v, causal=causal, key_mask=mask)
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
-    torch.testing.assert_close(dense, full_qk_attention_reference(qk, v, causal=causal, key_mask=mask), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        dense, full_qk_attention_reference(qk, v, causal=causal, key_mask=mask), atol=1e-6, rtol=0
+    )
     full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, mask)
     torch.testing.assert_close(full_out, dense)
 
@@ -124,8 +126,16 @@ def test_gradcheck_float64(causal, strict, dup, across):
 
     def fn(a, b):
         return lsh_attention_chunked(
-            a, b, buckets, bucket_size=4, n_buckets=4, causal=causal, strict_causal=strict,
-            key_mask=mask, allow_duplicate_attention=dup, attend_across_buckets=across,
+            a,
+            b,
+            buckets,
+            bucket_size=4,
+            n_buckets=4,
+            causal=causal,
+            strict_causal=strict,
+            key_mask=mask,
+            allow_duplicate_attention=dup,
+            attend_across_buckets=across,
         )[0]
 
     assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 from reformer import LSHSelfAttention
-from reformer.hashing import total_buckets
 from reformer.attention.local import local_attention_chunked
 from reformer.attention.reference import (
     full_qk_attention_reference,
     local_attention_reference,
     lsh_attention_reference,
 )
+from reformer.hashing import total_buckets
 
 
 def _reference_forward(layer, x, keys=None, input_mask=None, context_mask=None):
@@ -36,8 +36,12 @@ def _reference_forward(layer, x, keys=None, input_mask=None, context_mask=None):
         if i < lh:
             heads.append(
                 local_attention_reference(
-                    qk[:, i, p:], v[:, i, p:], window_size=2 * layer.lsh_attn.bucket_size,
-                    causal=layer.causal, look_forward=0 if layer.causal else 1, key_mask=input_mask,
+                    qk[:, i, p:],
+                    v[:, i, p:],
+                    window_size=2 * layer.lsh_attn.bucket_size,
+                    causal=layer.causal,
+                    look_forward=0 if layer.causal else 1,
+                    key_mask=input_mask,
                 )
             )
             continue
@@ -48,9 +52,14 @@ def _reference_forward(layer, x, keys=None, input_mask=None, context_mask=None):
             rows_qk = qk[:, lh:].reshape(-1, seq.shape[1], dh)
             buckets = lsh.hash(rows_qk).view(b, h - lh, lsh.n_hashes, -1)[:, i - lh]
             out, _ = lsh_attention_reference(
-                qk[:, i], v[:, i], buckets, bucket_size=lsh.bucket_size,
-                n_buckets=total_buckets(lsh.bucket_spec(seq.shape[1])), causal=lsh.causal,
-                strict_causal=lsh.strict_causal, key_mask=mask,
+                qk[:, i],
+                v[:, i],
+                buckets,
+                bucket_size=lsh.bucket_size,
+                n_buckets=total_buckets(lsh.bucket_spec(seq.shape[1])),
+                causal=lsh.causal,
+                strict_causal=lsh.strict_causal,
+                key_mask=mask,
                 allow_duplicate_attention=lsh.allow_duplicate_attention,
                 attend_across_buckets=lsh.attend_across_buckets,
             )
@@ -101,8 +110,16 @@ def test_short_inputs_use_full_attention_below_threshold():
 
 @pytest.mark.parametrize("n_local", [0, 2])
 def test_layer_is_strictly_causal(n_local):
-    layer = LSHSelfAttention(dim=32, heads=4, bucket_size=8, n_hashes=4, causal=True, num_mem_kv=2,
-                             n_local_attn_heads=n_local, max_seq_len=128).eval()
+    layer = LSHSelfAttention(
+        dim=32,
+        heads=4,
+        bucket_size=8,
+        n_hashes=4,
+        causal=True,
+        num_mem_kv=2,
+        n_local_attn_heads=n_local,
+        max_seq_len=128,
+    ).eval()
     x = torch.randn(2, 100, 32)
     keys = torch.randn(2, 5, 32)
     with torch.no_grad():
@@ -111,7 +128,9 @@ def test_layer_is_strictly_causal(n_local):
             x2 = x.clone()
             x2[:, i + 1 :] = torch.randn_like(x2[:, i + 1 :])
             assert (layer(x2, keys=keys)[:, : i + 1] - base[:, : i + 1]).abs().max() <= 1e-6
-            torch.testing.assert_close(layer(x[:, : i + 20], keys=keys)[:, : i + 1], base[:, : i + 1], atol=1e-6, rtol=0)
+            torch.testing.assert_close(
+                layer(x[:, : i + 20], keys=keys)[:, : i + 1], base[:, : i + 1], atol=1e-6, rtol=0
+            )
 
 
 def test_gradients_flow_to_every_parameter():
@@ -127,8 +146,12 @@ def test_local_attention_equals_reference(causal, length, window):
     qk, v = torch.randn(2, length, 8), torch.randn(2, length, 6)
     mask = torch.rand(2, length) > 0.2
     for look_forward in (0, 1):
-        out = local_attention_chunked(qk, v, window_size=window, causal=causal, look_forward=look_forward, key_mask=mask)
-        ref = local_attention_reference(qk, v, window_size=window, causal=causal, look_forward=look_forward, key_mask=mask)
+        out = local_attention_chunked(
+            qk, v, window_size=window, causal=causal, look_forward=look_forward, key_mask=mask
+        )
+        ref = local_attention_reference(
+            qk, v, window_size=window, causal=causal, look_forward=look_forward, key_mask=mask
+        )
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 

@@ -30,9 +30,7 @@ def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) 
         if not t.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if qk.shape[:2] != v.shape[:2]:
-        raise ValueError(
-            f"qk and v must agree in (batch, len): qk is {tuple(qk.shape)}, v is {tuple(v.shape)}"
-        )
+        raise ValueError(f"qk and v must agree in (batch, len): qk is {tuple(qk.shape)}, v is {tuple(v.shape)}")
     if qk.dtype != v.dtype:
         raise ValueError(f"qk and v must have the same dtype, got {qk.dtype} and {v.dtype}")
     if qk.shape[1] == 0:

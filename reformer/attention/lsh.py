@@ -104,9 +104,7 @@ class LSHAttention(nn.Module):
         if self.random_rotations_per_head:
             n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
         seed = None if self.training else int(self.hash_seed)
-        rotations = draw_rotations(
-            d, self.n_hashes, n_buckets, n_sets, seed=seed, device=qk.device, dtype=qk.dtype
-        )
+        rotations = draw_rotations(d, self.n_hashes, n_buckets, n_sets, seed=seed, device=qk.device, dtype=qk.dtype)
         with torch.no_grad():
             return hash_vectors(qk.detach(), rotations, n_buckets)
 

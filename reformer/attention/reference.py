@@ -14,9 +14,7 @@ import torch
 from .common import SELF_ATTN_VALUE, masked_value, normalize_keys
 
 
-def _masked_logits(
-    qk: torch.Tensor, hidden: torch.Tensor, log_dup: torch.Tensor | None = None
-) -> torch.Tensor:
+def _masked_logits(qk: torch.Tensor, hidden: torch.Tensor, log_dup: torch.Tensor | None = None) -> torch.Tensor:
     """``(len, len)`` shared-QK logits of one sequence with masks and self value applied."""
     d = qk.shape[-1]
     logits = qk @ normalize_keys(qk).T * d**-0.5

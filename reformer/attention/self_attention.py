@@ -76,7 +76,9 @@ class LSHSelfAttention(nn.Module):
         self.n_local_attn_heads = n_local_attn_heads
         self.causal = bool(causal)
         self.use_full_attn = bool(use_full_attn)
-        self.full_attn_thres = bucket_size if full_attn_thres is None else check_int("full_attn_thres", full_attn_thres, 0)
+        self.full_attn_thres = (
+            bucket_size if full_attn_thres is None else check_int("full_attn_thres", full_attn_thres, 0)
+        )
         self.attn_dropout = check_prob("dropout", dropout)
 
         inner = dim_head * heads
@@ -171,8 +173,12 @@ class LSHSelfAttention(nn.Module):
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
             if self.use_full_attn or length <= self.full_attn_thres:
                 out, attn = full_qk_attention(
-                    lqk, lv, causal=self.causal, key_mask=row_mask,
-                    dropout=self.attn_dropout, training=self.training,
+                    lqk,
+                    lv,
+                    causal=self.causal,
+                    key_mask=row_mask,
+                    dropout=self.attn_dropout,
+                    training=self.training,
                 )
                 buckets = torch.empty(0, dtype=torch.long, device=x.device)
             else:
