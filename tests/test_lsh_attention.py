@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from reformer import FullQKAttention, LSHAttention
+from reformer.attention import chunked
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
@@ -25,6 +26,12 @@ SWEEP = list(
         [True, False],  # attend_across_buckets
     )
 )
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    """Several blocks of windows even at test sizes, so block boundaries are exercised."""
+    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", 200)
 
 
 def _inputs(b, length, d=8, dv=6, dtype=torch.float32):
@@ -139,6 +146,37 @@ def test_gradcheck_float64(causal, strict, dup, across):
         )[0]
 
     assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
+
+
+def test_gradcheck_with_dropout_replayed_from_the_seed():
+    qk, v = _inputs(1, 11, d=4, dv=3, dtype=torch.float64)
+    qk.requires_grad_()
+    v.requires_grad_()
+    buckets = torch.randint(0, 2, (1, 2, 11))
+
+    def fn(a, b):
+        torch.manual_seed(7)
+        return lsh_attention_chunked(a, b, buckets, bucket_size=4, n_buckets=2, dropout=0.3, training=True)[0]
+
+    assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
+    torch.manual_seed(7)
+    a = fn(qk, v)
+    assert not torch.allclose(a, lsh_attention_chunked(qk, v, buckets, bucket_size=4, n_buckets=2)[0])
+
+
+def test_block_size_does_not_change_results_or_gradients(monkeypatch):
+    qk, v = _inputs(2, 70, d=8)
+    buckets = torch.randint(0, 4, (2, 3, 70))
+    results = []
+    for elements in (1, 300, 2**20):
+        monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", elements)
+        a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
+        out, _ = lsh_attention_chunked(a, b, buckets, bucket_size=8, n_buckets=4, causal=True)
+        out.square().sum().backward()
+        results.append((out, a.grad, b.grad))
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
 def _first_change(layer, length, d=16):

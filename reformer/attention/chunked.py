@@ -2,8 +2,14 @@
 
 This is the fast path on CPU (and the fallback everywhere). It computes exactly the
 function of :func:`reformer.attention.reference.lsh_attention_reference`; see that module
-and DESIGN.md section 3 for the contract. Memory is O(n_hashes * len * 2 * bucket_size):
-nothing of size len x len exists unless ``return_attn=True``.
+and DESIGN.md section 3 for the contract.
+
+Memory: the windows are processed in blocks (:data:`WINDOW_BLOCK_ELEMENTS` logits at a
+time) by a custom autograd function that keeps only its inputs, outputs and per-query
+log-sum-exp, and recomputes a block's logits in the backward pass (as flash attention
+does). So beyond O(n_hashes * len * d) index and output tensors, nothing grows with the
+length: no ``len x len`` and not even an ``n_hashes * len * 2 * bucket_size`` buffer exists,
+unless ``return_attn=True``.
 
 Layout: the sequence is padded to a multiple of ``bucket_size`` with pad positions in an
 extra bucket that sorts last, so every round occupies whole chunks and pads are never
@@ -21,10 +27,16 @@ Modes:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .common import normalize_keys, window_softmax
+from .common import fill_masked_, normalize_keys
+
+#: Logits computed at once per block of windows (``windows * c * 2c``): small enough to stay
+#: in cache, large enough that per-block overhead does not matter.
+WINDOW_BLOCK_ELEMENTS = 2**20
 
 
 def padded_length(length: int, bucket_size: int) -> int:
@@ -38,46 +50,188 @@ def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tenso
     return torch.cat([own, own.roll(1, dims=0)], dim=1)
 
 
-def _duplicate_counts(
-    inv: torch.Tensor,
-    buckets: torch.Tensor,
-    perm_flat: torch.Tensor,
-    *,
-    bucket_size: int,
-    strict: bool,
-    attend_across_buckets: bool,
-) -> torch.Tensor:
-    """How often each window entry's key occurs, visibly, in all of its query's windows.
+@dataclass
+class _WindowPlan:
+    """Everything that decides which key a window entry is and whether it is visible.
 
-    ``inv``/``buckets``: ``(b, h, lp)`` sorted rank and bucket of each position per round.
-    Returns ``(b, n, c, 2c)`` counts (>= 1 where the entry is visible).
+    Windows are ordered ``(batch, chunk)``; window ``w`` holds the ``c`` query slots of chunk
+    ``w % n`` of batch row ``w // n`` and the ``2c`` key slots of that chunk and its predecessor.
+    All tensors are per slot or per position, so a block's masks cost O(block) to build.
     """
-    b, h, lp = inv.shape
-    c = bucket_size
-    n = h * lp // c
-    rounds = torch.arange(h, device=inv.device)[:, None]
-    if strict:
-        info = torch.stack([inv, buckets], dim=-1)  # (b, h, lp, 2)
-    else:
-        info = torch.stack([(rounds * lp + inv) // c, buckets], dim=-1)  # chunk id, bucket
-    info = info.permute(0, 2, 1, 3).reshape(b, lp, h * 2)
-    at_slots = info.gather(1, perm_flat[..., None].expand(-1, -1, h * 2)).view(b, h * lp, h, 2)
-    q = at_slots.view(b, n, c, 1, h, 2)
-    k = at_slots[:, window_slots(n, c, inv.device)][:, :, None]  # (b, n, 1, 2c, h, 2)
-    same_bucket = q[..., 1] == k[..., 1]  # (b, n, c, 2c, h)
-    if strict:
-        gap = q[..., 0] - k[..., 0]
-        seen = same_bucket & (gap >= 0) & (gap <= c)
-        return seen.sum(-1)
-    q_chunk, k_chunk = q[..., 0], k[..., 0]
-    q_prev = (q_chunk - 1) % n
-    seen = (k_chunk == q_chunk).int() + (k_chunk == q_prev).int()
-    if not attend_across_buckets:
-        return (seen * same_bucket).sum(-1)
-    count = seen.sum(-1)
-    if h > 1:  # the previous chunk of a round's first chunk lies in the previous round
-        count = count + (k_chunk.roll(1, dims=-1) == q_prev).sum(-1)
-    return count
+
+    n: int  # chunks per batch row
+    c: int  # chunk (bucket) size
+    lp: int  # padded length (slots per round)
+    total: int  # slots per batch row (n_hashes * lp)
+    win: torch.Tensor  # (n, 2c) key slots of each chunk
+    slot_row: torch.Tensor  # (b, total) row of each slot in the flattened (b * lp) inputs
+    slot_bucket: torch.Tensor  # (b, total) bucket of each slot
+    key_valid: torch.Tensor | None  # (b * lp,) bool
+    causal: bool
+    strict: bool
+    attend_across_buckets: bool
+    dup_info: torch.Tensor | None  # (b, total, h, 2) per-round rank/chunk and bucket, for -log N
+
+    @property
+    def n_windows(self) -> int:
+        return self.slot_row.shape[0] * self.n
+
+    def blocks(self) -> list[tuple[int, int]]:
+        size = max(1, WINDOW_BLOCK_ELEMENTS // (2 * self.c * self.c))
+        return [(s, min(s + size, self.n_windows)) for s in range(0, self.n_windows, size)]
+
+    def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batch row ``(blk, 1)``, query slots ``(blk, c)`` and key slots ``(blk, 2c)`` of a block."""
+        w = torch.arange(start, end, device=self.win.device)
+        chunk = w % self.n
+        q_slots = chunk[:, None] * self.c + torch.arange(self.c, device=w.device)
+        return (w // self.n)[:, None], q_slots, self.win[chunk]
+
+    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the flattened inputs for a block's queries ``(blk, c)`` and keys ``(blk, 2c)``."""
+        b, q_slots, k_slots = self.slots(start, end)
+        return self.slot_row[b, q_slots], self.slot_row[b, k_slots]
+
+    def mask(self, start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """``hidden`` and ``is_self`` masks and the ``-log N`` bias, each ``(blk, c, 2c)``."""
+        b, q_slots, k_slots = self.slots(start, end)
+        q_rows, k_rows = self.slot_row[b, q_slots], self.slot_row[b, k_slots]
+        hidden = None if self.key_valid is None else ~self.key_valid[k_rows][:, None, :]
+
+        def hide(extra: torch.Tensor) -> None:
+            nonlocal hidden
+            hidden = extra if hidden is None else hidden | extra
+
+        c, device = self.c, q_slots.device
+        if self.strict:
+            # Within a round, "at most c earlier in sorted order" is a fixed pattern of the
+            # window: own-chunk keys j <= i, previous-chunk keys j >= i. A round's first chunk
+            # has no previous chunk in its round.
+            ones = torch.ones(c, c, dtype=torch.bool, device=device)
+            reach = torch.cat([ones.tril(), ones.triu()], dim=1)  # (c, 2c)
+            visible = (self.slot_bucket[b, q_slots][:, :, None] == self.slot_bucket[b, k_slots][:, None, :]) & reach
+            round_start = (q_slots[:, 0] % self.lp) == 0
+            visible[:, :, c:] &= ~round_start[:, None, None]
+            hide(~visible)
+            is_self = torch.cat([ones.diag().diag_embed(), ~ones], dim=1)[None]  # own-chunk diagonal
+        else:
+            is_self = q_rows[:, :, None] == k_rows[:, None, :]
+            if self.causal:
+                hide(k_rows[:, None, :] > q_rows[:, :, None])  # same batch row: rows order like positions
+            if not self.attend_across_buckets:
+                same_bucket = self.slot_bucket[b, q_slots][:, :, None] == self.slot_bucket[b, k_slots][:, None, :]
+                same_round = (q_slots // self.lp)[:, :, None] == (k_slots // self.lp)[:, None, :]
+                hide(~(same_bucket & same_round))
+        bias = None
+        if self.dup_info is not None:
+            counts = self._duplicate_counts(self.dup_info[b, q_slots], self.dup_info[b, k_slots])
+            bias = -counts.clamp_min(1).log()
+        return hidden, is_self, bias
+
+    def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """How often each entry's key occurs, visibly, in all of its query's windows.
+
+        ``q`` ``(blk, c, h, 2)``, ``k`` ``(blk, 2c, h, 2)``: per round, the rank (strict) or
+        global chunk id (classic) of the position, and its bucket.
+        """
+        q, k = q[:, :, None], k[:, None]  # (blk, c, 1, h, 2), (blk, 1, 2c, h, 2)
+        same_bucket = q[..., 1] == k[..., 1]  # (blk, c, 2c, h)
+        if self.strict:
+            gap = q[..., 0] - k[..., 0]
+            return (same_bucket & (gap >= 0) & (gap <= self.c)).sum(-1)
+        q_chunk, k_chunk = q[..., 0], k[..., 0]
+        q_prev = (q_chunk - 1) % self.n
+        seen = (k_chunk == q_chunk).int() + (k_chunk == q_prev).int()
+        if not self.attend_across_buckets:
+            return (seen * same_bucket).sum(-1)
+        count = seen.sum(-1)
+        if k_chunk.shape[-1] > 1:  # a round's first chunk looks back into the previous round
+            count = count + (k_chunk.roll(1, dims=-1) == q_prev).sum(-1)
+        return count
+
+
+def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(r, e)`` at ``rows`` ``(blk, k)`` -> ``(blk, k, e)``."""
+    return x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[-1])
+
+
+def _block_probs(
+    plan: _WindowPlan, start: int, end: int, q: torch.Tensor, k: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gathered queries/keys, probabilities, lse and fixed-logit mask of one block of windows."""
+    q_rows, k_rows = plan.rows(start, end)
+    bq, bk = _take(q, q_rows), _take(k, k_rows)  # (blk, c, d), (blk, 2c, d)
+    dots = torch.bmm(bq, bk.transpose(1, 2))  # (blk, c, 2c)
+    hidden, is_self, bias = plan.mask(start, end)
+    if bias is not None:
+        dots += bias.to(dots.dtype)
+    fixed = is_self if hidden is None else hidden | is_self  # logits replaced by constants
+    fill_masked_(dots, hidden, is_self)
+    # Normalise by the sum (exact for self-only queries, where an fp32 lse near -5e4 is only
+    # good to ~4e-3); lse = max(x) - log(max(p)) needs no second exponential.
+    probs = torch.softmax(dots, dim=-1)
+    lse = dots.amax(dim=-1) - probs.amax(dim=-1).log()
+    return bq, bk, probs, lse, fixed
+
+
+class _WindowAttention(torch.autograd.Function):
+    """Attention of every window, block by block; the backward recomputes each block.
+
+    Inputs are flattened ``(b * lp, d)`` scaled queries, unit keys and values ``(b * lp, dv)``.
+    Outputs: ``out`` ``(windows, c, dv)``, ``lse`` ``(windows, c)`` and, when asked for,
+    the probabilities ``(windows, c, 2c)`` (no gradient; for ``return_attn``).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan: _WindowPlan, dropout: float, keep_probs: bool):
+        c, dv = plan.c, v.shape[-1]
+        out = v.new_empty(plan.n_windows, c, dv)
+        lse = q.new_empty(plan.n_windows, c)
+        kept, drop_masks = [], []
+        for start, end in plan.blocks():
+            _, k_rows = plan.rows(start, end)
+            _, _, probs, lse[start:end], _ = _block_probs(plan, start, end, q, k)
+            if keep_probs:
+                kept.append(probs)
+            if dropout > 0:
+                keep = torch.empty_like(probs).bernoulli_(1 - dropout).bool()
+                drop_masks.append(keep)
+                probs = probs * keep / (1 - dropout)
+            torch.bmm(probs, _take(v, k_rows), out=out[start:end])
+        ctx.save_for_backward(q, k, v, out)
+        ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
+        all_probs = torch.cat(kept) if keep_probs else q.new_empty(0)
+        ctx.mark_non_differentiable(all_probs)
+        return out, lse, all_probs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_lse, _grad_probs):
+        q, k, v, out = ctx.saved_tensors
+        plan, dropout = ctx.plan, ctx.dropout
+        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for i, (start, end) in enumerate(plan.blocks()):
+            q_rows, k_rows = plan.rows(start, end)
+            bq, bk, probs, _, fixed = _block_probs(plan, start, end, q, k)
+            bv = _take(v, k_rows)
+            go = grad_out[start:end]  # (blk, c, dv)
+            used = probs
+            if dropout > 0:
+                keep = ctx.drop_masks[i] / (1 - dropout)
+                used = probs * keep
+            grad_v.index_add_(0, k_rows.flatten(), torch.bmm(used.transpose(1, 2), go).flatten(0, 1))
+            grad_probs = torch.bmm(go, bv.transpose(1, 2))  # (blk, c, 2c)
+            if dropout > 0:
+                grad_probs *= keep
+            # softmax backward: p * (g - sum(g * p)); sum(g * p) == sum(grad_out * out) per query.
+            shift = (go * out[start:end]).sum(-1, keepdim=True)
+            if grad_lse is not None:
+                shift = shift - grad_lse[start:end, :, None]
+            grad_dots = probs * (grad_probs - shift)
+            grad_dots.masked_fill_(fixed, 0)
+            grad_q.index_add_(0, q_rows.flatten(), torch.bmm(grad_dots, bk).flatten(0, 1))
+            grad_k.index_add_(0, k_rows.flatten(), torch.bmm(grad_dots.transpose(1, 2), bq).flatten(0, 1))
+        return grad_q, grad_k, grad_v, None, None, None
 
 
 def lsh_attention_chunked(
@@ -120,71 +274,37 @@ def lsh_attention_chunked(
     # Sort each round by (bucket, position); keys are unique, so the order is deterministic.
     positions = torch.arange(lp, device=qk.device)
     sort_keys, perm = (buckets * lp + positions).sort(dim=-1)  # (b, h, lp)
-    perm_flat = perm.reshape(b, total)  # position at each slot
     inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
-
-    win = window_slots(n, c, qk.device)  # (n, 2c): own chunk's slots, then the previous chunk's
-    q_pos = perm_flat.view(b, n, c)  # position of each query slot
-    k_pos = perm_flat[:, win]  # (b, n, 2c) position of each key slot in the window
-
-    def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (b, lp, e) -> (b, *index, e)
-        flat = index.reshape(b, -1, 1).expand(-1, -1, x.shape[-1])
-        return x.gather(1, flat).view(*index.shape, x.shape[-1])
-
-    bq = gather_rows(qk * d**-0.5, q_pos)  # (b, n, c, d), scaled here: cheaper than scaling dots
-    bk = gather_rows(normalize_keys(qk), k_pos)  # (b, n, 2c, d)
-    bv = gather_rows(v, k_pos)  # (b, n, 2c, dv)
-    dots = torch.matmul(bq, bk.transpose(-1, -2))  # (b, n, c, 2c)
-
-    is_self = q_pos[..., :, None] == k_pos[..., None, :]
-    hidden = None
-    if key_mask is not None:
-        hidden = ~key_mask.gather(1, k_pos.view(b, -1)).view(b, n, 1, 2 * c)
-
-    def hide(extra: torch.Tensor) -> None:
-        nonlocal hidden
-        hidden = extra if hidden is None else hidden | extra
-
+    row_offset = torch.arange(b, device=qk.device)[:, None] * lp
     strict = causal and strict_causal
-    if strict or not attend_across_buckets:
-        slot_bucket = (sort_keys // lp).reshape(b, total)
-        same_bucket = slot_bucket.view(b, n, c, 1) == slot_bucket[:, win][:, :, None, :]
-    q_slots = win[:, :c]  # (n, c)
-    if strict:
-        # Slot distance with the wrapped look-back of chunk 0 counted as far behind, so that
-        # "same round, at most bucket_size earlier in sorted order" is a comparison.
-        k_slots = win.clone()
-        k_slots[0, c:] -= total
-        gap = q_slots[:, :, None] - k_slots[:, None, :]  # (n, c, 2c)
-        same_round = q_slots[:, :, None] // lp == k_slots.div(lp, rounding_mode="floor")[:, None, :]
-        in_reach = (gap >= 0) & (gap <= c) & same_round
-        hide(~(same_bucket & in_reach))
-    else:
-        if causal:
-            hide(k_pos[..., None, :] > q_pos[..., :, None])
-        if not attend_across_buckets:
-            same_round = q_slots[:, :, None] // lp == (win // lp)[:, None, :]
-            hide(~(same_bucket & same_round))
-
+    dup_info = None
     if not allow_duplicate_attention:
-        counts = _duplicate_counts(
-            inv,
-            buckets,
-            perm_flat,
-            bucket_size=c,
-            strict=strict,
-            attend_across_buckets=attend_across_buckets,
-        )
-        dots = dots - counts.clamp_min(1).to(dots.dtype).log()
-
-    probs, lse = window_softmax(dots, hidden, is_self, dropout, training)
-    bo = torch.matmul(probs, bv)  # (b, n, c, dv)
+        rank_or_chunk = inv if strict else (torch.arange(h, device=qk.device)[:, None] * lp + inv) // c
+        per_position = torch.stack([rank_or_chunk, buckets], dim=-1).transpose(1, 2)  # (b, lp, h, 2)
+        dup_info = per_position.gather(1, perm.reshape(b, total, 1, 1).expand(-1, -1, h, 2))
+    plan = _WindowPlan(
+        n=n,
+        c=c,
+        lp=lp,
+        total=total,
+        win=window_slots(n, c, qk.device),
+        slot_row=perm.reshape(b, total) + row_offset,
+        slot_bucket=(sort_keys // lp).reshape(b, total),
+        key_valid=None if key_mask is None else key_mask.reshape(-1),
+        causal=causal,
+        strict=strict,
+        attend_across_buckets=attend_across_buckets,
+        dup_info=dup_info,
+    )
+    q_flat = (qk * d**-0.5).reshape(b * lp, d)  # scaled here: cheaper than scaling logits
+    k_flat = normalize_keys(qk).reshape(b * lp, d)
+    window_out, window_lse, probs = _WindowAttention.apply(
+        q_flat, k_flat, v.reshape(b * lp, dv), plan, dropout if training else 0.0, return_attn
+    )
 
     # Unsort every round back to positions, then combine rounds by their log-sum-exp.
-    so = bo.view(b, h, lp, dv)
-    slse = lse.view(b, h, lp)
-    o = so.gather(2, inv[..., None].expand(-1, -1, -1, dv))  # (b, h, lp, dv)
-    round_lse = slse.gather(2, inv)  # (b, h, lp)
+    o = window_out.view(b, h, lp, dv).gather(2, inv[..., None].expand(-1, -1, -1, dv))  # (b, h, lp, dv)
+    round_lse = window_lse.view(b, h, lp).gather(2, inv)  # (b, h, lp)
     if h == 1:
         out = o[:, 0]
         weights = torch.ones_like(round_lse)
@@ -196,9 +316,11 @@ def lsh_attention_chunked(
 
     attn = None
     if return_attn:
-        slot_weights = weights.gather(2, perm).view(b, n, c, 1)
-        flat_index = q_pos[..., :, None] * lp + k_pos[..., None, :]
-        attn = probs.new_zeros(b, lp * lp)
-        attn.scatter_add_(1, flat_index.reshape(b, -1), (probs * slot_weights).reshape(b, -1))
-        attn = attn.view(b, lp, lp)[:, :length, :length]
+        with torch.no_grad():
+            slot_weights = weights.gather(2, perm).view(b * n, c, 1)
+            q_rows, k_rows = plan.rows(0, plan.n_windows)
+            flat_index = (q_rows[:, :, None] % lp) * lp + (k_rows[:, None, :] % lp)  # (b*n, c, 2c)
+            attn = probs.new_zeros(b, lp * lp)
+            attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weights).view(b, -1))
+            attn = attn.view(b, lp, lp)[:, :length, :length]
     return out, attn

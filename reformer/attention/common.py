@@ -49,54 +49,26 @@ def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
 
 
-class _SoftmaxWithLSE(torch.autograd.Function):
-    """``(softmax(x), logsumexp(x))`` over the last dim in one pass each way.
-
-    The softmax is normalised by the sum (exact for self-only queries, where an fp32 lse
-    near -5e4 is only good to ~4e-3); ``lse = max(x) - log(max(p))`` needs no second
-    exponential, and the backward is one softmax-backward plus ``p * grad_lse``.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = torch.softmax(x, dim=-1)
-        lse = x.amax(dim=-1, keepdim=True) - probs.amax(dim=-1, keepdim=True).log()
-        ctx.save_for_backward(probs)
-        return probs, lse
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_probs: torch.Tensor | None, grad_lse: torch.Tensor | None) -> torch.Tensor:
-        (probs,) = ctx.saved_tensors
-        if grad_probs is None:
-            grad = torch.zeros_like(probs)
-        else:
-            grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
-        if grad_lse is not None:
-            grad = grad.addcmul_(probs, grad_lse)
-        return grad
+def fill_masked_(dots: torch.Tensor, hidden: torch.Tensor | None, is_self: torch.Tensor) -> torch.Tensor:
+    """In place: ``hidden`` logits get the dtype's most negative value, the query's own key
+    :data:`SELF_ATTN_VALUE` (so it is used only when nothing else is visible)."""
+    if hidden is not None:
+        dots.masked_fill_(hidden, masked_value(dots.dtype))
+    return dots.masked_fill_(is_self, SELF_ATTN_VALUE)
 
 
-def window_softmax(
+def masked_softmax(
     dots: torch.Tensor,
     hidden: torch.Tensor | None,
     is_self: torch.Tensor,
     dropout: float,
     training: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax over the last dim; returns ``(probs, lse)`` with ``lse`` keepdim.
-
-    ``hidden`` keys get the dtype's most negative value, the query's own key
-    :data:`SELF_ATTN_VALUE` (so it is used only when nothing else is visible). ``dots`` is
-    overwritten (callers pass a fresh matmul output, which autograd does not keep).
-    """
-    if hidden is not None:
-        dots = dots.masked_fill_(hidden, masked_value(dots.dtype))
-    dots = dots.masked_fill_(is_self, SELF_ATTN_VALUE)
-    probs, lse = _SoftmaxWithLSE.apply(dots)
+) -> torch.Tensor:
+    """Attention weights over the last dim of ``dots`` (a fresh matmul output, overwritten)."""
+    probs = torch.softmax(fill_masked_(dots, hidden, is_self), dim=-1)
     if dropout > 0 and training:
         probs = F.dropout(probs, dropout)
-    return probs, lse
+    return probs
 
 
 def check_int(name: str, value: object, minimum: int) -> int:

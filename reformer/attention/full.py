@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import normalize_keys, window_softmax
+from .common import masked_softmax, normalize_keys
 
 
 def full_qk_attention(
@@ -27,5 +27,5 @@ def full_qk_attention(
         future = (pos[None, :] > pos[:, None])[None]
         hidden = future if hidden is None else hidden | future
     is_self = torch.eye(length, dtype=torch.bool, device=qk.device)[None]
-    probs, _ = window_softmax(dots, hidden, is_self, dropout, training)
+    probs = masked_softmax(dots, hidden, is_self, dropout, training)
     return torch.matmul(probs, v), probs

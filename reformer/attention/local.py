@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .chunked import padded_length
-from .common import normalize_keys, window_softmax
+from .common import masked_softmax, normalize_keys
 
 
 def _neighbours(x: torch.Tensor, look_forward: int, fill: float | bool) -> torch.Tensor:
@@ -61,6 +61,6 @@ def local_attention_chunked(
     if causal:
         hidden = hidden | (k_pos[..., None, :] > q_pos[..., :, None])
     is_self = k_pos[..., None, :] == q_pos[..., :, None]
-    probs, _ = window_softmax(dots, hidden, is_self, dropout, training)
+    probs = masked_softmax(dots, hidden, is_self, dropout, training)
     out = torch.matmul(probs, vv).view(b, lp, -1)
     return out[:, :length]
