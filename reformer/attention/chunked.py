@@ -28,6 +28,7 @@ Modes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,14 @@ def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tenso
     the previous chunk (chunk 0 wraps to the last one)."""
     own = torch.arange(n_chunks * chunk, device=device).view(n_chunks, chunk)
     return torch.cat([own, own.roll(1, dims=0)], dim=1)
+
+
+class _BlockIndex(NamedTuple):
+    batch: torch.Tensor  # (blk, 1) batch row of each window
+    q_slots: torch.Tensor  # (blk, c) query slots within the batch row
+    k_slots: torch.Tensor  # (blk, 2c) key slots
+    q_rows: torch.Tensor  # (blk, c) rows of the flattened (b * lp) inputs
+    k_rows: torch.Tensor  # (blk, 2c)
 
 
 @dataclass
@@ -80,22 +89,18 @@ class _WindowPlan:
         size = max(1, WINDOW_BLOCK_ELEMENTS // (2 * self.c * self.c))
         return [(s, min(s + size, self.n_windows)) for s in range(0, self.n_windows, size)]
 
-    def slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Batch row ``(blk, 1)``, query slots ``(blk, c)`` and key slots ``(blk, 2c)`` of a block."""
+    def index(self, start: int, end: int) -> _BlockIndex:
+        """Slots and input rows of the windows ``start:end``."""
         w = torch.arange(start, end, device=self.win.device)
         chunk = w % self.n
+        batch = (w // self.n)[:, None]
         q_slots = chunk[:, None] * self.c + torch.arange(self.c, device=w.device)
-        return (w // self.n)[:, None], q_slots, self.win[chunk]
+        k_slots = self.win[chunk]
+        return _BlockIndex(batch, q_slots, k_slots, self.slot_row[batch, q_slots], self.slot_row[batch, k_slots])
 
-    def rows(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows of the flattened inputs for a block's queries ``(blk, c)`` and keys ``(blk, 2c)``."""
-        b, q_slots, k_slots = self.slots(start, end)
-        return self.slot_row[b, q_slots], self.slot_row[b, k_slots]
-
-    def mask(self, start: int, end: int) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    def mask(self, idx: _BlockIndex) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``hidden`` and ``is_self`` masks and the ``-log N`` bias, each ``(blk, c, 2c)``."""
-        b, q_slots, k_slots = self.slots(start, end)
-        q_rows, k_rows = self.slot_row[b, q_slots], self.slot_row[b, k_slots]
+        b, q_slots, k_slots, q_rows, k_rows = idx
         hidden = None if self.key_valid is None else ~self.key_valid[k_rows][:, None, :]
 
         def hide(extra: torch.Tensor) -> None:
@@ -113,7 +118,7 @@ class _WindowPlan:
             round_start = (q_slots[:, 0] % self.lp) == 0
             visible[:, :, c:] &= ~round_start[:, None, None]
             hide(~visible)
-            is_self = torch.cat([ones.diag().diag_embed(), ~ones], dim=1)[None]  # own-chunk diagonal
+            is_self = torch.cat([torch.eye(c, dtype=torch.bool, device=device), ~ones], dim=1)[None]
         else:
             is_self = q_rows[:, :, None] == k_rows[:, None, :]
             if self.causal:
@@ -157,12 +162,12 @@ def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
 
 def _block_probs(
     plan: _WindowPlan, start: int, end: int, q: torch.Tensor, k: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gathered queries/keys, probabilities, lse and fixed-logit mask of one block of windows."""
-    q_rows, k_rows = plan.rows(start, end)
-    bq, bk = _take(q, q_rows), _take(k, k_rows)  # (blk, c, d), (blk, 2c, d)
+) -> tuple[_BlockIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Index, gathered queries and keys, probabilities, lse and fixed-logit mask of a block."""
+    idx = plan.index(start, end)
+    bq, bk = _take(q, idx.q_rows), _take(k, idx.k_rows)  # (blk, c, d), (blk, 2c, d)
     dots = torch.bmm(bq, bk.transpose(1, 2))  # (blk, c, 2c)
-    hidden, is_self, bias = plan.mask(start, end)
+    hidden, is_self, bias = plan.mask(idx)
     if bias is not None:
         dots += bias.to(dots.dtype)
     fixed = is_self if hidden is None else hidden | is_self  # logits replaced by constants
@@ -171,7 +176,7 @@ def _block_probs(
     # good to ~4e-3); lse = max(x) - log(max(p)) needs no second exponential.
     probs = torch.softmax(dots, dim=-1)
     lse = dots.amax(dim=-1) - probs.amax(dim=-1).log()
-    return bq, bk, probs, lse, fixed
+    return idx, bq, bk, probs, lse, fixed
 
 
 class _WindowAttention(torch.autograd.Function):
@@ -189,15 +194,14 @@ class _WindowAttention(torch.autograd.Function):
         lse = q.new_empty(plan.n_windows, c)
         kept, drop_masks = [], []
         for start, end in plan.blocks():
-            _, k_rows = plan.rows(start, end)
-            _, _, probs, lse[start:end], _ = _block_probs(plan, start, end, q, k)
+            idx, _, _, probs, lse[start:end], _ = _block_probs(plan, start, end, q, k)
             if keep_probs:
                 kept.append(probs)
             if dropout > 0:
                 keep = torch.empty_like(probs).bernoulli_(1 - dropout).bool()
                 drop_masks.append(keep)
                 probs = probs * keep / (1 - dropout)
-            torch.bmm(probs, _take(v, k_rows), out=out[start:end])
+            torch.bmm(probs, _take(v, idx.k_rows), out=out[start:end])
         ctx.save_for_backward(q, k, v, out)
         ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
         all_probs = torch.cat(kept) if keep_probs else q.new_empty(0)
@@ -211,8 +215,8 @@ class _WindowAttention(torch.autograd.Function):
         plan, dropout = ctx.plan, ctx.dropout
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for i, (start, end) in enumerate(plan.blocks()):
-            q_rows, k_rows = plan.rows(start, end)
-            bq, bk, probs, _, fixed = _block_probs(plan, start, end, q, k)
+            idx, bq, bk, probs, _, fixed = _block_probs(plan, start, end, q, k)
+            q_rows, k_rows = idx.q_rows, idx.k_rows
             bv = _take(v, k_rows)
             go = grad_out[start:end]  # (blk, c, dv)
             used = probs
@@ -318,7 +322,7 @@ def lsh_attention_chunked(
     if return_attn:
         with torch.no_grad():
             slot_weights = weights.gather(2, perm).view(b * n, c, 1)
-            q_rows, k_rows = plan.rows(0, plan.n_windows)
+            _, _, _, q_rows, k_rows = plan.index(0, plan.n_windows)
             flat_index = (q_rows[:, :, None] % lp) * lp + (k_rows[:, None, :] % lp)  # (b*n, c, 2c)
             attn = probs.new_zeros(b, lp * lp)
             attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weights).view(b, -1))
