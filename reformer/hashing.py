@@ -106,10 +106,11 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec
         for f in factors:
             part = rotated[..., offset : offset + f // 2]
             offset += f // 2
-            # argmax over [part, -part] without building it: the largest |projection|, and
-            # its sign picks the first or second half.
-            idx = part.abs().argmax(dim=-1, keepdim=True)
-            ids = (idx + (part.gather(-1, idx) < 0) * (f // 2)).squeeze(-1)
+            # argmax over [part, -part] without building it: the larger of the top projection
+            # and the negated bottom one (ties go to the first half, as argmax would).
+            top, top_idx = part.max(dim=-1)
+            bottom, bottom_idx = part.min(dim=-1)
+            ids = torch.where(top >= -bottom, top_idx, bottom_idx + f // 2)
             buckets = ids if buckets is None else buckets * f + ids
         blocks.append(buckets)
     return torch.cat(blocks, dim=-1)
