@@ -2,7 +2,19 @@
 
 from .attention import FullQKAttention, LSHAttention, LSHSelfAttention
 from .config import ReformerConfig
+from .model import Reformer, ReformerLM
+from .wrappers import Autopadder, Recorder
 
 __version__ = "0.1.0"
 
-__all__ = ["FullQKAttention", "LSHAttention", "LSHSelfAttention", "ReformerConfig", "__version__"]
+__all__ = [
+    "Autopadder",
+    "Recorder",
+    "FullQKAttention",
+    "LSHAttention",
+    "LSHSelfAttention",
+    "Reformer",
+    "ReformerConfig",
+    "ReformerLM",
+    "__version__",
+]

@@ -60,6 +60,9 @@ class ReformerConfig:
     """Heads using local (sliding-block) attention instead of LSH."""
     use_full_attn: bool = False
     """Use dense shared-QK attention everywhere (for comparison)."""
+    attn_layers: tuple[str, ...] | None = None
+    """Attention kind per layer, ``"lsh"``, ``"local"`` or ``"full"``, cycled over the depth,
+    e.g. ``("local", "lsh")``; default all ``"lsh"``."""
     full_attn_thres: int | None = None
     """Use dense attention for inputs at most this long (default ``bucket_size``)."""
     lsh_dropout: float = 0.0
@@ -95,7 +98,11 @@ class ReformerConfig:
     axial_position_emb: bool = True
     """Axial position embeddings (paper default)."""
     axial_position_shape: tuple[int, ...] | None = None
-    """Axial factorisation of ``max_seq_len``; default ``(max_seq_len // bucket_size, bucket_size)``."""
+    """Axial factorisation of the positions; default ``(ceil(max_seq_len / bucket_size), bucket_size)``."""
+    axial_position_dims: tuple[int, ...] | None = None
+    """Width of each axial part (summing to ``emb_dim``); default an even split."""
+    absolute_position_emb: bool = False
+    """Learned absolute position embeddings."""
     fixed_position_emb: bool = False
     """Fixed sinusoidal positions."""
     rotary_emb: bool = False
@@ -137,8 +144,19 @@ class ReformerConfig:
             self.n_buckets = validate_n_buckets(self.n_buckets)
         if self.ff_activation not in ("gelu", "relu", "silu"):
             raise ValueError(f"ff_activation must be 'gelu', 'relu' or 'silu', got {self.ff_activation!r}")
-        if self.axial_position_shape is not None:
-            self.axial_position_shape = tuple(self.axial_position_shape)
+        for name in ("axial_position_shape", "axial_position_dims", "attn_layers"):
+            if getattr(self, name) is not None:
+                setattr(self, name, tuple(getattr(self, name)))
+        if self.attn_layers is not None:
+            bad = [k for k in self.attn_layers if k not in ("lsh", "local", "full")]
+            if not self.attn_layers or bad:
+                raise ValueError(
+                    f"attn_layers must be a non-empty tuple of 'lsh', 'local', 'full'; got {self.attn_layers!r}"
+                )
+        if self.emb_dim is not None and (
+            isinstance(self.emb_dim, bool) or not isinstance(self.emb_dim, int) or self.emb_dim < 1
+        ):
+            raise ValueError(f"emb_dim must be an int >= 1, got {self.emb_dim!r}")
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
@@ -153,6 +171,16 @@ class ReformerConfig:
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
         return docs
+
+    @property
+    def model_emb_dim(self) -> int:
+        """Token embedding width (``emb_dim``, default ``dim``)."""
+        return self.emb_dim or self.dim
+
+    def layer_kinds(self) -> list[str]:
+        """Attention kind of each of the ``depth`` layers."""
+        pattern = self.attn_layers or ("full" if self.use_full_attn else "lsh",)
+        return [pattern[i % len(pattern)] for i in range(self.depth)]
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..hashing import BucketSpec
+from ..positions import apply_rotary, rotary_angles
 from .common import check_int, check_mask, check_prob
 from .full import full_qk_attention
 from .local import local_attention_chunked
@@ -30,8 +31,10 @@ class LSHSelfAttention(nn.Module):
             ``2 * bucket_size``, looking one block back, and one forward when not causal).
         use_full_attn: always use dense shared-QK attention (for comparison).
         full_attn_thres: use dense attention when ``len + memory + keys`` is at most this
-            (default ``bucket_size``, where LSH would see everything anyway).
+            (default ``bucket_size``, where classic LSH sees everything anyway; 0 - never - for
+            strict causal attention, whose outputs must not depend on the length).
         post_attn_dropout: dropout on the layer output. dropout: on the attention weights.
+        rotary_emb: rotate the sequence's shared query/key vectors by position (RoPE).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class LSHSelfAttention(nn.Module):
         n_buckets: BucketSpec | None = None,
         max_seq_len: int | None = None,
         hash_seed: int | None = None,
+        rotary_emb: bool = False,
     ):
         super().__init__()
         check_int("dim", dim, 1)
@@ -76,10 +80,15 @@ class LSHSelfAttention(nn.Module):
         self.n_local_attn_heads = n_local_attn_heads
         self.causal = bool(causal)
         self.use_full_attn = bool(use_full_attn)
-        self.full_attn_thres = (
-            bucket_size if full_attn_thres is None else check_int("full_attn_thres", full_attn_thres, 0)
-        )
+        if full_attn_thres is None:
+            # Dense attention equals classic LSH when everything fits in one chunk, but not strict
+            # causal LSH; switching there would make a prefix's outputs depend on the length.
+            full_attn_thres = 0 if causal and strict_causal else bucket_size
+        self.full_attn_thres = check_int("full_attn_thres", full_attn_thres, 0)
         self.attn_dropout = check_prob("dropout", dropout)
+        self.rotary_emb = bool(rotary_emb)
+        if self.rotary_emb and dim_head % 2:
+            raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
 
         inner = dim_head * heads
         self.toqk = nn.Linear(dim, inner, bias=False)
@@ -139,8 +148,7 @@ class LSHSelfAttention(nn.Module):
 
         mask = None
         if input_mask is not None or context_mask is not None:
-            ones = torch.ones(b, length, dtype=torch.bool, device=x.device)
-            mask = ones.clone()
+            mask = torch.ones(b, length, dtype=torch.bool, device=x.device)
             if context_mask is not None:
                 mask[:, n_prefix - n_ctx : n_prefix] = context_mask
             if input_mask is not None:
@@ -152,6 +160,9 @@ class LSHSelfAttention(nn.Module):
             return y.view(b, length, h, dh).transpose(1, 2)
 
         qk, v = split_heads(self.toqk(seq)), split_heads(self.tov(seq))
+        if self.rotary_emb:  # rotate the sequence's queries/keys by position; the prefix is unrotated
+            angles = rotary_angles(t, dh, x.device)
+            qk = torch.cat([qk[:, :, :n_prefix], apply_rotary(qk[:, :, n_prefix:], angles)], dim=2)
         lh = self.n_local_attn_heads
         parts = []
         if lh:
@@ -183,8 +194,11 @@ class LSHSelfAttention(nn.Module):
                 buckets = torch.empty(0, dtype=torch.long, device=x.device)
             else:
                 out, attn, buckets = self.lsh_attn(lqk, lv, row_mask, chunks=self.attn_chunks)
-            if self.callback is not None:
-                self.callback(attn, buckets)
+            if self.callback is not None:  # per (batch, head): attn (b, h, L, L), buckets (b, h, n_hashes, L)
+                self.callback(
+                    None if attn is None else attn.view(b, h - lh, length, length),
+                    buckets.view(b, h - lh, *buckets.shape[1:]) if buckets.numel() else buckets,
+                )
             parts.append(out.view(b, h - lh, length, dh)[:, :, n_prefix:])
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, t, dh)
         out = out.transpose(1, 2).reshape(b, t, h * dh)

@@ -1,0 +1,227 @@
+"""Reformer models: the reversible stack (`Reformer`) and the language model (`ReformerLM`).
+
+Both take their options as keyword arguments with the names of ``reformer_pytorch`` (the
+fields of :class:`reformer.config.ReformerConfig`), or a ready ``config=``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attention import LSHSelfAttention
+from .attention.common import check_mask
+from .checkpoint import PretrainedMixin
+from .config import ReformerConfig
+from .feedforward import FeedForward
+from .positions import AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding
+from .reversible import ReversibleBlock, irreversible_apply, reversible_apply
+
+
+class ScaleNorm(nn.Module):
+    """``g * x / ||x||`` with one learned scale (Nguyen & Salazar 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.g = nn.Parameter(torch.tensor(math.sqrt(dim)))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (self.g / x.norm(dim=-1, keepdim=True).clamp_min(self.eps))
+
+
+class PreNorm(nn.Module):
+    """Normalise, then apply ``fn``."""
+
+    def __init__(self, norm: nn.Module, fn: nn.Module):
+        super().__init__()
+        self.norm, self.fn = norm, fn
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.fn(self.norm(x), **kwargs)
+
+
+class ReZero(nn.Module):
+    """``fn(x) * g`` with ``g`` learned from zero (Bachlechner et al. 2020), no normalisation."""
+
+    def __init__(self, fn: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.g = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.fn(x, **kwargs) * self.g
+
+
+def _config(config: ReformerConfig | None, kwargs: dict[str, Any]) -> ReformerConfig:
+    if config is not None and kwargs:
+        raise TypeError(f"pass either config= or keyword options, not both (got {sorted(kwargs)})")
+    if config is not None:
+        return config
+    known = set(ReformerConfig.__dataclass_fields__)
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {unknown}; see ReformerConfig for the allowed names")
+    return ReformerConfig(**kwargs)
+
+
+class Reformer(PretrainedMixin, nn.Module):
+    """A stack of ``depth`` reversible blocks on ``(batch, len, dim)``: attention then
+    feed-forward (or attention twice with ``twin_attention``). The input is duplicated into
+    the two reversible halves and the output is their mean."""
+
+    def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
+        super().__init__()
+        self.config = cfg = _config(config, kwargs)
+
+        def wrap(fn: nn.Module) -> nn.Module:
+            if cfg.use_rezero:
+                return ReZero(fn)
+            return PreNorm(ScaleNorm(cfg.dim) if cfg.use_scale_norm else nn.LayerNorm(cfg.dim), fn)
+
+        def attention(kind: str) -> nn.Module:
+            return wrap(
+                LSHSelfAttention(
+                    dim=cfg.dim,
+                    heads=cfg.heads,
+                    bucket_size=cfg.bucket_size,
+                    n_hashes=cfg.n_hashes,
+                    causal=cfg.causal,
+                    dim_head=cfg.dim_head,
+                    attn_chunks=cfg.attn_chunks,
+                    random_rotations_per_head=cfg.random_rotations_per_head,
+                    attend_across_buckets=cfg.attend_across_buckets,
+                    allow_duplicate_attention=cfg.allow_duplicate_attention,
+                    num_mem_kv=cfg.num_mem_kv,
+                    use_full_attn=kind == "full",
+                    full_attn_thres=cfg.full_attn_thres,
+                    post_attn_dropout=cfg.post_attn_dropout,
+                    dropout=cfg.lsh_dropout,
+                    n_local_attn_heads=cfg.heads if kind == "local" else cfg.n_local_attn_heads,
+                    strict_causal=cfg.strict_causal,
+                    n_buckets=cfg.n_buckets,
+                    max_seq_len=cfg.max_seq_len,
+                    hash_seed=cfg.hash_seed,
+                    rotary_emb=cfg.rotary_emb,
+                )
+            )
+
+        def feedforward() -> nn.Module:
+            return wrap(
+                FeedForward(
+                    cfg.dim,
+                    mult=cfg.ff_mult,
+                    dropout=cfg.ff_dropout,
+                    activation=cfg.ff_activation,
+                    glu=cfg.ff_glu,
+                    chunks=cfg.ff_chunks,
+                )
+            )
+
+        kinds = cfg.layer_kinds()
+        blocks = []
+        for i, kind in enumerate(kinds):
+            if cfg.weight_tie and i > 0:  # same modules at every depth (the same kind each time)
+                blocks.append(ReversibleBlock(blocks[0].f, blocks[0].g))
+                continue
+            g = attention(kind) if cfg.twin_attention else feedforward()
+            blocks.append(ReversibleBlock(attention(kind), g))
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(b, n, dim)`` -> ``(b, n, dim)``; masks are bool, True = real token."""
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cfg.dim:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (batch, len, {cfg.dim}), got {got}")
+        if x.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+        check_mask("input_mask", input_mask, tuple(x.shape[:2]))
+        blocks = list(self.blocks)
+        if self.training and cfg.layer_dropout > 0:
+            keep = torch.rand(len(blocks)) >= cfg.layer_dropout
+            keep[torch.randint(len(blocks), ())] = True  # never drop every block
+            blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
+        kwargs = {
+            k: v
+            for k, v in (("keys", keys), ("input_mask", input_mask), ("context_mask", context_mask))
+            if v is not None
+        }
+        reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
+        apply = reversible_apply if reversible else irreversible_apply
+        x1, x2 = apply(blocks, x, x, **kwargs)
+        return (x1 + x2) / 2
+
+
+class ReformerLM(PretrainedMixin, nn.Module):
+    """Token ids ``(batch, len)`` -> logits ``(batch, len, num_tokens)`` (or the final hidden
+    states with ``return_embeddings``)."""
+
+    def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
+        super().__init__()
+        self.config = cfg = _config(config, kwargs)
+        emb_dim = cfg.model_emb_dim
+        self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
+        nn.init.normal_(self.token_emb.weight, std=0.02)
+        self.to_model_dim = nn.Linear(emb_dim, cfg.dim) if emb_dim != cfg.dim else nn.Identity()
+        if cfg.absolute_position_emb:
+            self.pos_emb = AbsolutePositionalEmbedding(emb_dim, cfg.max_seq_len)
+        elif cfg.fixed_position_emb:
+            self.pos_emb = FixedPositionalEmbedding(emb_dim)
+        elif cfg.axial_position_emb and not cfg.rotary_emb:
+            shape = cfg.axial_position_shape or (-(-cfg.max_seq_len // cfg.bucket_size), cfg.bucket_size)
+            self.pos_emb = AxialPositionalEmbedding(emb_dim, shape, cfg.axial_position_dims)
+        else:
+            self.pos_emb = None
+        self.reformer = Reformer(cfg)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.to_emb_dim = nn.Linear(cfg.dim, emb_dim) if emb_dim != cfg.dim else nn.Identity()
+        self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(emb_dim, cfg.num_tokens)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings projected to the model width: ``(b, n, dim)``."""
+        x = self.token_emb(tokens)
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(tokens.shape[1], device=tokens.device).to(x.dtype)
+        return self.to_model_dim(x)
+
+    def check_tokens(self, tokens: torch.Tensor) -> None:
+        cfg = self.config
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must have shape (batch, len), got {got}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.is_complex():
+            raise ValueError(f"tokens must be an integer tensor, got dtype {tokens.dtype}")
+        if tokens.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= cfg.num_tokens):
+            raise ValueError(
+                f"token ids must be in [0, num_tokens={cfg.num_tokens}), got range "
+                f"[{int(tokens.min())}, {int(tokens.max())}]"
+            )
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        self.check_tokens(tokens)
+        x = self.reformer(self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask)
+        x = self.norm(x)
+        if self.config.return_embeddings:
+            return x
+        x = self.to_emb_dim(x)
+        if self.to_logits is None:
+            return x @ self.token_emb.weight.t()
+        return self.to_logits(x)

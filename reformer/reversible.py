@@ -1,0 +1,127 @@
+"""Reversible residual blocks (RevNet, Gomez et al. 2017) with exact gradient replay.
+
+A block maps ``(x1, x2)`` to ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)``; its inputs can be
+rebuilt from its outputs (``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``), so training keeps only
+the last block's output, whatever the depth. In the backward pass each block is re-run to
+get its gradients; the RNG state of its forward (dropout masks, training-mode LSH
+rotations) and the autocast state are replayed, so the gradients are those of the same
+network run non-reversibly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class _RNGState:
+    """The CPU and (if used) CUDA generator states at one point of the forward."""
+
+    def __init__(self, device: torch.device):
+        self.cpu = torch.get_rng_state()
+        self.device = device if device.type == "cuda" else None
+        self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Context in which torch's RNG continues exactly from the recorded point."""
+        with torch.random.fork_rng(devices=[self.device] if self.device is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            yield
+
+
+class ReversibleBlock(nn.Module):
+    """One ``(f, g)`` pair. ``f`` receives the call's keyword arguments (masks, keys); ``g`` none."""
+
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f, self.g = f, g
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Plain (non-reversible) application, used below ``reverse_thres`` and in tests."""
+        y1 = x1 + self.f(x2, **kwargs)
+        return y1, x2 + self.g(y1)
+
+
+def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class _ReversibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x1, x2, blocks, kwargs, key_tensor):
+        device_type = x1.device.type
+        states = []
+        with torch.no_grad():
+            for block in blocks:
+                f_state = _RNGState(x1.device)
+                x1 = x1 + block.f(x2, **kwargs)
+                g_state = _RNGState(x1.device)
+                x2 = x2 + block.g(x1)
+                states.append((f_state, g_state))
+        ctx.blocks, ctx.kwargs, ctx.states = blocks, kwargs, states
+        ctx.autocast = (device_type, *_autocast_state(device_type))
+        ctx.save_for_backward(x1.detach(), x2.detach(), key_tensor)
+        return x1, x2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        y1, y2, key_tensor = ctx.saved_tensors
+        device_type, autocast_on, autocast_dtype = ctx.autocast
+        kwargs = dict(ctx.kwargs)
+        keys_leaf = None
+        if key_tensor is not None and key_tensor.numel() and key_tensor.requires_grad:
+            keys_leaf = key_tensor.detach().requires_grad_()
+            kwargs["keys"] = keys_leaf
+        autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
+        for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
+            # y2 = x2 + g(y1): gradients of g, then x2
+            with torch.enable_grad(), g_state.replay(), autocast:
+                y1 = y1.detach().requires_grad_()
+                gy1 = block.g(y1)
+            torch.autograd.backward(gy1, dy2)
+            with torch.no_grad():
+                x2 = y2 - gy1
+                dy1 = dy1 + y1.grad
+                del gy1
+            # y1 = x1 + f(x2): gradients of f, then x1
+            with torch.enable_grad(), f_state.replay(), autocast:
+                x2 = x2.detach().requires_grad_()
+                fx2 = block.f(x2, **kwargs)
+            torch.autograd.backward(fx2, dy1)
+            with torch.no_grad():
+                x1 = y1 - fx2
+                dy2 = dy2 + x2.grad
+                del fx2
+            y1, y2 = x1, x2
+        keys_grad = keys_leaf.grad if keys_leaf is not None else None
+        return dy1, dy2, None, None, keys_grad
+
+
+def reversible_apply(
+    blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``blocks`` reversibly on ``(x1, x2)``; ``kwargs`` go to every ``f`` (``keys`` may
+    require grad and receives its gradient)."""
+    keys = kwargs.get("keys")
+    if not (x1.requires_grad or x2.requires_grad or (keys is not None and keys.requires_grad)):
+        # The blocks' parameters are not inputs of the autograd function, so without an input
+        # that requires grad its backward (which fills the parameter grads) would never run.
+        x1 = x1.detach().requires_grad_()
+        x2 = x2.detach().requires_grad_()
+    return _ReversibleFunction.apply(x1, x2, list(blocks), kwargs, keys)
+
+
+def irreversible_apply(
+    blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same computation with ordinary autograd (stores every block's activations)."""
+    for block in blocks:
+        x1, x2 = block(x1, x2, **kwargs)
+    return x1, x2

@@ -1,0 +1,46 @@
+import json
+
+import pytest
+import torch
+
+from reformer import Reformer, ReformerLM
+
+
+def _model(**kw):
+    return ReformerLM(num_tokens=40, dim=32, depth=2, heads=2, bucket_size=8, n_hashes=2, max_seq_len=64, **kw).eval()
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(), dict(weight_tie=True, causal=True, num_mem_kv=2), dict(weight_tie_embedding=True)]
+)
+def test_round_trip_gives_identical_logits(tmp_path, kw):
+    model = _model(**kw)
+    tokens = torch.randint(0, 40, (2, 64))
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    loaded = ReformerLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model(tokens), loaded(tokens))
+
+
+def test_clear_errors_for_bad_checkpoints(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        ReformerLM.from_pretrained(tmp_path)
+    _model().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="holds a ReformerLM"):
+        Reformer.from_pretrained(tmp_path)
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["dim"] = 64  # weights no longer fit the config
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="does not match"):
+        ReformerLM.from_pretrained(tmp_path)
+
+    _model().save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="corrupt weights"):
+        ReformerLM.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        ReformerLM.from_pretrained(tmp_path)
