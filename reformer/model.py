@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .attention import LSHSelfAttention
-from .attention.common import check_mask
+from .attention.common import check_features, check_mask
 from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
 from .feedforward import FeedForward
@@ -140,9 +140,7 @@ class Reformer(PretrainedMixin, nn.Module):
     ) -> torch.Tensor:
         """``x`` ``(b, n, dim)`` -> ``(b, n, dim)``; masks are bool, True = real token."""
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != cfg.dim:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (batch, len, {cfg.dim}), got {got}")
+        check_features("x", x, cfg.dim)
         if x.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
         check_mask("input_mask", input_mask, tuple(x.shape[:2]))

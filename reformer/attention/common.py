@@ -38,6 +38,15 @@ def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) 
     check_mask("input_mask", key_mask, qk.shape[:2])
 
 
+def check_features(name: str, x: object, dim: int) -> None:
+    """``x`` must be a floating-point ``(batch, len, dim)`` tensor."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != dim:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name} must have shape (batch, len, {dim}), got {got}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
 def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> None:
     """A mask is a bool tensor of exactly ``shape`` (True = attend), or None."""
     if mask is None:

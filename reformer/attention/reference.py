@@ -113,21 +113,28 @@ def lsh_attention_reference(
     return torch.stack(outs), torch.stack(attns)
 
 
+def _dense_attention(
+    qk: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, causal: bool, key_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Shared-QK attention where query i may see key j when ``allowed[i, j]`` (plus masks)."""
+    pos = torch.arange(qk.shape[1], device=qk.device)
+    outs = []
+    for i in range(qk.shape[0]):
+        hidden = ~allowed
+        if key_mask is not None:
+            hidden = hidden | ~key_mask[i][None, :]
+        if causal:
+            hidden = hidden | (pos[None, :] > pos[:, None])
+        outs.append(torch.softmax(_masked_logits(qk[i], hidden), dim=-1) @ v[i])
+    return torch.stack(outs)
+
+
 def full_qk_attention_reference(
     qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False, key_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Dense shared-QK attention with the LSH masks (causal, padding, self)."""
-    b, length, _ = qk.shape
-    pos = torch.arange(length, device=qk.device)
-    outs = []
-    for i in range(b):
-        hidden = torch.zeros(length, length, dtype=torch.bool, device=qk.device)
-        if key_mask is not None:
-            hidden |= ~key_mask[i][None, :]
-        if causal:
-            hidden |= pos[None, :] > pos[:, None]
-        outs.append(torch.softmax(_masked_logits(qk[i], hidden), dim=-1) @ v[i])
-    return torch.stack(outs)
+    everything = torch.ones(qk.shape[1], qk.shape[1], dtype=torch.bool, device=qk.device)
+    return _dense_attention(qk, v, everything, causal, key_mask)
 
 
 def local_attention_reference(
@@ -141,16 +148,6 @@ def local_attention_reference(
 ) -> torch.Tensor:
     """Dense shared-QK local attention: position i sees j when j's block is i's block,
     the previous one, or (``look_forward``) the next one; blocks are ``window_size`` long."""
-    b, length, _ = qk.shape
-    block = torch.arange(length, device=qk.device) // window_size
-    pos = torch.arange(length, device=qk.device)
+    block = torch.arange(qk.shape[1], device=qk.device) // window_size
     offset = block[None, :] - block[:, None]
-    outs = []
-    for i in range(b):
-        hidden = (offset < -1) | (offset > look_forward)
-        if key_mask is not None:
-            hidden |= ~key_mask[i][None, :]
-        if causal:
-            hidden |= pos[None, :] > pos[:, None]
-        outs.append(torch.softmax(_masked_logits(qk[i], hidden), dim=-1) @ v[i])
-    return torch.stack(outs)
+    return _dense_attention(qk, v, (offset >= -1) & (offset <= look_forward), causal, key_mask)

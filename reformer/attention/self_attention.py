@@ -9,7 +9,7 @@ from torch import nn
 
 from ..hashing import BucketSpec
 from ..positions import apply_rotary, rotary_angles
-from .common import check_int, check_mask, check_prob
+from .common import check_features, check_int, check_mask, check_prob
 from .full import full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
@@ -123,11 +123,7 @@ class LSHSelfAttention(nn.Module):
     ) -> torch.Tensor:
         """``x`` ``(b, t, dim)``; ``keys`` ``(b, c, dim)``; ``input_mask`` ``(b, t)`` and
         ``context_mask`` ``(b, c)`` bool, True = real. Returns ``(b, t, dim)``."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
-            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (batch, len, {self.dim}), got {got}")
-        if not x.is_floating_point():
-            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        check_features("x", x, self.dim)
         b, t, _ = x.shape
         check_mask("input_mask", input_mask, (b, t))
         prefix = []
