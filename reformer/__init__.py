@@ -3,7 +3,7 @@
 from .attention import FullQKAttention, LSHAttention, LSHSelfAttention
 from .config import ReformerConfig
 from .model import Reformer, ReformerLM
-from .wrappers import Autopadder, Recorder
+from .wrappers import Autopadder, Recorder, TrainingWrapper
 
 __version__ = "0.1.0"
 
@@ -16,5 +16,6 @@ __all__ = [
     "Reformer",
     "ReformerConfig",
     "ReformerLM",
+    "TrainingWrapper",
     "__version__",
 ]

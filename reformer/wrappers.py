@@ -1,6 +1,6 @@
 """Wrappers kept from ``reformer_pytorch``: ``Recorder`` (attention weights and buckets per
-layer) and ``Autopadder`` (accepts any length; here the layers already do, so it only checks
-and forwards)."""
+layer), ``Autopadder`` (accepts any length; here the layers already do, so it only forwards)
+and ``TrainingWrapper`` (next-token loss and sampling)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
@@ -76,3 +77,58 @@ class Autopadder(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.net(*args, **kwargs)
+
+
+class TrainingWrapper(nn.Module):
+    """Drop-in for ``reformer_pytorch.TrainingWrapper``: next-token loss and sampling for a
+    ``ReformerLM``. ``generate`` here recomputes the whole window per token; cached
+    incremental decoding is planned on ``ReformerLM`` itself."""
+
+    def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0):
+        super().__init__()
+        self.net = net
+        self.ignore_index = ignore_index
+        self.pad_value = pad_value
+        self.max_seq_len = net.config.max_seq_len
+
+    def forward(self, x: torch.Tensor, return_loss: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Logits, or with ``return_loss`` the mean cross-entropy of predicting ``x[:, 1:]``."""
+        if not return_loss:
+            return self.net(x, **kwargs)
+        if "input_mask" in kwargs and kwargs["input_mask"] is not None:
+            kwargs["input_mask"] = kwargs["input_mask"][:, :-1]
+        logits = self.net(x[:, :-1], **kwargs)  # (b, n-1, vocab)
+        return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], ignore_index=self.ignore_index)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        start_tokens: torch.Tensor,
+        seq_len: int,
+        eos_token: int | None = None,
+        temperature: float = 1.0,
+        filter_thres: float = 0.9,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """Sample ``seq_len`` tokens after ``start_tokens`` ``(b, n)``, keeping the top
+        ``(1 - filter_thres)`` fraction of the vocabulary at each step. Returns ``(b, <= seq_len)``."""
+        if start_tokens.dim() == 1:
+            start_tokens = start_tokens[None]
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not 0 <= filter_thres < 1:
+            raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
+        was_training = self.net.training
+        self.net.eval()
+        out = start_tokens
+        for _ in range(seq_len):
+            logits = self.net(out[:, -self.max_seq_len :], **kwargs)[:, -1] / temperature  # (b, vocab)
+            k = max(1, int((1 - filter_thres) * logits.shape[-1]))
+            top = logits.topk(k, dim=-1)
+            probs = torch.softmax(top.values, dim=-1)
+            token = top.indices.gather(-1, torch.multinomial(probs, 1))
+            out = torch.cat([out, token], dim=-1)
+            if eos_token is not None and bool((token == eos_token).all()):
+                break
+        self.net.train(was_training)
+        return out[:, start_tokens.shape[1] :]

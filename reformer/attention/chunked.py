@@ -213,6 +213,8 @@ class _WindowAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse, _grad_probs):
         q, k, v, out = ctx.saved_tensors
         plan, dropout = ctx.plan, ctx.dropout
+        grad_out = grad_out.to(v.dtype)
+        grad_lse = None if grad_lse is None else grad_lse.to(q.dtype)
         grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for i, (start, end) in enumerate(plan.blocks()):
             idx, bq, bk, probs, _, fixed = _block_probs(plan, start, end, q, k)
@@ -221,7 +223,7 @@ class _WindowAttention(torch.autograd.Function):
             go = grad_out[start:end]  # (blk, c, dv)
             used = probs
             if dropout > 0:
-                keep = ctx.drop_masks[i] / (1 - dropout)
+                keep = ctx.drop_masks[i].to(probs.dtype) / (1 - dropout)
                 used = probs * keep
             grad_v.index_add_(0, k_rows.flatten(), torch.bmm(used.transpose(1, 2), go).flatten(0, 1))
             grad_probs = torch.bmm(go, bv.transpose(1, 2))  # (blk, c, 2c)
@@ -302,6 +304,7 @@ def lsh_attention_chunked(
     )
     q_flat = (qk * d**-0.5).reshape(b * lp, d)  # scaled here: cheaper than scaling logits
     k_flat = normalize_keys(qk).reshape(b * lp, d)
+    v = v.to(qk.dtype)
     window_out, window_lse, probs = _WindowAttention.apply(
         q_flat, k_flat, v.reshape(b * lp, dv), plan, dropout if training else 0.0, return_attn
     )

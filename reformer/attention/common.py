@@ -17,7 +17,8 @@ def masked_value(dtype: torch.dtype) -> float:
 
 def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
     """Shared-QK keys: ``qk / ||qk||`` along the last dim (eps 1e-12 guards zero vectors)."""
-    return qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    # (autocast computes the norm in fp32; keep the keys in the dtype of the queries)
+    return (qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(qk.dtype)
 
 
 def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:
