@@ -12,15 +12,13 @@ marked as such. Prints a Markdown table and writes it to ``--out``. Never assert
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import platform
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import importable, machine_line, markdown_table, peak_rss_bytes, rss_bytes, run_isolated
 from torch import nn
 
 SYSTEMS = ("ours", "reformer_pytorch", "sdpa")
@@ -57,48 +55,21 @@ def build(system: str, args: argparse.Namespace) -> nn.Module:
     return DenseSelfAttention(args.dim, args.heads, args.causal)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _measure(system: str, length: int, args: argparse.Namespace, queue: mp.Queue) -> None:
-    try:
-        torch.set_num_threads(args.threads)
-        torch.manual_seed(0)
-        layer = build(system, args)
-        x = torch.randn(args.batch, length, args.dim, requires_grad=True)
-        before = _rss_bytes()
-        times = []
-        for _ in range(1 + args.repeats):  # the first step is a warm-up
-            start = time.perf_counter()
-            layer(x).sum().backward()
-            times.append(time.perf_counter() - start)
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
-        queue.put({"ms": 1000 * min(times[1:]), "mb": max(peak, 0) / 2**20})
-    except Exception as exc:  # report, do not crash the sweep
-        queue.put({"error": f"{type(exc).__name__}: {exc}"[:80]})
-
-
-def run_case(system: str, length: int, args: argparse.Namespace) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_measure, args=(system, length, args, queue))
-    proc.start()
-    proc.join()
-    return queue.get() if not queue.empty() else {"error": f"exit code {proc.exitcode}"}
-
-
-def gemm_gflops(threads: int) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+def measure(system: str, length: int, args: argparse.Namespace) -> dict:
+    """Best fwd+bwd time of ``repeats`` steps after a warm-up, and peak memory above the start."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    layer = build(system, args)
+    x = torch.randn(args.batch, length, args.dim, requires_grad=True)
+    before = rss_bytes()
+    times = []
+    for _ in range(1 + args.repeats):
+        start = time.perf_counter()
+        layer(x).sum().backward()
+        times.append(time.perf_counter() - start)
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+    return {"ms": 1000 * min(times[1:]), "mb": max(peak_rss_bytes() - before, 0) / 2**20}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -117,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks-attention-cpu.md"))
     args = p.parse_args(argv)
 
-    systems = [s for s in args.systems if s != "reformer_pytorch" or _importable("reformer_pytorch")]
+    systems = [s for s in args.systems if s != "reformer_pytorch" or importable("reformer_pytorch")]
     missing = sorted(set(args.systems) - set(systems))
     results: dict[tuple[str, int], dict] = {}
     for system in systems:
@@ -127,23 +98,16 @@ def main(argv: list[str] | None = None) -> None:
                 results[system, length] = {"skip": f"skipped (est. {last_s * GROWTH[system]:.0f} s/step)"}
                 last_s *= GROWTH[system]
                 continue
-            res = run_case(system, length, args)
+            res = run_isolated(measure, system, length, args)
             results[system, length] = res
             last_s = res["ms"] / 1000 if "ms" in res else float("inf")
             print(f"{system:>16} {length:>7}: {_cell(res)}", file=sys.stderr, flush=True)
 
-    gflops = gemm_gflops(args.threads)
-    table = render(args, systems, missing, results, gflops)
+    table = render(args, systems, missing, results, machine_line(args.threads))
     print(table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table)
     print(f"written to {args.out}", file=sys.stderr)
-
-
-def _importable(name: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(name) is not None
 
 
 def _cell(res: dict) -> str:
@@ -152,7 +116,7 @@ def _cell(res: dict) -> str:
     return res.get("skip") or res.get("error", "?")
 
 
-def render(args, systems, missing, results, gflops) -> str:
+def render(args, systems, missing, results, machine: str) -> str:
     lengths = sorted(args.lengths)
     head = ["length"] + [f"{s} (ms / MB)" for s in systems]
     ratios = [s for s in systems if s != "ours"] if "ours" in systems else []
@@ -172,12 +136,9 @@ def render(args, systems, missing, results, gflops) -> str:
         "same width (q/k/v projections + `scaled_dot_product_attention`). Time: best of "
         f"{args.repeats} steps after a warm-up. Memory: peak resident set above the pre-step baseline.",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {args.threads} threads, "
-        f"torch {torch.__version__}, Python {platform.python_version()}; fp32 GEMM {gflops:.0f} GFLOP/s.",
+        machine,
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-        *("| " + " | ".join(r) + " |" for r in rows),
+        *markdown_table(head, rows),
         "",
         "Command: `python benchmarks/attention.py " + " ".join(sys.argv[1:]) + "`",
     ]

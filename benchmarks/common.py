@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmark scripts: run a measurement in a fresh process and read its
+peak resident memory, machine facts, Markdown tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import multiprocessing as mp
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
+    try:
+        queue.put(fn(*args))
+    except Exception as exc:  # report, do not crash the sweep
+        queue.put({"error": f"{type(exc).__name__}: {exc}"[:80]})
+
+
+def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
+    """``fn(*args)`` in a fresh spawned process (so its peak memory is its own)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(fn, args, queue))
+    proc.start()
+    proc.join()
+    return queue.get() if not queue.empty() else {"error": f"killed (exit code {proc.exitcode})"}
+
+
+def importable(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def gemm_gflops(threads: int) -> float:
+    """Measured fp32 matmul rate of this machine."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+
+
+def machine_line(threads: int) -> str:
+    return (
+        f"Machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
+        f"Python {platform.python_version()}; fp32 GEMM {gemm_gflops(threads):.0f} GFLOP/s."
+    )
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
