@@ -2,7 +2,7 @@
 
 from .attention import FullQKAttention, LSHAttention, LSHSelfAttention
 from .config import ReformerConfig
-from .model import Reformer, ReformerLM
+from .model import Reformer, ReformerEncDec, ReformerLM
 from .wrappers import Autopadder, Recorder, TrainingWrapper
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "LSHSelfAttention",
     "Reformer",
     "ReformerConfig",
+    "ReformerEncDec",
     "ReformerLM",
     "TrainingWrapper",
     "__version__",

@@ -70,6 +70,9 @@ class ReformerConfig:
     post_attn_dropout: float = 0.0
     """Dropout on the attention output."""
 
+    cross_attention: bool = False
+    """Decoder blocks: attend to an encoder output (``context=``) before the feed-forward."""
+
     # --- feed-forward and blocks ---------------------------------------------------------
     ff_mult: int = 4
     """Feed-forward hidden width is ``dim * ff_mult``."""

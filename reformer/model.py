@@ -10,10 +10,12 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
 from .attention.common import check_features, check_mask
+from .attention.cross import CrossAttention
 from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
 from .feedforward import FeedForward
@@ -54,6 +56,24 @@ class ReZero(nn.Module):
 
     def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.fn(x, **kwargs) * self.g
+
+
+class CrossThenFeedForward(nn.Module):
+    """The ``g`` of a decoder block: cross-attention to the encoder output, then the
+    feed-forward on the result (``g(y) = c + FF(y + c)`` with ``c = Cross(y)``, each sublayer
+    pre-normed) - so a decoder block stays one reversible ``(f, g)`` pair."""
+
+    def __init__(self, cross: nn.Module, ff: nn.Module):
+        super().__init__()
+        self.cross, self.ff = cross, ff
+
+    def forward(
+        self, y: torch.Tensor, context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if context is None:
+            raise ValueError("this model has cross-attention layers: pass the encoder output as context=")
+        c = self.cross(y, context=context, context_mask=context_mask)
+        return c + self.ff(y + c)
 
 
 def _config(config: ReformerConfig | None, kwargs: dict[str, Any]) -> ReformerConfig:
@@ -110,7 +130,7 @@ class Reformer(PretrainedMixin, nn.Module):
             )
 
         def feedforward() -> nn.Module:
-            return wrap(
+            ff = wrap(
                 FeedForward(
                     cfg.dim,
                     mult=cfg.ff_mult,
@@ -120,15 +140,21 @@ class Reformer(PretrainedMixin, nn.Module):
                     chunks=cfg.ff_chunks,
                 )
             )
+            if not cfg.cross_attention:
+                return ff
+            cross = CrossAttention(cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, dropout=cfg.post_attn_dropout)
+            return CrossThenFeedForward(wrap(cross), ff)
 
         kinds = cfg.layer_kinds()
+        # In a decoder, context_mask masks the encoder output of the cross-attention.
+        routing = dict(f_args=("keys", "input_mask"), g_args=("context", "context_mask")) if cfg.cross_attention else {}
         blocks = []
         for i, kind in enumerate(kinds):
             if cfg.weight_tie and i > 0:  # same modules at every depth (the same kind each time)
-                blocks.append(ReversibleBlock(blocks[0].f, blocks[0].g))
+                blocks.append(ReversibleBlock(blocks[0].f, blocks[0].g, **routing))
                 continue
             g = attention(kind) if cfg.twin_attention else feedforward()
-            blocks.append(ReversibleBlock(attention(kind), g))
+            blocks.append(ReversibleBlock(attention(kind), g, **routing))
         self.blocks = nn.ModuleList(blocks)
 
     def forward(
@@ -137,8 +163,13 @@ class Reformer(PretrainedMixin, nn.Module):
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x`` ``(b, n, dim)`` -> ``(b, n, dim)``; masks are bool, True = real token."""
+        """``x`` ``(b, n, dim)`` -> ``(b, n, dim)``; masks are bool, True = real token.
+
+        ``keys`` ``(b, c, dim)``: extra keys for self-attention (masked by ``context_mask``).
+        With ``cross_attention``, ``context`` ``(b, m, dim)`` is the encoder output the
+        decoder attends to, and ``context_mask`` masks it instead."""
         cfg = self.config
         check_features("x", x, cfg.dim)
         if x.shape[1] > cfg.max_seq_len:
@@ -151,7 +182,12 @@ class Reformer(PretrainedMixin, nn.Module):
             blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         kwargs = {
             k: v
-            for k, v in (("keys", keys), ("input_mask", input_mask), ("context_mask", context_mask))
+            for k, v in (
+                ("keys", keys),
+                ("input_mask", input_mask),
+                ("context_mask", context_mask),
+                ("context", context),
+            )
             if v is not None
         }
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
@@ -213,9 +249,14 @@ class ReformerLM(PretrainedMixin, nn.Module):
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``tokens`` ``(b, n)`` -> logits ``(b, n, num_tokens)``; other arguments as in
+        :meth:`Reformer.forward`."""
         self.check_tokens(tokens)
-        x = self.reformer(self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask)
+        x = self.reformer(
+            self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask, context=context
+        )
         x = self.norm(x)
         if self.config.return_embeddings:
             return x
@@ -223,3 +264,43 @@ class ReformerLM(PretrainedMixin, nn.Module):
         if self.to_logits is None:
             return x @ self.token_emb.weight.t()
         return self.to_logits(x)
+
+
+class ReformerEncDec(nn.Module):
+    """Encoder (bidirectional ``ReformerLM`` returning embeddings) + decoder (causal
+    ``ReformerLM`` whose blocks cross-attend to every encoder output).
+
+    Options as in ``reformer_pytorch``: ``enc_*`` go to the encoder, ``dec_*`` to the decoder,
+    the rest (``dim``, ``heads``, ...) to both. ``forward(src, tgt, return_loss=True)`` gives the
+    next-token loss of ``tgt``; without ``return_loss`` the decoder's logits.
+    """
+
+    def __init__(self, dim: int, ignore_index: int = -100, **kwargs: Any):
+        super().__init__()
+        enc = {k[4:]: v for k, v in kwargs.items() if k.startswith("enc_")}
+        dec = {k[4:]: v for k, v in kwargs.items() if k.startswith("dec_")}
+        shared = {k: v for k, v in kwargs.items() if not k.startswith(("enc_", "dec_"))}
+        for name in ("return_embeddings", "causal", "cross_attention"):
+            if name in enc or name in dec or name in shared:
+                raise TypeError(f"ReformerEncDec sets {name} itself; do not pass it")
+        self.encoder = ReformerLM(dim=dim, **shared, **enc, return_embeddings=True)
+        self.decoder = ReformerLM(dim=dim, **shared, **dec, causal=True, cross_attention=True)
+        self.ignore_index = ignore_index
+
+    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.encoder(src, input_mask=src_mask)
+
+    def forward(
+        self,
+        src: torch.Tensor,
+        tgt: torch.Tensor,
+        return_loss: bool = False,
+        src_mask: torch.Tensor | None = None,
+        tgt_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        context = self.encode(src, src_mask)
+        if not return_loss:
+            return self.decoder(tgt, input_mask=tgt_mask, context=context, context_mask=src_mask)
+        mask = None if tgt_mask is None else tgt_mask[:, :-1]
+        logits = self.decoder(tgt[:, :-1], input_mask=mask, context=context, context_mask=src_mask)
+        return F.cross_entropy(logits.transpose(1, 2), tgt[:, 1:], ignore_index=self.ignore_index)

@@ -37,16 +37,30 @@ class _RNGState:
 
 
 class ReversibleBlock(nn.Module):
-    """One ``(f, g)`` pair. ``f`` receives the call's keyword arguments (masks, keys); ``g`` none."""
+    """One ``(f, g)`` pair. Of the call's keyword arguments (masks, keys, encoder context),
+    ``f`` receives those named in ``f_args`` and ``g`` those named in ``g_args``."""
 
-    def __init__(self, f: nn.Module, g: nn.Module):
+    def __init__(
+        self,
+        f: nn.Module,
+        g: nn.Module,
+        f_args: tuple[str, ...] = ("keys", "input_mask", "context_mask"),
+        g_args: tuple[str, ...] = (),
+    ):
         super().__init__()
         self.f, self.g = f, g
+        self.f_args, self.g_args = f_args, g_args
+
+    def run_f(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.f(x, **{k: v for k, v in kwargs.items() if k in self.f_args})
+
+    def run_g(self, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        return self.g(x, **{k: v for k, v in kwargs.items() if k in self.g_args})
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Plain (non-reversible) application, used below ``reverse_thres`` and in tests."""
-        y1 = x1 + self.f(x2, **kwargs)
-        return y1, x2 + self.g(y1)
+        y1 = x1 + self.run_f(x2, kwargs)
+        return y1, x2 + self.run_g(y1, kwargs)
 
 
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
@@ -55,36 +69,35 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x1, x2, blocks, kwargs, key_tensor):
+    def forward(ctx, x1, x2, blocks, kwargs, grad_names, *grad_tensors):
+        # grad_tensors: the kwargs that require grad (e.g. encoder outputs), passed as inputs
+        # so that autograd asks for their gradients.
         device_type = x1.device.type
         states = []
         with torch.no_grad():
             for block in blocks:
                 f_state = _RNGState(x1.device)
-                x1 = x1 + block.f(x2, **kwargs)
+                x1 = x1 + block.run_f(x2, kwargs)
                 g_state = _RNGState(x1.device)
-                x2 = x2 + block.g(x1)
+                x2 = x2 + block.run_g(x1, kwargs)
                 states.append((f_state, g_state))
-        ctx.blocks, ctx.kwargs, ctx.states = blocks, kwargs, states
+        ctx.blocks, ctx.kwargs, ctx.states, ctx.grad_names = blocks, kwargs, states, grad_names
         ctx.autocast = (device_type, *_autocast_state(device_type))
-        ctx.save_for_backward(x1.detach(), x2.detach(), key_tensor)
+        ctx.save_for_backward(x1.detach(), x2.detach(), *grad_tensors)
         return x1, x2
 
     @staticmethod
     def backward(ctx, dy1, dy2):
-        y1, y2, key_tensor = ctx.saved_tensors
+        y1, y2, *grad_tensors = ctx.saved_tensors
         device_type, autocast_on, autocast_dtype = ctx.autocast
-        kwargs = dict(ctx.kwargs)
-        keys_leaf = None
-        if key_tensor is not None and key_tensor.numel() and key_tensor.requires_grad:
-            keys_leaf = key_tensor.detach().requires_grad_()
-            kwargs["keys"] = keys_leaf
+        leaves = [t.detach().requires_grad_() for t in grad_tensors]
+        kwargs = {**ctx.kwargs, **dict(zip(ctx.grad_names, leaves, strict=True))}
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
         for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             # y2 = x2 + g(y1): gradients of g, then x2
             with torch.enable_grad(), g_state.replay(), autocast:
                 y1 = y1.detach().requires_grad_()
-                gy1 = block.g(y1)
+                gy1 = block.run_g(y1, kwargs)
             torch.autograd.backward(gy1, dy2)
             with torch.no_grad():
                 x2 = y2 - gy1
@@ -93,29 +106,28 @@ class _ReversibleFunction(torch.autograd.Function):
             # y1 = x1 + f(x2): gradients of f, then x1
             with torch.enable_grad(), f_state.replay(), autocast:
                 x2 = x2.detach().requires_grad_()
-                fx2 = block.f(x2, **kwargs)
+                fx2 = block.run_f(x2, kwargs)
             torch.autograd.backward(fx2, dy1)
             with torch.no_grad():
                 x1 = y1 - fx2
                 dy2 = dy2 + x2.grad
                 del fx2
             y1, y2 = x1, x2
-        keys_grad = keys_leaf.grad if keys_leaf is not None else None
-        return dy1, dy2, None, None, keys_grad
+        return (dy1, dy2, None, None, None, *(leaf.grad for leaf in leaves))
 
 
 def reversible_apply(
     blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``blocks`` reversibly on ``(x1, x2)``; ``kwargs`` go to every ``f`` (``keys`` may
-    require grad and receives its gradient)."""
-    keys = kwargs.get("keys")
-    if not (x1.requires_grad or x2.requires_grad or (keys is not None and keys.requires_grad)):
+    """Run ``blocks`` reversibly on ``(x1, x2)``; tensor ``kwargs`` that require grad (keys,
+    encoder context) receive their gradients."""
+    grad_names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad)
+    if not (x1.requires_grad or x2.requires_grad or grad_names):
         # The blocks' parameters are not inputs of the autograd function, so without an input
         # that requires grad its backward (which fills the parameter grads) would never run.
         x1 = x1.detach().requires_grad_()
         x2 = x2.detach().requires_grad_()
-    return _ReversibleFunction.apply(x1, x2, list(blocks), kwargs, keys)
+    return _ReversibleFunction.apply(x1, x2, list(blocks), kwargs, grad_names, *(kwargs[k] for k in grad_names))
 
 
 def irreversible_apply(

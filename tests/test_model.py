@@ -266,3 +266,68 @@ def test_bf16_autocast_training_step(reversible):
     flat = torch.cat([g.flatten() for g in grads])
     ref = torch.cat([p.grad.flatten() for p in fp32.parameters()])
     assert torch.nn.functional.cosine_similarity(flat.float(), ref, dim=0) > 0.95
+
+
+def test_encoder_decoder_cross_attention():
+    from reformer import ReformerEncDec
+    from reformer.attention.cross import CrossAttention
+
+    model = ReformerEncDec(
+        dim=32,
+        heads=2,
+        bucket_size=8,
+        n_hashes=2,
+        enc_num_tokens=30,
+        enc_depth=2,
+        enc_max_seq_len=64,
+        dec_num_tokens=40,
+        dec_depth=2,
+        dec_max_seq_len=48,
+    )
+    src, tgt = torch.randint(0, 30, (2, 64)), torch.randint(0, 40, (2, 48))
+    src_mask = torch.rand(2, 64) > 0.2
+    loss = model(src, tgt, return_loss=True, src_mask=src_mask)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert model.encoder.token_emb.weight.grad.abs().sum() > 0  # gradient reaches the encoder
+    model.eval()
+    with torch.no_grad():
+        logits = model(src, tgt, src_mask=src_mask)
+        assert logits.shape == (2, 48, 40)
+        ctx = model.encode(src, src_mask)
+        out = model.decoder(tgt, context=ctx, context_mask=src_mask)
+        torch.testing.assert_close(out, logits)
+        # the decoder reads the context only through unmasked positions, and does read it
+        ctx_changed = ctx.clone()
+        ctx_changed[~src_mask] = torch.randn_like(ctx_changed[~src_mask])
+        torch.testing.assert_close(
+            model.decoder(tgt, context=ctx_changed, context_mask=src_mask), out, atol=1e-5, rtol=0
+        )
+        assert not torch.allclose(model.decoder(tgt, context=torch.ones_like(ctx), context_mask=src_mask), out)
+
+    # query chunking does not change cross-attention
+    cross = CrossAttention(16, heads=2, query_chunk=5)
+    x, context = torch.randn(2, 23, 16), torch.randn(2, 9, 16)
+    mask = torch.rand(2, 9) > 0.3
+    mask[:, 0] = True
+    chunked = cross(x, context, mask)
+    cross.query_chunk = 1000
+    torch.testing.assert_close(chunked, cross(x, context, mask), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="context="):
+        model.decoder(tgt)
+
+
+def test_decoder_reversible_gradients_reach_the_context():
+    dec = ReformerLM(
+        num_tokens=20, dim=16, depth=2, heads=2, bucket_size=4, max_seq_len=32, causal=True, cross_attention=True
+    ).double()
+    tokens = torch.randint(0, 20, (1, 24))
+    context = torch.randn(1, 10, 16, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for thres in (0, 10**9):
+        dec.config.reverse_thres = thres
+        context.grad = None
+        torch.manual_seed(0)  # same training-mode rotations in both runs
+        dec(tokens, context=context).sum().backward()
+        grads.append(context.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-10, rtol=1e-10)
