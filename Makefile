@@ -34,6 +34,7 @@ lint: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-bench
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
