@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         "gradients, activations, temporaries), with glibc returning large blocks to the OS "
         "(`MALLOC_MMAP_THRESHOLD_=65536`) so that it measures live memory, not allocator high-water. "
         "`reversible` is our default; `plain` the same model with ordinary autograd (`reverse_thres` above "
-        "the length); `reformer_pytorch` 1.4.4 with the same options. Time: that one step.",
+        "the length); `reformer_pytorch` 1.4.4 with the same options. Time: that one step, slowed by the "
+        "allocator setting (fresh pages for every large tensor); `benchmarks/attention.py` measures speed.",
         "",
         machine_line(args.threads),
         "",
