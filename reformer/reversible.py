@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -67,6 +68,18 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _undo_half_residual(fn, state: _RNGState, autocast, inp, out, grad_out, grad_inp):
+    """For ``out = x + fn(inp)``: re-run ``fn`` as in the forward (same RNG and autocast),
+    backpropagate ``grad_out`` through it (accumulating its parameters' gradients) and return
+    ``x`` and the total gradient reaching ``inp`` (``grad_inp`` plus the one through ``fn``)."""
+    with torch.enable_grad(), state.replay(), autocast:
+        inp = inp.detach().requires_grad_()
+        fx = fn(inp)
+    torch.autograd.backward(fx, grad_out)
+    with torch.no_grad():
+        return out - fx, grad_inp + inp.grad
+
+
 class _ReversibleFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x1, x2, blocks, kwargs, grad_names, *grad_tensors):
@@ -94,24 +107,9 @@ class _ReversibleFunction(torch.autograd.Function):
         kwargs = {**ctx.kwargs, **dict(zip(ctx.grad_names, leaves, strict=True))}
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
         for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
-            # y2 = x2 + g(y1): gradients of g, then x2
-            with torch.enable_grad(), g_state.replay(), autocast:
-                y1 = y1.detach().requires_grad_()
-                gy1 = block.run_g(y1, kwargs)
-            torch.autograd.backward(gy1, dy2)
-            with torch.no_grad():
-                x2 = y2 - gy1
-                dy1 = dy1 + y1.grad
-                del gy1
-            # y1 = x1 + f(x2): gradients of f, then x1
-            with torch.enable_grad(), f_state.replay(), autocast:
-                x2 = x2.detach().requires_grad_()
-                fx2 = block.run_f(x2, kwargs)
-            torch.autograd.backward(fx2, dy1)
-            with torch.no_grad():
-                x1 = y1 - fx2
-                dy2 = dy2 + x2.grad
-                del fx2
+            # y2 = x2 + g(y1), then y1 = x1 + f(x2): undo g, then f.
+            x2, dy1 = _undo_half_residual(partial(block.run_g, kwargs=kwargs), g_state, autocast, y1, y2, dy2, dy1)
+            x1, dy2 = _undo_half_residual(partial(block.run_f, kwargs=kwargs), f_state, autocast, x2, y1, dy1, dy2)
             y1, y2 = x1, x2
         return (dy1, dy2, None, None, None, *(leaf.grad for leaf in leaves))
 
