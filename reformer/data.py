@@ -1,0 +1,182 @@
+"""Training data: a built-in corpus (no download), user files, enwik8, the duplication task.
+
+Text is byte-level by default (vocab 256: every file works, nothing to build); a character
+vocabulary is available for text. Batches are random contiguous windows drawn from a seeded
+generator whose state can be saved and restored, so a resumed run sees the same batches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+#: The standard enwik8 split: the first 90M bytes train, the next 5M validate, the last 5M test.
+ENWIK8_SPLIT = (90_000_000, 5_000_000, 5_000_000)
+
+
+def builtin_text() -> str:
+    """English text that ships with every CPython (the interactive help topics, ~465 KB)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+class ByteVocab:
+    """Bytes as tokens: ``num_tokens`` 256, lossless for any file."""
+
+    num_tokens = 256
+    kind = "byte"
+
+    def encode(self, data: str | bytes) -> torch.Tensor:
+        raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8).long()
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind}
+
+
+class CharVocab:
+    """The distinct characters of a text, in code-point order, as tokens."""
+
+    kind = "char"
+
+    def __init__(self, chars: str):
+        if not chars:
+            raise ValueError("a character vocabulary needs at least one character")
+        self.chars = "".join(sorted(set(chars)))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.num_tokens = len(self.chars)
+
+    def encode(self, data: str | bytes) -> torch.Tensor:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        missing = sorted(set(text) - set(self.index))
+        if missing:
+            raise ValueError(f"characters not in the vocabulary: {''.join(missing[:20])!r}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "chars": self.chars}
+
+
+def vocab_from_dict(data: dict) -> ByteVocab | CharVocab:
+    if data.get("kind") == "byte":
+        return ByteVocab()
+    if data.get("kind") == "char" and isinstance(data.get("chars"), str):
+        return CharVocab(data["chars"])
+    raise ValueError(f"unknown vocabulary description {data!r}")
+
+
+@dataclass
+class Corpus:
+    """Token ids of a training and a validation split (1-D int64 tensors) and their vocabulary."""
+
+    name: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    vocab: ByteVocab | CharVocab
+
+
+def load_corpus(spec: str, vocab: str = "byte", valid_fraction: float = 0.05) -> Corpus:
+    """``spec``: ``builtin``, a file path, or ``enwik8:PATH``. Files other than enwik8 keep
+    their last ``valid_fraction`` for validation."""
+    if vocab not in ("byte", "char"):
+        raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
+    if spec.startswith("enwik8:"):
+        if vocab != "byte":
+            raise ValueError("enwik8 is byte-level: use vocab='byte'")
+        train, valid, _ = load_enwik8(spec.split(":", 1)[1])
+        return Corpus("enwik8", train, valid, ByteVocab())
+    if spec == "builtin":
+        raw, name = builtin_text().encode("utf-8"), "builtin"
+    else:
+        raw, name = _read_file(spec), Path(spec).name
+    tokens = CharVocab(raw.decode("utf-8", errors="replace")) if vocab == "char" else ByteVocab()
+    ids = tokens.encode(raw.decode("utf-8", errors="replace") if vocab == "char" else raw)
+    split = int(len(ids) * (1 - valid_fraction))
+    return Corpus(name, ids[:split], ids[split:], tokens)
+
+
+def _read_file(path: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    raw = p.read_bytes()
+    if not raw:
+        raise ValueError(f"data file is empty: {path}")
+    return raw
+
+
+def load_enwik8(path: str, split: tuple[int, int, int] = ENWIK8_SPLIT) -> tuple[torch.Tensor, ...]:
+    """The train / valid / test byte splits of an enwik8 file (``split`` sizes, in order)."""
+    raw = _read_file(path)
+    if len(raw) < sum(split):
+        raise ValueError(f"{path} has {len(raw):,} bytes; enwik8 has {sum(split):,} (is it the right file?)")
+    ids = ByteVocab().encode(raw[: sum(split)])
+    return tuple(ids.split(list(split)))
+
+
+class WindowSampler:
+    """Random contiguous windows of ``seq_len + 1`` tokens (inputs and next-token targets)
+    from ``data``, from a seeded generator whose state travels with checkpoints."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0):
+        if seq_len < 1 or batch_size < 1:
+            raise ValueError(f"seq_len and batch_size must be >= 1, got {seq_len} and {batch_size}")
+        if len(data) < seq_len + 1:
+            raise ValueError(f"the data has {len(data):,} tokens, too few for windows of seq_len + 1 = {seq_len + 1:,}")
+        self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        """``(batch_size, seq_len + 1)`` token ids."""
+        starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self.generator)
+        offsets = torch.arange(self.seq_len + 1)
+        return self.data[starts[:, None] + offsets]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class DuplicationTask:
+    """The paper's synthetic task: sequences ``0 w 0 w`` with ``w`` drawn from symbols
+    ``1..n_symbols``; only the second copy is scored (it is predictable from the first, by
+    attending back exactly ``length / 2`` positions)."""
+
+    def __init__(self, seq_len: int, batch_size: int, n_symbols: int = 127, seed: int = 0):
+        if seq_len < 4 or seq_len % 2:
+            raise ValueError(f"the duplication task needs an even seq_len >= 4, got {seq_len}")
+        if n_symbols < 1:
+            raise ValueError(f"n_symbols must be >= 1, got {n_symbols}")
+        self.seq_len, self.batch_size, self.n_symbols = seq_len, batch_size, n_symbols
+        self.num_tokens = n_symbols + 1
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``tokens`` ``(batch, seq_len)`` and ``scored`` ``(batch, seq_len)`` bool: True on the
+        positions of the second ``w``."""
+        half = self.seq_len // 2
+        w = torch.randint(1, self.n_symbols + 1, (self.batch_size, half - 1), generator=self.generator)
+        zero = torch.zeros(self.batch_size, 1, dtype=torch.long)
+        tokens = torch.cat([zero, w, zero, w], dim=1)
+        scored = torch.zeros_like(tokens, dtype=torch.bool)
+        scored[:, half + 1 :] = True
+        return tokens, scored
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
