@@ -1,0 +1,242 @@
+"""The training loop, as plain functions: no argv here (``cli.py`` builds the arguments).
+
+A run directory holds ``checkpoints/step-NNNNNNN/`` (weights + config via
+``save_pretrained``, and ``trainer.pt`` with optimizer, data-sampler and RNG state), each
+written to a temporary directory and renamed into place, the last ``keep_last`` kept.
+Resuming restores all of it, so a resumed run computes the same losses as an uninterrupted
+one (bit for bit on CPU in fp32).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .data import WindowSampler
+from .model import ReformerLM
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+SCHEDULES = ("cosine", "rsqrt", "constant")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    """Optimizer steps in the whole run."""
+    batch_size: int = 4
+    """Sequences per micro-batch."""
+    seq_len: int = 2048
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule: final learning rate as a fraction of ``lr``."""
+    weight_decay: float = 0.01
+    """AdamW weight decay, applied to matrices only."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    schedule: str = "cosine"
+    """``cosine`` decay, the paper's ``rsqrt``, or ``constant`` after warm-up."""
+    clip_grad: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast with a gradient scaler)."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps (and at the end)."""
+    eval_batches: int = 4
+    """Validation micro-batches per evaluation."""
+    save_every: int = 100
+    """Write a checkpoint every this many steps (and at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory."""
+    seed: int = 0
+    """Seeds the model's RNG use (dropout, hashing) and the data windows."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
+                     "keep_last"):  # fmt: skip
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based)."""
+    warmup = max(1, cfg.warmup_steps)
+    if cfg.schedule == "rsqrt":  # the paper's: lr * min(step / warmup, sqrt(warmup / step))
+        return min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+    ramp = min(1.0, (step + 1) / warmup)
+    if cfg.schedule == "constant" or step < warmup:
+        return ramp
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    others = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": matrices, "weight_decay": cfg.weight_decay}, {"params": others, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98))
+
+
+def autocast_for(precision: str, device: torch.device):
+    dtype = PRECISIONS[precision]
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def lm_loss(model: ReformerLM, batch: torch.Tensor, precision: str) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``."""
+    with autocast_for(precision, batch.device):
+        logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:])
+
+
+@torch.no_grad()
+def evaluate(model: ReformerLM, data: torch.Tensor, cfg: TrainConfig) -> dict:
+    """Validation loss (nats per token) and bits per token (= per byte / character), on the
+    same ``cfg.eval_batches`` windows every time, so evaluations are comparable."""
+    sampler = WindowSampler(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1)
+    device, precision, batches = next(model.parameters()).device, cfg.precision, cfg.eval_batches
+    was_training = model.training
+    model.eval()
+    losses = [lm_loss(model, sampler.next_batch().to(device), precision).item() for _ in range(batches)]
+    model.train(was_training)
+    loss = sum(losses) / len(losses)
+    return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically and prune to ``keep_last``."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:07d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        trainer = {
+            "step": state.step,
+            "history": state.history,
+            "train_config": asdict(cfg),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        torch.save(trainer, tmp / "trainer.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in checkpoint_dirs(run_dir)[: -cfg.keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def load_checkpoint(path: Path, model, optimizer, sampler) -> TrainState:
+    """Restore weights, optimizer, data position and RNG from a checkpoint directory."""
+    from safetensors.torch import load_model
+
+    trainer = torch.load(path / "trainer.pt", weights_only=False)
+    load_model(model, path / "model.safetensors", strict=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    sampler.load_state_dict(trainer["sampler"])
+    torch.set_rng_state(trainer["torch_rng"])
+    return TrainState(step=trainer["step"], history=trainer["history"])
+
+
+def train(
+    model: ReformerLM,
+    train_data: torch.Tensor,
+    valid_data: torch.Tensor,
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    on_step: Callable[[dict], None] | None = None,
+) -> TrainState:
+    """Train ``model`` on random windows of ``train_data``; see the module doc for checkpoints.
+
+    ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
+    interruption would. ``on_step`` receives each step's record (loss, lr, tokens/s, evals).
+    Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
+    """
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    sampler = WindowSampler(train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+    WindowSampler(valid_data, cfg.seq_len, cfg.batch_size)  # fail early if the validation split is too short
+    optimizer = build_optimizer(model, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    state = TrainState()
+    if resume and checkpoint_dirs(run_dir):
+        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, sampler)
+    model.train()
+    start_step = state.step
+    while state.step < cfg.steps:
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(state.step, cfg)
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            loss = lm_loss(model, sampler.next_batch().to(device), cfg.precision)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept")
+            scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.item() / cfg.grad_accum
+        if cfg.clip_grad > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                  "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
+        last = state.step == cfg.steps or (stop_after is not None and state.step - start_step >= stop_after)
+        if state.step % cfg.eval_every == 0 or last:
+            record.update(evaluate(model, valid_data, cfg))
+        state.history.append(record)
+        if on_step is not None:
+            on_step(record)
+        if state.step % cfg.save_every == 0 or last:
+            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg)
+        if last:
+            break
+    return state
