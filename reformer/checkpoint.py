@@ -50,24 +50,32 @@ class PretrainedMixin:
     @classmethod
     def from_pretrained(cls: type[M], directory: str | os.PathLike) -> M:
         directory = Path(directory)
-        config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise FileNotFoundError(f"no {path.name} in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-        try:
-            meta = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ValueError(f"corrupt {config_path}: {exc}") from None
-        arch = meta.pop("architecture", cls.__name__)
-        meta.pop("format_version", None)
+        weights_path = directory / WEIGHTS_NAME
+        arch, config = read_config(directory)
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         if arch != cls.__name__:
             raise ValueError(f"{directory} holds a {arch}, not a {cls.__name__}")
-        model = cls(config=ReformerConfig.from_dict(meta))
+        model = cls(config=config)
         assert isinstance(model, nn.Module)
         try:
             load_model(model, weights_path, strict=True)
         except SafetensorError as exc:
             raise ValueError(f"corrupt weights file {weights_path}: {exc}") from None
         except RuntimeError as exc:  # missing/unexpected keys or shape mismatch
-            raise ValueError(f"{weights_path} does not match the config in {config_path}: {exc}") from None
+            raise ValueError(f"{weights_path} does not match the config in {directory / CONFIG_NAME}: {exc}") from None
         return model
+
+
+def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
+    """``(architecture, config)`` of a checkpoint directory."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(path.read_text())
+        arch = meta.pop("architecture", "ReformerLM")
+        meta.pop("format_version", None)
+        return arch, ReformerConfig.from_dict(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None

@@ -9,6 +9,7 @@ one (bit for bit on CPU in fp32).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .data import WindowSampler
+from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,22 +113,45 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def lm_loss(model: ReformerLM, batch: torch.Tensor, precision: str) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``."""
+def lm_loss(model: ReformerLM, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``; with ``scored``
+    (bool, like ``batch``) only the targets it marks count."""
     with autocast_for(precision, batch.device):
         logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:])
+    targets = batch[:, 1:] if scored is None else batch[:, 1:].masked_fill(~scored[:, 1:], -100)
+    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100)
+
+
+Data = torch.Tensor | DuplicationTask
+
+
+def batch_source(data: Data, cfg: TrainConfig, seed: int) -> WindowSampler | DuplicationTask:
+    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded."""
+    if isinstance(data, DuplicationTask):
+        return DuplicationTask(data.seq_len, cfg.batch_size, data.n_symbols, seed=seed)
+    return WindowSampler(data, cfg.seq_len, cfg.batch_size, seed=seed)
+
+
+def next_batch(
+    source: WindowSampler | DuplicationTask, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out = source.next_batch()
+    tokens, scored = out if isinstance(out, tuple) else (out, None)
+    return tokens.to(device), None if scored is None else scored.to(device)
 
 
 @torch.no_grad()
-def evaluate(model: ReformerLM, data: torch.Tensor, cfg: TrainConfig) -> dict:
-    """Validation loss (nats per token) and bits per token (= per byte / character), on the
-    same ``cfg.eval_batches`` windows every time, so evaluations are comparable."""
-    sampler = WindowSampler(data, cfg.seq_len, cfg.batch_size, seed=cfg.seed + 1)
-    device, precision, batches = next(model.parameters()).device, cfg.precision, cfg.eval_batches
+def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
+    """Validation loss (nats per scored token) and bits per token (= per byte / character), on
+    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable."""
+    source = batch_source(data, cfg, seed=cfg.seed + 1)
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    losses = [lm_loss(model, sampler.next_batch().to(device), precision).item() for _ in range(batches)]
+    losses = []
+    for _ in range(cfg.eval_batches):
+        tokens, scored = next_batch(source, device)
+        losses.append(lm_loss(model, tokens, cfg.precision, scored).item())
     model.train(was_training)
     loss = sum(losses) / len(losses)
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
@@ -139,14 +163,19 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig) -> Path:
-    """Write ``checkpoints/step-NNNNNNN`` atomically and prune to ``keep_last``."""
+def save_checkpoint(
+    run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig, vocab: dict | None = None
+) -> Path:
+    """Write ``checkpoints/step-NNNNNNN`` atomically (with ``vocab.json`` when given) and prune
+    to ``keep_last``."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         model.save_pretrained(tmp)
+        if vocab is not None:
+            (tmp / "vocab.json").write_text(json.dumps(vocab) + "\n")
         trainer = {
             "step": state.step,
             "history": state.history,
@@ -181,26 +210,31 @@ def load_checkpoint(path: Path, model, optimizer, sampler) -> TrainState:
 
 def train(
     model: ReformerLM,
-    train_data: torch.Tensor,
-    valid_data: torch.Tensor,
+    train_data: Data,
+    valid_data: Data,
     cfg: TrainConfig,
     run_dir: str | os.PathLike,
     *,
     resume: bool = False,
     stop_after: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
     on_step: Callable[[dict], None] | None = None,
+    vocab: dict | None = None,
 ) -> TrainState:
-    """Train ``model`` on random windows of ``train_data``; see the module doc for checkpoints.
+    """Train ``model`` on random windows of ``train_data`` (or batches of a synthetic task);
+    see the module doc for checkpoints.
 
     ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
-    interruption would. ``on_step`` receives each step's record (loss, lr, tokens/s, evals).
+    interruption would; ``should_stop()`` is asked after every step (e.g. set by SIGINT).
+    ``on_step`` receives each step's record (loss, lr, tokens/s, evals). ``vocab`` is saved
+    with each checkpoint.
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     torch.manual_seed(cfg.seed)
-    sampler = WindowSampler(train_data, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-    WindowSampler(valid_data, cfg.seq_len, cfg.batch_size)  # fail early if the validation split is too short
+    sampler = batch_source(train_data, cfg, seed=cfg.seed)
+    batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
     optimizer = build_optimizer(model, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     state = TrainState()
@@ -214,7 +248,8 @@ def train(
             group["lr"] = cfg.lr * lr_factor(state.step, cfg)
         total = 0.0
         for _ in range(cfg.grad_accum):
-            loss = lm_loss(model, sampler.next_batch().to(device), cfg.precision)
+            tokens, scored = next_batch(sampler, device)
+            loss = lm_loss(model, tokens, cfg.precision, scored)
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept")
             scaler.scale(loss / cfg.grad_accum).backward()
@@ -229,14 +264,18 @@ def train(
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
         record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
-        last = state.step == cfg.steps or (stop_after is not None and state.step - start_step >= stop_after)
+        last = (
+            state.step == cfg.steps
+            or (stop_after is not None and state.step - start_step >= stop_after)
+            or (should_stop is not None and should_stop())
+        )
         if state.step % cfg.eval_every == 0 or last:
             record.update(evaluate(model, valid_data, cfg))
         state.history.append(record)
         if on_step is not None:
             on_step(record)
         if state.step % cfg.save_every == 0 or last:
-            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg)
+            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
         if last:
             break
     return state

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
+from .generate import generate
 
 
 class Recorder(nn.Module):
@@ -100,7 +101,6 @@ class TrainingWrapper(nn.Module):
         logits = self.net(x[:, :-1], **kwargs)  # (b, n-1, vocab)
         return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], ignore_index=self.ignore_index)
 
-    @torch.no_grad()
     def generate(
         self,
         start_tokens: torch.Tensor,
@@ -108,27 +108,12 @@ class TrainingWrapper(nn.Module):
         eos_token: int | None = None,
         temperature: float = 1.0,
         filter_thres: float = 0.9,
-        **kwargs: Any,
     ) -> torch.Tensor:
         """Sample ``seq_len`` tokens after ``start_tokens`` ``(b, n)``, keeping the top
         ``(1 - filter_thres)`` fraction of the vocabulary at each step. Returns ``(b, <= seq_len)``."""
         if start_tokens.dim() == 1:
             start_tokens = start_tokens[None]
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 <= filter_thres < 1:
             raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
-        was_training = self.net.training
-        self.net.eval()
-        out = start_tokens
-        for _ in range(seq_len):
-            logits = self.net(out[:, -self.max_seq_len :], **kwargs)[:, -1] / temperature  # (b, vocab)
-            k = max(1, int((1 - filter_thres) * logits.shape[-1]))
-            top = logits.topk(k, dim=-1)
-            probs = torch.softmax(top.values, dim=-1)
-            token = top.indices.gather(-1, torch.multinomial(probs, 1))
-            out = torch.cat([out, token], dim=-1)
-            if eos_token is not None and bool((token == eos_token).all()):
-                break
-        self.net.train(was_training)
-        return out[:, start_tokens.shape[1] :]
+        k = max(1, int((1 - filter_thres) * self.net.config.num_tokens))
+        return generate(self.net, start_tokens, seq_len, temperature=temperature, top_k=k, eos_token=eos_token)

@@ -53,9 +53,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corp
     real = train_mod.lm_loss
     calls = {"n": 0}
 
-    def flaky(model, batch, precision):
+    def flaky(model, batch, precision, scored=None):
         calls["n"] += 1
-        loss = real(model, batch, precision)
+        loss = real(model, batch, precision, scored)
         return loss * float("nan") if calls["n"] == 7 else loss
 
     monkeypatch.setattr(train_mod, "lm_loss", flaky)
@@ -84,4 +84,22 @@ def test_validation_split_too_short_is_a_clear_error(tmp_path, corpus):
 
 def test_bf16_training_runs(tmp_path, corpus):
     state = train(_model(), corpus.train, corpus.valid, _cfg(steps=4, precision="bf16"), tmp_path)
+    assert all(math.isfinite(r["loss"]) for r in state.history)
+
+
+def test_duplication_task_trains_with_loss_only_on_the_second_copy(tmp_path):
+    from reformer.data import DuplicationTask
+    from reformer.train import lm_loss
+
+    model = _model()
+    task = DuplicationTask(seq_len=64, batch_size=3, n_symbols=255, seed=0)
+    tokens, scored = task.next_batch()
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+        expected = torch.nn.functional.cross_entropy(logits[:, 32:].reshape(-1, 256), tokens[:, 33:].reshape(-1))
+        # exactly the targets of the second copy (positions 33..63) count
+        torch.testing.assert_close(lm_loss(model, tokens, "fp32", scored), expected)
+        assert not torch.allclose(lm_loss(model, tokens, "fp32"), expected)
+    state = train(model, task, task, _cfg(steps=4, seq_len=63, eval_every=2), tmp_path)
     assert all(math.isfinite(r["loss"]) for r in state.history)

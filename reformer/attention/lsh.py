@@ -83,7 +83,7 @@ class LSHAttention(nn.Module):
         self.n_buckets = None if n_buckets is None else validate_n_buckets(n_buckets)
         self.heads = None if heads is None else check_int("heads", heads, 1)
         if hash_seed is None:
-            hash_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+            hash_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
         self.register_buffer("hash_seed", torch.tensor(int(hash_seed), dtype=torch.int64))
 
     def extra_repr(self) -> str:

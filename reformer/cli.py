@@ -1,0 +1,273 @@
+"""The ``reformer`` command: train, eval, generate, info. The only module that reads argv.
+
+Errors a user can cause (bad path, bad option, wrong checkpoint) print one line to stderr
+and exit with code 2; progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import csv
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import read_config
+from .config import ReformerConfig
+from .data import WindowSampler, load_corpus, vocab_from_dict
+from .generate import stream
+from .model import ReformerLM
+from .presets import PRESETS
+from .train import TrainConfig, TrainingDiverged, checkpoint_dirs, evaluate, train
+
+
+class UsageError(ValueError):
+    """A problem with what the user asked for."""
+
+
+def resolve_checkpoint(path: str) -> Path:
+    """A checkpoint directory, or a run directory (its latest checkpoint)."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    found = checkpoint_dirs(p)
+    if found:
+        return found[-1]
+    raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory or a checkpoint directory)")
+
+
+def load_for_inference(path: str, device: str) -> tuple[ReformerLM, object, Path]:
+    ckpt = resolve_checkpoint(path)
+    model = ReformerLM.from_pretrained(ckpt).to(device).eval()
+    vocab_file = ckpt / "vocab.json"
+    vocab = (
+        vocab_from_dict(json.loads(vocab_file.read_text()))
+        if vocab_file.is_file()
+        else vocab_from_dict({"kind": "byte"})
+    )
+    if vocab.num_tokens != model.config.num_tokens:
+        raise UsageError(
+            f"{ckpt}: the model has {model.config.num_tokens} tokens but its vocabulary {vocab.num_tokens}"
+        )
+    return model, vocab, ckpt
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r["step"] for r in history]
+    ax.plot(steps, [r["loss"] / 0.6931471805599453 for r in history], label="train (bits/token)", alpha=0.6)
+    evals = [r for r in history if "eval_bpc" in r]
+    ax.plot([r["step"] for r in evals], [r["eval_bpc"] for r in evals], "o-", label="validation bpc")
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per token")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(".loss.png.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    run = Path(args.out)
+    if checkpoint_dirs(run) and not args.resume:
+        raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+    corpus = load_corpus(args.data, vocab=args.vocab)
+    if args.resume and checkpoint_dirs(run):
+        _, config = read_config(checkpoint_dirs(run)[-1])
+    else:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        config = PRESETS[args.preset](max_seq_len=args.seq_len)
+        config.num_tokens = corpus.vocab.num_tokens
+    if config.num_tokens != corpus.vocab.num_tokens:
+        raise UsageError(
+            f"the run's model has {config.num_tokens} tokens, the data's vocabulary {corpus.vocab.num_tokens}"
+        )
+    if args.seq_len > config.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed,
+    )  # fmt: skip
+    for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
+        WindowSampler(split, cfg.seq_len, cfg.batch_size)
+    torch.manual_seed(args.seed)
+    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(args.device)
+    run.mkdir(parents=True, exist_ok=True)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{corpus.name}: {len(corpus.train):,} train / {len(corpus.valid):,} valid tokens; "
+          f"model {n_params / 1e6:.2f}M parameters; run dir {run}", file=sys.stderr)  # fmt: skip
+
+    interrupted = {"flag": False}
+
+    def on_sigint(signum, frame):  # finish the step, save, exit
+        interrupted["flag"] = True
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    log_path = run / "log.csv"
+    bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+    history: list[dict] = []
+
+    def on_step(record: dict) -> None:
+        history.append(record)
+        if bar.n == 0:
+            bar.update(record["step"] - 1)
+        bar.update(1)
+        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if "eval_bpc" in record:
+            post["val_bpc"] = f"{record['eval_bpc']:.3f}"
+        bar.set_postfix(post)
+        new = not log_path.exists()
+        with log_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"])
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+    start = time.perf_counter()
+    try:
+        state = train(
+            model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
+            should_stop=lambda: interrupted["flag"], on_step=on_step, vocab=corpus.vocab.to_dict(),
+        )  # fmt: skip
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    _plot(state.history, run / "loss.png")
+    evals = [r for r in state.history if "eval_bpc" in r]
+    first, last = evals[0], evals[-1]
+    speed = sum(r["tokens_per_s"] for r in history) / max(1, len(history))
+    verb = "interrupted at" if interrupted["flag"] else "finished"
+    print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
+          f"{last['eval_bpc']:.3f} (step {last['step']}); {speed:,.0f} tokens/s; "
+          f"{time.perf_counter() - start:.0f} s; checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    model, vocab, ckpt = load_for_inference(args.checkpoint, args.device)
+    corpus = load_corpus(args.data, vocab=vocab.kind)
+    if corpus.vocab.num_tokens != model.config.num_tokens:
+        raise UsageError(
+            f"{ckpt} has {model.config.num_tokens} tokens; this data's vocabulary {corpus.vocab.num_tokens}"
+        )
+    seq_len = min(args.seq_len or model.config.max_seq_len, model.config.max_seq_len)
+    cfg = TrainConfig(seq_len=seq_len, batch_size=args.batch_size, eval_batches=args.batches)
+    result = evaluate(model, corpus.valid, cfg)
+    print(f"{ckpt}: validation loss {result['eval_loss']:.4f} nats/token, {result['eval_bpc']:.4f} bits/token "
+          f"({args.batches} x {args.batch_size} windows of {seq_len})")  # fmt: skip
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    model, vocab, _ = load_for_inference(args.checkpoint, args.device)
+    prompt = vocab.encode(args.prompt)[None].to(args.device)
+    if prompt.shape[1] == 0:
+        raise UsageError("--prompt must not be empty")
+    out = sys.stdout
+    out.write(args.prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
+    tokens = stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed)  # fmt: skip
+    for token in tokens:
+        t = int(token[0])
+        out.write(decoder.decode(bytes([t])) if decoder else vocab.decode([t]))
+        out.flush()
+    out.write((decoder.decode(b"", final=True) if decoder else "") + "\n")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    ckpt = resolve_checkpoint(args.path)
+    arch, config = read_config(ckpt)
+    info = {"checkpoint": str(ckpt), "architecture": arch}
+    trainer = ckpt / "trainer.pt"
+    if trainer.is_file():
+        state = torch.load(trainer, weights_only=False, map_location="cpu")
+        evals = [r["eval_bpc"] for r in state["history"] if "eval_bpc" in r]
+        info.update(step=state["step"], best_eval_bpc=min(evals) if evals else None)
+    with torch.device("meta"):
+        info["parameters"] = sum(p.numel() for p in ReformerLM(config=config).parameters())
+    info["config"] = config.to_dict()
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reformer", description="Train, evaluate and sample Reformer language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="train a language model", formatter_class=fmt)
+    t.add_argument("--data", default="builtin", help="builtin (no download), a file path, or enwik8:PATH")
+    t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
+    t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (also the model's max)")
+    t.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    t.add_argument("--steps", type=int, default=300, help="optimizer steps in the whole run")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    t.add_argument("--schedule", choices=("cosine", "rsqrt", "constant"), default="cosine", help="learning-rate decay")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
+    t.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
+    t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
+    t.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
+    e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    e.add_argument("--data", default="builtin", help="builtin, a file path, or enwik8:PATH")
+    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max)")
+    e.add_argument("--batch-size", type=int, default=2, help="windows per batch")
+    e.add_argument("--batches", type=int, default=4, help="batches to average")
+    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
+    g.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.set_defaults(func=cmd_generate)
+
+    i = sub.add_parser("info", help="describe a run or checkpoint", formatter_class=fmt)
+    i.add_argument("path", help="run or checkpoint directory")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
+        print(f"reformer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

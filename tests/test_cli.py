@@ -1,0 +1,84 @@
+"""The ``reformer`` command end to end in a temporary directory, and its one-line errors."""
+
+import json
+
+import pytest
+
+from reformer.cli import main
+
+FAST = ["--preset", "tiny", "--seq-len", "256", "--batch-size", "2", "--eval-every", "3", "--save-every", "3"]
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_eval_generate_info(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    code, out, err = _run(capsys, "train", *FAST, "--steps", "6", "--out", run)
+    assert code == 0, err
+    assert "validation bpc" in out and "tokens/s" in out
+    assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log = (tmp_path / "run" / "log.csv").read_text().splitlines()
+    assert log[0].startswith("step,loss") and len(log) == 7
+
+    code, out, _ = _run(capsys, "train", *FAST, "--steps", "9", "--out", run, "--resume")
+    assert code == 0 and "finished step 9" in out
+
+    code, out, _ = _run(capsys, "eval", "--checkpoint", run, "--seq-len", "256", "--batches", "1")
+    assert code == 0 and "bits/token" in out
+
+    code, out, _ = _run(capsys, "generate", "--checkpoint", run, "--prompt", "The ", "--max-new-tokens", "20",
+                        "--seed", "1")  # fmt: skip
+    assert code == 0 and out.startswith("The ") and len(out.encode()) >= 5
+
+    code, out, _ = _run(capsys, "info", run)
+    info = json.loads(out)
+    assert code == 0 and info["step"] == 9 and info["parameters"] > 1000 and info["best_eval_bpc"] < 8
+
+
+def _assert_clean_error(code, out, err, match):
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and match in lines[0] and "Traceback" not in err, err
+
+
+def test_bad_inputs_are_one_line_errors_and_overwrite_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    short = tmp_path / "short.txt"
+    short.write_text("too short " * 20)
+    for argv, match in [
+        (["train", *FAST, "--data", str(tmp_path / "missing.txt"), "--out", str(run)], "not found"),
+        (["train", *FAST, "--data", str(empty), "--out", str(run)], "empty"),
+        (["train", *FAST, "--data", str(short), "--out", str(run)], "too few"),
+        (["train", *FAST, "--preset", "huge", "--out", str(run)], "unknown preset"),
+        (["eval", "--checkpoint", str(tmp_path / "nothing")], "no checkpoint"),
+    ]:
+        _assert_clean_error(*_run(capsys, *argv), match)
+    assert not (run / "checkpoints").exists()
+
+    assert _run(capsys, "train", *FAST, "--steps", "3", "--out", str(run))[0] == 0
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    _assert_clean_error(*_run(capsys, "train", *FAST, "--steps", "3", "--out", str(run)), "already holds a run")
+    # a checkpoint for another vocabulary: the char vocabulary of the built-in text is not 256 bytes
+    _assert_clean_error(*_run(capsys, "train", *FAST, "--vocab", "char", "--steps", "6", "--out", str(run), "--resume"),
+                        "tokens")  # fmt: skip
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+
+    ckpt = run / "checkpoints" / before[-1]
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    _assert_clean_error(*_run(capsys, "eval", "--checkpoint", str(run)), "corrupt")
+    (ckpt / "config.json").write_text("{")
+    _assert_clean_error(*_run(capsys, "info", str(run)), "corrupt")
+
+
+def test_every_command_documents_its_options(capsys):
+    for command in ("train", "eval", "generate", "info"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: reformer " + command in capsys.readouterr().out
