@@ -19,11 +19,11 @@ import torch
 
 from .checkpoint import read_config
 from .config import ReformerConfig
-from .data import WindowSampler, load_corpus, vocab_from_dict
+from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
 from .model import ReformerLM
 from .presets import PRESETS
-from .train import TrainConfig, TrainingDiverged, checkpoint_dirs, evaluate, train
+from .train import TrainConfig, TrainingDiverged, batch_source, checkpoint_dirs, evaluate, train
 
 
 class UsageError(ValueError):
@@ -57,6 +57,17 @@ def load_for_inference(path: str, device: str) -> tuple[ReformerLM, object, Path
     return model, vocab, ckpt
 
 
+def load_training_data(spec: str, vocab: str, seq_len: int, batch_size: int, seed: int) -> Corpus:
+    """A corpus (``builtin``, a file, ``enwik8:PATH``) or the synthetic ``duplication`` task
+    (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored)."""
+    if spec != "duplication":
+        return load_corpus(spec, vocab=vocab)
+    if vocab != "byte":
+        raise UsageError("the duplication task uses byte tokens: drop --vocab")
+    task = DuplicationTask(seq_len, batch_size, n_symbols=255, seed=seed)
+    return Corpus("duplication", task, task, ByteVocab())
+
+
 def _plot(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -85,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Path(args.out)
     if checkpoint_dirs(run) and not args.resume:
         raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-    corpus = load_corpus(args.data, vocab=args.vocab)
+    corpus = load_training_data(args.data, args.vocab, args.seq_len, args.batch_size, args.seed)
     if args.resume and checkpoint_dirs(run):
         _, config = read_config(checkpoint_dirs(run)[-1])
     else:
@@ -105,13 +116,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed,
     )  # fmt: skip
     for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
-        WindowSampler(split, cfg.seq_len, cfg.batch_size)
+        batch_source(split, cfg, seed=0)
     torch.manual_seed(args.seed)
     model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(args.device)
     run.mkdir(parents=True, exist_ok=True)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{corpus.name}: {len(corpus.train):,} train / {len(corpus.valid):,} valid tokens; "
-          f"model {n_params / 1e6:.2f}M parameters; run dir {run}", file=sys.stderr)  # fmt: skip
+    sizes = (
+        "synthetic"
+        if isinstance(corpus.train, DuplicationTask)
+        else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+    )
+    print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}", file=sys.stderr)
 
     interrupted = {"flag": False}
 
@@ -161,7 +176,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     model, vocab, ckpt = load_for_inference(args.checkpoint, args.device)
-    corpus = load_corpus(args.data, vocab=vocab.kind)
+    corpus = load_training_data(args.data, vocab.kind, args.seq_len or model.config.max_seq_len, args.batch_size, 0)
     if corpus.vocab.num_tokens != model.config.num_tokens:
         raise UsageError(
             f"{ckpt} has {model.config.num_tokens} tokens; this data's vocabulary {corpus.vocab.num_tokens}"
@@ -214,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     t = sub.add_parser("train", help="train a language model", formatter_class=fmt)
-    t.add_argument("--data", default="builtin", help="builtin (no download), a file path, or enwik8:PATH")
+    t.add_argument("--data", default="builtin", help="builtin (no download), a file path, enwik8:PATH, or duplication")
     t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
     t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (also the model's max)")
@@ -236,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--data", default="builtin", help="builtin, a file path, or enwik8:PATH")
+    e.add_argument("--data", default="builtin", help="builtin, a file path, enwik8:PATH, or duplication")
     e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max)")
     e.add_argument("--batch-size", type=int, default=2, help="windows per batch")
     e.add_argument("--batches", type=int, default=4, help="batches to average")

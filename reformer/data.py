@@ -76,11 +76,12 @@ def vocab_from_dict(data: dict) -> ByteVocab | CharVocab:
 
 @dataclass
 class Corpus:
-    """Token ids of a training and a validation split (1-D int64 tensors) and their vocabulary."""
+    """Token ids of a training and a validation split (1-D int64 tensors, or a synthetic task
+    that makes its own batches) and their vocabulary."""
 
     name: str
-    train: torch.Tensor
-    valid: torch.Tensor
+    train: torch.Tensor | DuplicationTask
+    valid: torch.Tensor | DuplicationTask
     vocab: ByteVocab | CharVocab
 
 

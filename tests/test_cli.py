@@ -82,3 +82,12 @@ def test_every_command_documents_its_options(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert "usage: reformer " + command in capsys.readouterr().out
+
+
+def test_duplication_task_from_the_command_line(tmp_path, capsys):
+    run = str(tmp_path / "dup")
+    code, out, err = _run(capsys, "train", *FAST, "--data", "duplication", "--steps", "3", "--out", run)
+    assert code == 0, err
+    code, out, _ = _run(capsys, "eval", "--checkpoint", run, "--data", "duplication", "--seq-len", "256",
+                        "--batches", "1")  # fmt: skip
+    assert code == 0 and "bits/token" in out
