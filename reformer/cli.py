@@ -134,7 +134,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         interrupted["flag"] = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    from torch.utils.tensorboard import SummaryWriter
+
     log_path = run / "log.csv"
+    board = SummaryWriter(log_dir=str(run / "tensorboard"))
     bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     history: list[dict] = []
 
@@ -147,6 +150,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "eval_bpc" in record:
             post["val_bpc"] = f"{record['eval_bpc']:.3f}"
         bar.set_postfix(post)
+        for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"):
+            if key in record:
+                board.add_scalar(key, record[key], record["step"])
         new = not log_path.exists()
         with log_path.open("a", newline="") as f:
             writer = csv.DictWriter(f, ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"])
@@ -162,6 +168,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         )  # fmt: skip
     finally:
         bar.close()
+        board.close()
         signal.signal(signal.SIGINT, previous)
     _plot(state.history, run / "loss.png")
     evals = [r for r in state.history if "eval_bpc" in r]
@@ -243,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
     t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
     t.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
-    t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png)")
+    t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
     t.add_argument("--seed", type=int, default=0, help="random seed")

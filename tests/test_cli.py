@@ -23,6 +23,7 @@ def test_train_eval_generate_info(tmp_path, capsys):
     assert (tmp_path / "run" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     log = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert log[0].startswith("step,loss") and len(log) == 7
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
     code, out, _ = _run(capsys, "train", *FAST, "--steps", "9", "--out", run, "--resume")
     assert code == 0 and "finished step 9" in out
@@ -91,3 +92,26 @@ def test_duplication_task_from_the_command_line(tmp_path, capsys):
     code, out, _ = _run(capsys, "eval", "--checkpoint", run, "--data", "duplication", "--seq-len", "256",
                         "--batches", "1")  # fmt: skip
     assert code == 0 and "bits/token" in out
+
+
+def test_sigint_saves_a_checkpoint_and_resume_continues(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "reformer.cli", "train", *FAST, "--steps", "1000", "--save-every", "1000",
+           "--out", str(run)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in out
+    step = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert (run / "checkpoints" / f"step-{step:07d}").is_dir()
+    assert main(["train", *FAST, "--steps", str(step + 2), "--out", str(run), "--resume"]) == 0
