@@ -23,7 +23,7 @@ from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_di
 from .generate import stream
 from .model import ReformerLM
 from .presets import PRESETS
-from .train import TrainConfig, TrainingDiverged, batch_source, checkpoint_dirs, evaluate, train
+from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, checkpoint_dirs, evaluate, train
 
 
 class UsageError(ValueError):
@@ -141,7 +141,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     history: list[dict] = []
 
-    def on_step(record: dict) -> None:
+    def on_step(record: dict, state: TrainState) -> None:
         history.append(record)
         if bar.n == 0:
             bar.update(record["step"] - 1)
@@ -150,6 +150,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if "eval_bpc" in record:
             post["val_bpc"] = f"{record['eval_bpc']:.3f}"
         bar.set_postfix(post)
+        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
+            _plot(state.history, run / "loss.png")
         for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"):
             if key in record:
                 board.add_scalar(key, record[key], record["step"])
@@ -170,7 +172,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.close()
         board.close()
         signal.signal(signal.SIGINT, previous)
-    _plot(state.history, run / "loss.png")
     evals = [r for r in state.history if "eval_bpc" in r]
     first, last = evals[0], evals[-1]
     speed = sum(r["tokens_per_s"] for r in history) / max(1, len(history))

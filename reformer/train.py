@@ -218,7 +218,7 @@ def train(
     resume: bool = False,
     stop_after: int | None = None,
     should_stop: Callable[[], bool] | None = None,
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict, TrainState], None] | None = None,
     vocab: dict | None = None,
 ) -> TrainState:
     """Train ``model`` on random windows of ``train_data`` (or batches of a synthetic task);
@@ -226,7 +226,8 @@ def train(
 
     ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
     interruption would; ``should_stop()`` is asked after every step (e.g. set by SIGINT).
-    ``on_step`` receives each step's record (loss, lr, tokens/s, evals). ``vocab`` is saved
+    ``on_step(record, state)`` receives each step's record (loss, lr, tokens/s, evals) and the
+    run's state, whose history includes the steps before a resume. ``vocab`` is saved
     with each checkpoint.
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
@@ -273,7 +274,7 @@ def train(
             record.update(evaluate(model, valid_data, cfg))
         state.history.append(record)
         if on_step is not None:
-            on_step(record)
+            on_step(record, state)
         if state.step % cfg.save_every == 0 or last:
             save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
         if last:
