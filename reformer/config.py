@@ -10,6 +10,8 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .attention.common import check_int, check_prob, resolve_dim_head
+from .feedforward import ACTIVATIONS
 from .hashing import validate_n_buckets
 
 
@@ -116,37 +118,20 @@ class ReformerConfig:
     """Return final hidden states instead of logits."""
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_tokens",
-            "dim",
-            "depth",
-            "max_seq_len",
-            "heads",
-            "bucket_size",
-            "n_hashes",
-            "attn_chunks",
-            "ff_mult",
-            "ff_chunks",
-        ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size", "n_hashes",
+                     "attn_chunks", "ff_mult", "ff_chunks"):  # fmt: skip
+            check_int(name, getattr(self, name), 1)
         for name in ("num_mem_kv", "n_local_attn_heads", "reverse_thres"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
         for name in ("lsh_dropout", "post_attn_dropout", "ff_dropout", "layer_dropout"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
-        if self.dim_head is None and self.dim % self.heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}) unless dim_head is given")
+            check_prob(name, getattr(self, name))
+        resolve_dim_head(self.dim, self.heads, self.dim_head)
         if self.n_local_attn_heads > self.heads:
             raise ValueError(f"n_local_attn_heads must be in [0, heads={self.heads}], got {self.n_local_attn_heads}")
         if self.n_buckets is not None:
             self.n_buckets = validate_n_buckets(self.n_buckets)
-        if self.ff_activation not in ("gelu", "relu", "silu"):
-            raise ValueError(f"ff_activation must be 'gelu', 'relu' or 'silu', got {self.ff_activation!r}")
+        if self.ff_activation not in ACTIVATIONS:
+            raise ValueError(f"ff_activation must be one of {sorted(ACTIVATIONS)}, got {self.ff_activation!r}")
         for name in ("axial_position_shape", "axial_position_dims", "attn_layers"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
@@ -156,10 +141,8 @@ class ReformerConfig:
                 raise ValueError(
                     f"attn_layers must be a non-empty tuple of 'lsh', 'local', 'full'; got {self.attn_layers!r}"
                 )
-        if self.emb_dim is not None and (
-            isinstance(self.emb_dim, bool) or not isinstance(self.emb_dim, int) or self.emb_dim < 1
-        ):
-            raise ValueError(f"emb_dim must be an int >= 1, got {self.emb_dim!r}")
+        if self.emb_dim is not None:
+            check_int("emb_dim", self.emb_dim, 1)
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:

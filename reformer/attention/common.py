@@ -93,3 +93,14 @@ def check_prob(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a probability in [0, 1), got {value!r}")
     return float(value)
+
+
+def resolve_dim_head(dim: int, heads: int, dim_head: int | None) -> int:
+    """Per-head width: ``dim_head`` if given, else ``dim // heads`` (which must divide)."""
+    check_int("dim", dim, 1)
+    check_int("heads", heads, 1)
+    if dim_head is None:
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless dim_head is given")
+        dim_head = dim // heads
+    return check_int("dim_head", dim_head, 1)

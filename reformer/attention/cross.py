@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_features, check_int, check_mask, check_prob
+from .common import check_features, check_int, check_mask, check_prob, resolve_dim_head
 
 
 class CrossAttention(nn.Module):
@@ -17,11 +17,7 @@ class CrossAttention(nn.Module):
         self, dim: int, heads: int = 8, dim_head: int | None = None, query_chunk: int = 1024, dropout: float = 0.0
     ):
         super().__init__()
-        check_int("heads", heads, 1)
-        if dim_head is None:
-            if dim % heads:
-                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless dim_head is given")
-            dim_head = dim // heads
+        dim_head = resolve_dim_head(dim, heads, dim_head)
         self.dim, self.heads, self.dim_head = dim, heads, dim_head
         self.query_chunk = check_int("query_chunk", query_chunk, 1)
         self.dropout = check_prob("dropout", dropout)

@@ -127,8 +127,9 @@ class LSHAttention(nn.Module):
         buckets = self.hash(qk)
         n_total = total_buckets(self.bucket_spec(qk.shape[1]))
         outs, attns = [], []
-        for rows in torch.arange(qk.shape[0], device=qk.device).tensor_split(min(chunks, qk.shape[0])):
-            sl = slice(int(rows[0]), int(rows[-1]) + 1)
+        rows, parts = qk.shape[0], min(chunks, qk.shape[0])
+        for i in range(parts):  # near-equal row ranges, as tensor_split would give
+            sl = slice(rows * i // parts, rows * (i + 1) // parts)
             out, attn = lsh_attention_chunked(
                 qk[sl],
                 v[sl],

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..hashing import BucketSpec
 from ..positions import apply_rotary, rotary_angles
-from .common import check_features, check_int, check_mask, check_prob
+from .common import check_features, check_int, check_mask, check_prob, resolve_dim_head
 from .full import full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
@@ -64,13 +64,7 @@ class LSHSelfAttention(nn.Module):
         rotary_emb: bool = False,
     ):
         super().__init__()
-        check_int("dim", dim, 1)
-        check_int("heads", heads, 1)
-        if dim_head is None:
-            if dim % heads:
-                raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) unless dim_head is given")
-            dim_head = dim // heads
-        check_int("dim_head", dim_head, 1)
+        dim_head = resolve_dim_head(dim, heads, dim_head)
         check_int("n_local_attn_heads", n_local_attn_heads, 0)
         if n_local_attn_heads > heads:
             raise ValueError(f"n_local_attn_heads must be in [0, heads={heads}], got {n_local_attn_heads}")
