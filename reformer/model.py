@@ -7,6 +7,7 @@ fields of :class:`reformer.config.ReformerConfig`), or a ready ``config=``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,9 +17,11 @@ from torch import nn
 from .attention import LSHSelfAttention
 from .attention.common import check_features, check_mask
 from .attention.cross import CrossAttention
+from .attention.decode import DecodingCache
 from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
 from .feedforward import FeedForward
+from .generate import generate, stream
 from .positions import AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding
 from .reversible import ReversibleBlock, irreversible_apply, reversible_apply
 
@@ -146,8 +149,11 @@ class Reformer(PretrainedMixin, nn.Module):
             return CrossThenFeedForward(wrap(cross), ff)
 
         kinds = cfg.layer_kinds()
-        # In a decoder, context_mask masks the encoder output of the cross-attention.
-        routing = dict(f_args=("keys", "input_mask"), g_args=("context", "context_mask")) if cfg.cross_attention else {}
+        attn_args = ("keys", "input_mask", "context_mask", "cache")
+        if cfg.cross_attention:  # context_mask masks the encoder output of the cross-attention
+            routing = dict(f_args=("keys", "input_mask", "cache"), g_args=("context", "context_mask"))
+        else:
+            routing = dict(f_args=attn_args, g_args=attn_args if cfg.twin_attention else ())
         blocks = []
         for i, kind in enumerate(kinds):
             if cfg.weight_tie and i > 0:  # same modules at every depth (the same kind each time)
@@ -164,22 +170,20 @@ class Reformer(PretrainedMixin, nn.Module):
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        cache: DecodingCache | None = None,
     ) -> torch.Tensor:
         """``x`` ``(b, n, dim)`` -> ``(b, n, dim)``; masks are bool, True = real token.
 
         ``keys`` ``(b, c, dim)``: extra keys for self-attention (masked by ``context_mask``).
         With ``cross_attention``, ``context`` ``(b, m, dim)`` is the encoder output the
-        decoder attends to, and ``context_mask`` masks it instead."""
+        decoder attends to, and ``context_mask`` masks it instead. ``cache``: incremental
+        decoding in eval mode - the first call fills it, each later call adds one position."""
         cfg = self.config
         check_features("x", x, cfg.dim)
-        if x.shape[1] > cfg.max_seq_len:
-            raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
+        seen = 0 if cache is None else cache.seq_len
+        if seen + x.shape[1] > cfg.max_seq_len:
+            raise ValueError(f"sequence length {seen + x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
         check_mask("input_mask", input_mask, tuple(x.shape[:2]))
-        blocks = list(self.blocks)
-        if self.training and cfg.layer_dropout > 0:
-            keep = torch.rand(len(blocks)) >= cfg.layer_dropout
-            keep[torch.randint(len(blocks), ())] = True  # never drop every block
-            blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         kwargs = {
             k: v
             for k, v in (
@@ -190,6 +194,23 @@ class Reformer(PretrainedMixin, nn.Module):
             )
             if v is not None
         }
+        if cache is not None:
+            if self.training:
+                raise ValueError("cached decoding needs eval mode (training draws fresh LSH rotations): call .eval()")
+            if seen and cache.stale_at(seen + x.shape[1]):
+                raise ValueError(
+                    f"at {seen + x.shape[1]} positions a layer stops attending densely (full_attn_thres): "
+                    "run the prefill again on the whole sequence with an empty cache"
+                )
+            cache.begin()
+            x1, x2 = irreversible_apply(self.blocks, x, x, **kwargs, cache=cache)
+            cache.seq_len += x.shape[1]
+            return (x1 + x2) / 2
+        blocks = list(self.blocks)
+        if self.training and cfg.layer_dropout > 0:
+            keep = torch.rand(len(blocks)) >= cfg.layer_dropout
+            keep[torch.randint(len(blocks), ())] = True  # never drop every block
+            blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
         apply = reversible_apply if reversible else irreversible_apply
         x1, x2 = apply(blocks, x, x, **kwargs)
@@ -221,12 +242,21 @@ class ReformerLM(PretrainedMixin, nn.Module):
         self.to_emb_dim = nn.Linear(cfg.dim, emb_dim) if emb_dim != cfg.dim else nn.Identity()
         self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(emb_dim, cfg.num_tokens)
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Token + position embeddings projected to the model width: ``(b, n, dim)``."""
+    def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """Token + position embeddings (positions from ``offset``) at the model width: ``(b, n, dim)``."""
         x = self.token_emb(tokens)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(tokens.shape[1], device=tokens.device).to(x.dtype)
+            x = x + self.pos_emb(tokens.shape[1], device=tokens.device, offset=offset).to(x.dtype)
         return self.to_model_dim(x)
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why cached decoding could not reproduce this model's forward exactly, or None."""
+        for module in self.modules():
+            if isinstance(module, LSHSelfAttention):
+                reason = module.cache_unsupported_reason()
+                if reason is not None:
+                    return reason
+        return None
 
     def check_tokens(self, tokens: torch.Tensor) -> None:
         cfg = self.config
@@ -250,13 +280,59 @@ class ReformerLM(PretrainedMixin, nn.Module):
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
+        cache: DecodingCache | None = None,
     ) -> torch.Tensor:
         """``tokens`` ``(b, n)`` -> logits ``(b, n, num_tokens)``; other arguments as in
-        :meth:`Reformer.forward`."""
+        :meth:`Reformer.forward`.
+
+        With ``cache`` (a :class:`~reformer.attention.decode.DecodingCache`, eval mode) the
+        first call is the prefill and each later call continues the same sequence, returning
+        the logits of the new tokens only - equal to those of a full forward on the whole
+        sequence so far, at a cost per token that does not grow with it (LSH layers)."""
         self.check_tokens(tokens)
+        if cache is not None:
+            return self._forward_cached(tokens, cache, context, context_mask)
         x = self.reformer(
             self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask, context=context
         )
+        return self._head(x)
+
+    def _forward_cached(self, tokens, cache, context, context_mask) -> torch.Tensor:
+        if cache.tokens is not None and tokens.shape[0] != cache.tokens.shape[0]:
+            raise ValueError(f"tokens has batch {tokens.shape[0]}, the cache {cache.tokens.shape[0]}")
+        if cache.empty:  # prefill
+            x = self.reformer(self.embed(tokens), context=context, context_mask=context_mask, cache=cache)
+            cache.tokens = tokens
+            return self._head(x)
+        logits = []
+        for i in range(tokens.shape[1]):  # one position at a time
+            token = tokens[:, i : i + 1]
+            if cache.stale_at(cache.seq_len + 1):  # a layer stops attending densely: start again
+                history = torch.cat([cache.tokens, token], dim=1)
+                cache.clear()
+                logits.append(self._forward_cached(history, cache, context, context_mask)[:, -1:])
+                continue
+            x = self.reformer(
+                self.embed(token, offset=cache.seq_len), context=context, context_mask=context_mask, cache=cache
+            )
+            cache.tokens = torch.cat([cache.tokens, token], dim=1)
+            logits.append(self._head(x))
+        return torch.cat(logits, dim=1)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
+        """New tokens ``(b, <= max_new_tokens)`` after ``prompt`` ``(b, n)`` (rows of equal length).
+
+        Options: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``eos_token``,
+        ``use_cache`` (default True: prefill, then cached decoding), ``seed``; see
+        :func:`reformer.generate.stream`."""
+        return generate(self, prompt, max_new_tokens, **options)
+
+    def stream(self, prompt: torch.Tensor, max_new_tokens: int, **options: Any) -> Iterator[torch.Tensor]:
+        """Like :meth:`generate`, but yields each step's tokens ``(b,)`` as soon as they exist."""
+        return stream(self, prompt, max_new_tokens, **options)
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states ``(b, n, dim)`` -> logits (or the normed states)."""
         x = self.norm(x)
         if self.config.return_embeddings:
             return x

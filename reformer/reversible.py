@@ -45,7 +45,7 @@ class ReversibleBlock(nn.Module):
         self,
         f: nn.Module,
         g: nn.Module,
-        f_args: tuple[str, ...] = ("keys", "input_mask", "context_mask"),
+        f_args: tuple[str, ...] = ("keys", "input_mask", "context_mask", "cache"),
         g_args: tuple[str, ...] = (),
     ):
         super().__init__()

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
-from .generate import generate
 
 
 class Recorder(nn.Module):
@@ -70,20 +69,26 @@ class Recorder(nn.Module):
 class Autopadder(nn.Module):
     """Drop-in for ``reformer_pytorch.Autopadder``. Our attention pads internally to the bucket
     size and masks the padding, so any length up to ``max_seq_len`` works unwrapped; this
-    wrapper just forwards the call."""
+    wrapper just forwards the call (and ``generate``, which needs no padding either)."""
 
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
+    @property
+    def config(self):
+        return self.net.config
+
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.net(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.net.generate(*args, **kwargs)
 
 
 class TrainingWrapper(nn.Module):
     """Drop-in for ``reformer_pytorch.TrainingWrapper``: next-token loss and sampling for a
-    ``ReformerLM``. ``generate`` here recomputes the whole window per token; cached
-    incremental decoding is planned on ``ReformerLM`` itself."""
+    ``ReformerLM`` (or an ``Autopadder`` around one); ``generate`` uses cached decoding."""
 
     def __init__(self, net: nn.Module, ignore_index: int = -100, pad_value: int = 0):
         super().__init__()
@@ -108,12 +113,14 @@ class TrainingWrapper(nn.Module):
         eos_token: int | None = None,
         temperature: float = 1.0,
         filter_thres: float = 0.9,
+        **options: Any,
     ) -> torch.Tensor:
-        """Sample ``seq_len`` tokens after ``start_tokens`` ``(b, n)``, keeping the top
-        ``(1 - filter_thres)`` fraction of the vocabulary at each step. Returns ``(b, <= seq_len)``."""
-        if start_tokens.dim() == 1:
+        """Sample ``seq_len`` tokens after ``start_tokens`` ``(b, n)`` or ``(n,)``, keeping the top
+        ``(1 - filter_thres)`` fraction of the vocabulary at each step. Returns ``(b, <= seq_len)``.
+        Further ``options`` (``use_cache``, ``seed``, ``top_p``) as in :meth:`ReformerLM.generate`."""
+        if isinstance(start_tokens, torch.Tensor) and start_tokens.dim() == 1:
             start_tokens = start_tokens[None]
-        if not 0 <= filter_thres < 1:
-            raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres}")
+        if isinstance(filter_thres, bool) or not isinstance(filter_thres, (int, float)) or not 0 <= filter_thres < 1:
+            raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres!r}")
         k = max(1, int((1 - filter_thres) * self.net.config.num_tokens))
-        return generate(self.net, start_tokens, seq_len, temperature=temperature, top_k=k, eos_token=eos_token)
+        return self.net.generate(start_tokens, seq_len, temperature=temperature, top_k=k, eos_token=eos_token, **options)

@@ -85,6 +85,7 @@ class LSHAttention(nn.Module):
         if hash_seed is None:
             hash_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
         self.register_buffer("hash_seed", torch.tensor(int(hash_seed), dtype=torch.int64))
+        self._eval_rotations: tuple[tuple, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (
@@ -103,8 +104,14 @@ class LSHAttention(nn.Module):
         n_sets = 1
         if self.random_rotations_per_head:
             n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
-        seed = None if self.training else int(self.hash_seed)
-        rotations = draw_rotations(d, self.n_hashes, n_buckets, n_sets, seed=seed, device=qk.device, dtype=qk.dtype)
+        if self.training:
+            rotations = draw_rotations(d, self.n_hashes, n_buckets, n_sets, device=qk.device, dtype=qk.dtype)
+        else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token)
+            key = (int(self.hash_seed), d, n_buckets, n_sets, qk.device, qk.dtype)
+            if self._eval_rotations is None or self._eval_rotations[0] != key:
+                drawn = draw_rotations(d, self.n_hashes, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype)
+                self._eval_rotations = (key, drawn)
+            rotations = self._eval_rotations[1]
         with torch.no_grad():
             return hash_vectors(qk.detach(), rotations, n_buckets)
 

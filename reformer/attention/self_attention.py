@@ -7,9 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..hashing import BucketSpec
+from ..hashing import BucketSpec, total_buckets
 from ..positions import apply_rotary, rotary_angles
 from .common import check_features, check_int, check_mask, check_prob, resolve_dim_head
+from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
 from .full import full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
@@ -108,16 +109,45 @@ class LSHSelfAttention(nn.Module):
         #: Optional ``callback(attn, buckets)`` called after each forward (used by Recorder).
         self.callback: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None
 
+    def attends_densely(self, length: int) -> bool:
+        """Whether the LSH heads use dense attention for ``length`` positions (prefix included)."""
+        return self.use_full_attn or length <= self.full_attn_thres
+
+    def cache_unsupported_reason(self) -> str | None:
+        """Why cached decoding could not equal the full forward for this layer, or None."""
+        if not self.causal:
+            return "the attention is not causal (later tokens change earlier outputs)"
+        if self.n_local_attn_heads == self.heads or self.use_full_attn:
+            return None
+        if not self.lsh_attn.strict_causal:
+            return "strict_causal=False: chunk boundaries, and so earlier outputs, move as the sequence grows"
+        if self.lsh_attn.n_buckets is None:
+            return "n_buckets depends on the input length (give n_buckets or max_seq_len)"
+        return None
+
     def forward(
         self,
         x: torch.Tensor,
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        cache: DecodingCache | None = None,
     ) -> torch.Tensor:
         """``x`` ``(b, t, dim)``; ``keys`` ``(b, c, dim)``; ``input_mask`` ``(b, t)`` and
-        ``context_mask`` ``(b, c)`` bool, True = real. Returns ``(b, t, dim)``."""
+        ``context_mask`` ``(b, c)`` bool, True = real. Returns ``(b, t, dim)``.
+
+        ``cache``: incremental decoding (see :mod:`reformer.attention.decode`). While its
+        ``seq_len`` is 0 this is the prefill, which also stores this layer's keys; after that
+        ``x`` is the next position ``(b, 1, dim)``."""
         check_features("x", x, self.dim)
+        if cache is not None:
+            reason = self.cache_unsupported_reason()
+            if reason is not None:
+                raise ValueError(f"cached decoding is not exact for this layer: {reason}")
+            if keys is not None or input_mask is not None or context_mask is not None:
+                raise ValueError("cached decoding takes no keys, input_mask or context_mask")
+            if cache.seq_len > 0:
+                return self._decode_step(x, cache.next_layer())
         b, t, _ = x.shape
         check_mask("input_mask", input_mask, (b, t))
         prefix = []
@@ -155,6 +185,7 @@ class LSHSelfAttention(nn.Module):
             qk = torch.cat([qk[:, :, :n_prefix], apply_rotary(qk[:, :, n_prefix:], angles)], dim=2)
         lh = self.n_local_attn_heads
         parts = []
+        buckets = None
         if lh:
             local = local_attention_chunked(
                 qk[:, :lh, n_prefix:].reshape(b * lh, t, dh),
@@ -172,7 +203,7 @@ class LSHSelfAttention(nn.Module):
             lqk = qk[:, lh:].reshape(rows, length, dh)
             lv = v[:, lh:].reshape(rows, length, dh)
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
-            if self.use_full_attn or length <= self.full_attn_thres:
+            if self.attends_densely(length):
                 out, attn = full_qk_attention(
                     lqk,
                     lv,
@@ -181,15 +212,66 @@ class LSHSelfAttention(nn.Module):
                     dropout=self.attn_dropout,
                     training=self.training,
                 )
-                buckets = torch.empty(0, dtype=torch.long, device=x.device)
             else:
                 out, attn, buckets = self.lsh_attn(lqk, lv, row_mask, chunks=self.attn_chunks)
             if self.callback is not None:  # per (batch, head): attn (b, h, L, L), buckets (b, h, n_hashes, L)
                 self.callback(
                     None if attn is None else attn.view(b, h - lh, length, length),
-                    buckets.view(b, h - lh, *buckets.shape[1:]) if buckets.numel() else buckets,
+                    buckets.view(b, h - lh, *buckets.shape[1:])
+                    if buckets is not None
+                    else torch.empty(0, dtype=torch.long, device=x.device),
                 )
             parts.append(out.view(b, h - lh, length, dh)[:, :, n_prefix:])
-        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, t, dh)
+        if cache is not None:
+            cache.layers.append(
+                prefill_cache(
+                    qk,
+                    v,
+                    n_prefix=n_prefix,
+                    capacity=n_prefix + (cache.capacity or t),
+                    dense=lh < h and self.attends_densely(length),
+                    dense_below=-1 if self.use_full_attn else self.full_attn_thres,
+                    buckets=buckets,
+                    n_buckets=0 if buckets is None else total_buckets(self.lsh_attn.bucket_spec(length)),
+                    bucket_size=self.lsh_attn.bucket_size,
+                )
+            )
+        return self._merge_heads(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
+
+    def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
+        """``(b, h, t, dh)`` per-head outputs -> the layer output ``(b, t, dim)``."""
+        b, h, t, dh = out.shape
         out = out.transpose(1, 2).reshape(b, t, h * dh)
         return self.post_attn_dropout(self.to_out(out))
+
+    def _decode_step(self, x: torch.Tensor, state: LayerCache) -> torch.Tensor:
+        """Output ``(b, 1, dim)`` of the next position ``x`` ``(b, 1, dim)``, given the stored ones."""
+        b, t, _ = x.shape
+        if t != 1:
+            raise ValueError(f"after the prefill, cached decoding takes one position at a time, got {t}")
+        h, dh, lh = self.heads, self.dim_head, self.n_local_attn_heads
+        qk = self.toqk(x).view(b, 1, h, dh).transpose(1, 2)  # (b, h, 1, dh)
+        v = self.tov(x).view(b, 1, h, dh).transpose(1, 2)
+        if self.rotary_emb:
+            qk = apply_rotary(qk, rotary_angles(1, dh, x.device, offset=state.length - state.n_prefix))
+        state.append(qk, v)
+        q = qk[:, :, 0]  # (b, h, dh)
+        parts = []
+        if lh:
+            parts.append(local_step(state, q[:, :lh], slice(0, lh), 2 * self.lsh_attn.bucket_size))
+        if lh < h:
+            if state.dense:
+                parts.append(dense_step(state, q[:, lh:], slice(lh, h)))
+            else:
+                buckets = self.lsh_attn.hash(q[:, lh:].reshape(b * (h - lh), 1, dh))[..., 0]  # (rows, n_hashes)
+                parts.append(
+                    lsh_step(
+                        state,
+                        q[:, lh:],
+                        buckets,
+                        slice(lh, h),
+                        allow_duplicate_attention=self.lsh_attn.allow_duplicate_attention,
+                    )
+                )
+        out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)
+        return self._merge_heads(out[:, :, None])
