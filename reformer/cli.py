@@ -206,7 +206,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     out.write(args.prompt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
     tokens = stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed)  # fmt: skip
+                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)  # fmt: skip
     for token in tokens:
         t = int(token[0])
         out.write(decoder.decode(bytes([t])) if decoder else vocab.decode([t]))
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
     g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
     g.set_defaults(func=cmd_generate)
 

@@ -300,6 +300,11 @@ class ReformerLM(PretrainedMixin, nn.Module):
     def _forward_cached(self, tokens, cache, context, context_mask) -> torch.Tensor:
         if cache.tokens is not None and tokens.shape[0] != cache.tokens.shape[0]:
             raise ValueError(f"tokens has batch {tokens.shape[0]}, the cache {cache.tokens.shape[0]}")
+        if cache.seq_len + tokens.shape[1] > self.config.max_seq_len:  # checked before the cache changes
+            raise ValueError(
+                f"sequence length {cache.seq_len + tokens.shape[1]} (cached {cache.seq_len} + new "
+                f"{tokens.shape[1]}) exceeds max_seq_len={self.config.max_seq_len}"
+            )
         if cache.empty:  # prefill
             x = self.reformer(self.embed(tokens), context=context, context_mask=context_mask, cache=cache)
             cache.tokens = tokens

@@ -34,6 +34,9 @@ def test_train_eval_generate_info(tmp_path, capsys):
     code, out, _ = _run(capsys, "generate", "--checkpoint", run, "--prompt", "The ", "--max-new-tokens", "20",
                         "--seed", "1")  # fmt: skip
     assert code == 0 and out.startswith("The ") and len(out.encode()) >= 5
+    code, recomputed, _ = _run(capsys, "generate", "--checkpoint", run, "--prompt", "The ", "--max-new-tokens", "20",
+                               "--seed", "1", "--no-cache")  # fmt: skip
+    assert code == 0 and recomputed == out  # the cache changes the speed, not the text
 
     code, out, _ = _run(capsys, "info", run)
     info = json.loads(out)

@@ -92,20 +92,3 @@ def test_duplication_task_makes_0w0w_and_scores_the_second_copy():
     assert torch.equal(task.next_batch()[0], nxt)
     with pytest.raises(ValueError, match="even seq_len"):
         DuplicationTask(seq_len=7, batch_size=1)
-
-
-def test_generation_filters_and_sampling():
-    from reformer import ReformerLM
-    from reformer.generate import filter_logits, generate
-
-    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0]])
-    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[True, False, False, True]]
-    # top_p: probabilities ~[0.09, 0.64, 0.24, 0.03]; 0.7 needs the two largest
-    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[True, False, False, True]]
-    model = ReformerLM(num_tokens=16, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
-    prompt = torch.randint(0, 16, (2, 5))
-    a = generate(model, prompt, 40, top_k=5, seed=1)
-    assert a.shape == (2, 40) and torch.equal(a, generate(model, prompt, 40, top_k=5, seed=1))
-    greedy = generate(model, prompt, 3, temperature=0)
-    with torch.no_grad():
-        assert torch.equal(greedy[:, 0], model.eval()(prompt)[:, -1].argmax(-1))
