@@ -40,6 +40,7 @@ lint: $(VENV)/.stamp-test
 bench: $(VENV)/.stamp-bench
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -110,7 +110,10 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token,
             if not use_cache:
                 logits = model(tokens[:, start:])
             elif cache is None or start != cache_start:  # (re)fill the cache with the context
-                cache, cache_start = DecodingCache(capacity=min(max_len, tokens.shape[1] - start + max_new_tokens)), start
+                cache, cache_start = (
+                    DecodingCache(capacity=min(max_len, tokens.shape[1] - start + max_new_tokens)),
+                    start,
+                )
                 logits = model(tokens[:, start:], cache=cache)
             else:
                 logits = model(tokens[:, -1:], cache=cache)

@@ -123,4 +123,6 @@ class TrainingWrapper(nn.Module):
         if isinstance(filter_thres, bool) or not isinstance(filter_thres, (int, float)) or not 0 <= filter_thres < 1:
             raise ValueError(f"filter_thres must be in [0, 1), got {filter_thres!r}")
         k = max(1, int((1 - filter_thres) * self.net.config.num_tokens))
-        return self.net.generate(start_tokens, seq_len, temperature=temperature, top_k=k, eos_token=eos_token, **options)
+        return self.net.generate(
+            start_tokens, seq_len, temperature=temperature, top_k=k, eos_token=eos_token, **options
+        )

@@ -99,7 +99,9 @@ def _bucket_rings(buckets: torch.Tensor, n_buckets: int, c: int) -> tuple[torch.
     return rings, counts
 
 
-def _attend(logits: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(
+    logits: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the last dim of ``logits`` ``(..., n)`` whose last entry is the query's own
     key (logit :data:`SELF_ATTN_VALUE`, as in the parallel paths); ``values`` ``(..., n, dv)``.
     Returns the output ``(..., dv)`` and the log-sum-exp ``(...)``."""
@@ -156,11 +158,13 @@ def lsh_step(
     positions = torch.cat([ring, ring.new_full((rows, n_hashes, 1), new_pos)], dim=-1)  # (rows, n_hashes, c+1)
     valid = torch.arange(c + 1, device=device) < count[..., None]  # filled ring slots
     valid[..., -1] = True  # the query's own key
-    # keys/values of row (batch i, head j) are state.keys[i, heads.start + j]
-    bi = (row // hs)[..., None]
-    hi = (row % hs)[..., None] + (heads.start or 0)
-    keys = state.keys[bi, hi, positions]  # (rows, n_hashes, c+1, dh)
-    values = state.values[bi, hi, positions]
+    # Row (batch i, head j) reads state.keys[i, heads.start + j]: gather whole key rows of the
+    # flattened store (index_select copies rows; it is much faster than 3-tensor indexing).
+    n_heads, capacity = state.keys.shape[1], state.keys.shape[2]
+    store_row = (row // hs) * n_heads + row % hs + (heads.start or 0)  # (rows, 1)
+    flat = (store_row[..., None] * capacity + positions).flatten()
+    keys = state.keys.view(-1, dh).index_select(0, flat).view(rows, n_hashes, c + 1, dh)
+    values = state.values.view(-1, state.values.shape[-1]).index_select(0, flat).view(rows, n_hashes, c + 1, -1)
     qr = q.reshape(rows, 1, dh, 1) * dh**-0.5
     logits = (keys @ qr)[..., 0]  # (rows, n_hashes, c+1)
     if not allow_duplicate_attention:  # -log(number of rounds in which each key is seen)

@@ -109,7 +109,9 @@ class LSHAttention(nn.Module):
         else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token)
             key = (int(self.hash_seed), d, n_buckets, n_sets, qk.device, qk.dtype)
             if self._eval_rotations is None or self._eval_rotations[0] != key:
-                drawn = draw_rotations(d, self.n_hashes, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype)
+                drawn = draw_rotations(
+                    d, self.n_hashes, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype
+                )
                 self._eval_rotations = (key, drawn)
             rotations = self._eval_rotations[1]
         with torch.no_grad():
