@@ -130,7 +130,7 @@ class _WindowPlan:
         bias = None
         if self.dup_info is not None:
             counts = self._duplicate_counts(self.dup_info[b, q_slots], self.dup_info[b, k_slots])
-            bias = -counts.clamp_min(1).log()
+            bias = -counts.clamp_min(1).double().log()  # (exact in fp64; an int tensor would log in fp32)
         return hidden, is_self, bias
 
     def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ def lsh_step(
     if not allow_duplicate_attention:  # -log(number of rounds in which each key is seen)
         same = positions[:, :, :, None, None] == positions[:, None, None, :, :]
         seen = (same & valid[:, None, None, :, :]).sum(dim=(-1, -2))  # (rows, n_hashes, c+1)
-        logits = logits - seen.clamp_min(1).log().to(logits.dtype)
+        logits = logits - seen.clamp_min(1).to(logits.dtype).log()
     out, lse = _attend(logits, valid, values)  # (rows, n_hashes, dh), (rows, n_hashes)
     if n_hashes > 1:
         acc = torch.promote_types(lse.dtype, torch.float32)
