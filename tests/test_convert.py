@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from reformer import ReformerLM  # noqa: E402
 from reformer.cli import main  # noqa: E402
-from reformer.convert import from_transformers, to_transformers  # noqa: E402
+from reformer.convert import TRANSFORMERS_LAYOUT, from_transformers, to_transformers  # noqa: E402
 from reformer.generate import generate  # noqa: E402
 
 LAYOUTS = [("local", "lsh"), ("lsh",) * 3, ("local",) * 2]
@@ -102,7 +102,7 @@ def test_greedy_generation_matches(layers):
     assert torch.equal(generate(ours, prompt, 32, temperature=0), theirs[:, 5:])
 
 
-def test_byte_vocab_drops_the_two_special_ids():
+def test_byte_vocab_drops_the_two_special_ids(tmp_path, capsys):
     hf = hf_model(True, vocab=258)
     ours = from_transformers(hf, byte_vocab=True)
     assert ours.config.num_tokens == 256
@@ -112,6 +112,13 @@ def test_byte_vocab_drops_the_two_special_ids():
         assert (theirs - ours(data)).abs().max().item() <= 1e-4
     with pytest.raises(ValueError, match="vocab_size"):
         from_transformers(hf_model(True), byte_vocab=True)
+
+    # the converted model works with our byte vocabulary on the command line
+    hf.save_pretrained(tmp_path / "hf")
+    out = str(tmp_path / "ours")
+    assert main(["convert", "--from-transformers", str(tmp_path / "hf"), "--out", out, "--byte-vocab"]) == 0
+    assert main(["generate", "--checkpoint", out, "--prompt", "ab", "--temperature", "0", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("ab")
 
 
 @pytest.mark.parametrize(
@@ -129,6 +136,18 @@ def test_unrepresentable_configs_name_the_field(overrides, field):
         setattr(config, key, value)
     with pytest.raises(ValueError, match=field):
         from_transformers(transformers.ReformerModelWithLMHead(config))
+
+
+def test_export_of_a_model_built_with_their_layout():
+    torch.manual_seed(0)
+    ours = ReformerLM(
+        **TRANSFORMERS_LAYOUT, num_tokens=20, dim=16, heads=2, depth=2, attn_layers=("local", "lsh"), causal=True,
+        max_seq_len=64, bucket_size=4, n_buckets=(2, 4), n_hashes=2, local_chunk_size=8, hash_seed=5,
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    assert max_logit_diff(to_transformers(ours), ours, 27) <= 1e-4
 
 
 def test_export_names_the_field_we_cannot_express():
