@@ -27,7 +27,8 @@ demo: $(VENV)/.stamp-base
 		--eval-every 50 --save-every 100 --out runs/demo
 	$(BIN)/reformer generate --checkpoint runs/demo --prompt "The " --max-new-tokens 300 --seed 0
 
-test: $(VENV)/.stamp-test
+# The interop extra (transformers) lets tests/test_convert.py compare with Hugging Face's Reformer.
+test: $(VENV)/.stamp-test,interop
 	$(BIN)/python -m pytest -q
 
 # Heavier checks (none yet; exit code 5 = no test selected is fine).

@@ -1,4 +1,4 @@
-"""The ``reformer`` command: train, eval, generate, info. The only module that reads argv.
+"""The ``reformer`` command: train, eval, generate, info, convert. The only module that reads argv.
 
 Errors a user can cause (bad path, bad option, wrong checkpoint) print one line to stderr
 and exit with code 2; progress goes to stderr, results to stdout.
@@ -231,6 +231,25 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import from_transformers
+
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        raise UsageError(f"{out} already holds a checkpoint; choose another --out")
+    try:
+        model = from_transformers(args.from_transformers, byte_vocab=args.byte_vocab)
+    except (ImportError, OSError) as exc:  # transformers missing, or an unreadable checkpoint
+        raise UsageError(str(exc).strip().splitlines()[0]) from None
+    model.float().save_pretrained(out)
+    cfg = model.config
+    kind = "causal" if cfg.causal else "masked"
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{out}: ReformerLM ({kind}, {cfg.depth} layers {'/'.join(cfg.layer_kinds())}, {cfg.num_tokens} tokens, "
+          f"{n_params / 1e6:.2f}M parameters)")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer", description="Train, evaluate and sample Reformer language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -281,6 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a run or checkpoint", formatter_class=fmt)
     i.add_argument("path", help="run or checkpoint directory")
     i.set_defaults(func=cmd_info)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face transformers Reformer checkpoint", formatter_class=fmt)
+    c.add_argument("--from-transformers", required=True, metavar="DIR",
+                   help="directory of a transformers ReformerModelWithLMHead or ReformerForMaskedLM")  # fmt: skip
+    c.add_argument("--out", required=True, help="checkpoint directory to write (config.json, model.safetensors)")
+    c.add_argument("--byte-vocab", action="store_true",
+                   help="258-token byte model (google/reformer-enwik8, id = byte + 2): keep the byte ids")  # fmt: skip
+    c.set_defaults(func=cmd_convert)
     return p
 
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .attention.common import check_int, check_prob, resolve_dim_head
+from .attention.common import SELF_ATTN_VALUE, check_int, check_prob, resolve_dim_head
 from .feedforward import ACTIVATIONS
 from .hashing import validate_n_buckets
 
@@ -117,6 +117,46 @@ class ReformerConfig:
     return_embeddings: bool = False
     """Return final hidden states instead of logits."""
 
+    # --- layout details of trax / Hugging Face checkpoints (see reformer.convert) --------
+    norm_eps: float = 1e-5
+    """Epsilon of every LayerNorm (Hugging Face: ``layer_norm_eps``, 1e-12)."""
+    reversible_output: str = "mean"
+    """How the two reversible halves leave the stack: ``"mean"`` (``reformer_pytorch``) or
+    ``"concat"`` (trax / Hugging Face: width ``2 * dim``, normed and projected as such)."""
+    attn_out_bias: bool = True
+    """Bias in the attention output projection (Hugging Face has none)."""
+    qk_logit_scale: float | None = None
+    """Scale of shared-QK logits ``q . k / |k|``; default ``dim_head ** -0.5``. trax and Hugging
+    Face use 1.0 (unit keys, unscaled queries)."""
+    pad_bucket: bool = False
+    """LSH: positions hidden by ``input_mask`` are hashed into an extra last bucket, as in trax /
+    Hugging Face, so padding never shares chunks with real tokens."""
+    n_buckets_first_major: bool = True
+    """Factorised ``n_buckets``: the first factor is the most significant digit of the combined
+    bucket id; False: the least significant (Hugging Face)."""
+    self_attn_value: float = SELF_ATTN_VALUE
+    """LSH: logit of a query's own key, seen only when nothing else is (Hugging Face: -1e5 in
+    fp32). fp16 always uses -5e4."""
+    exp_lse_softmax: bool = False
+    """LSH: attention and hash-round weights computed as ``exp(x - logsumexp(x))`` like trax /
+    Hugging Face instead of a normalised softmax - equal but for fp32 rounding, which shows
+    where a query sees only itself (logits ~ ``self_attn_value``)."""
+    local_qkv: bool = False
+    """``"local"`` layers use separate query/key/value projections and plain scaled dot-product
+    attention in blocks of ``local_chunk_size`` (trax / Hugging Face), with no self-masking,
+    instead of shared-QK local attention."""
+    local_chunk_size: int | None = None
+    """With ``local_qkv``: block length of local attention (default ``bucket_size``)."""
+    local_chunks_before: int = 1
+    """With ``local_qkv``: blocks each block looks back to (the first wraps to the last, masked
+    when causal)."""
+    local_chunks_after: int = 0
+    """With ``local_qkv``: blocks each block looks ahead to (must be 0 when causal)."""
+    pad_to_chunk_multiple: bool = False
+    """Pad inputs longer than the shortest attention chunk (masked) to a multiple of the least
+    common multiple of the layers' chunk lengths, as Hugging Face does; the output drops the
+    padding. Needed to reproduce its outputs when LSH and local chunks differ."""
+
     def __post_init__(self) -> None:
         for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size", "n_hashes",
                      "attn_chunks", "ff_mult", "ff_chunks"):  # fmt: skip
@@ -143,6 +183,24 @@ class ReformerConfig:
                 )
         if self.emb_dim is not None:
             check_int("emb_dim", self.emb_dim, 1)
+        self._check_compat_fields()
+
+    def _check_compat_fields(self) -> None:
+        if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:
+            raise ValueError(f"norm_eps must be a number > 0, got {self.norm_eps!r}")
+        if isinstance(self.self_attn_value, bool) or not isinstance(self.self_attn_value, (int, float)):
+            raise ValueError(f"self_attn_value must be a number, got {self.self_attn_value!r}")
+        if self.reversible_output not in ("mean", "concat"):
+            raise ValueError(f"reversible_output must be 'mean' or 'concat', got {self.reversible_output!r}")
+        scale = self.qk_logit_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale <= 0):
+            raise ValueError(f"qk_logit_scale must be a number > 0 or None, got {scale!r}")
+        if self.local_chunk_size is not None:
+            check_int("local_chunk_size", self.local_chunk_size, 1)
+        check_int("local_chunks_before", self.local_chunks_before, 0)
+        check_int("local_chunks_after", self.local_chunks_after, 0)
+        if self.causal and self.local_qkv and self.local_chunks_after:
+            raise ValueError(f"local_chunks_after must be 0 for a causal model, got {self.local_chunks_after}")
 
     @classmethod
     def field_docs(cls) -> dict[str, str]:
@@ -167,6 +225,14 @@ class ReformerConfig:
         """Attention kind of each of the ``depth`` layers."""
         pattern = self.attn_layers or ("full" if self.use_full_attn else "lsh",)
         return [pattern[i % len(pattern)] for i in range(self.depth)]
+
+    def chunk_length(self, kind: str) -> int | None:
+        """Chunk (block) length of an attention layer of ``kind``; None for ``"full"``."""
+        if kind == "lsh":
+            return self.bucket_size
+        if kind == "local":
+            return (self.local_chunk_size or self.bucket_size) if self.local_qkv else 2 * self.bucket_size
+        return None
 
     def to_dict(self) -> dict:
         return asdict(self)

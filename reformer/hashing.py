@@ -82,11 +82,15 @@ def draw_rotations(
 HASH_BLOCK_ELEMENTS = 2**24
 
 
-def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec) -> torch.Tensor:
+def hash_vectors(
+    x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec, *, first_major: bool = True
+) -> torch.Tensor:
     """Bucket ids of ``x`` (``(rows, len, d)``) for every round: ``(rows, n_hashes, len)`` int64.
 
     ``rotations`` is ``(n_sets, d, n_hashes, r)`` from :func:`draw_rotations`; row ``i``
     uses set ``i % n_sets`` (rows are ``(batch, head)`` flattened, head fastest).
+    A factorised id has the first factor as its most significant digit, or with
+    ``first_major=False`` as its least significant one (Hugging Face's order).
     """
     rows, length, d = x.shape
     n_sets, _, n_hashes, width = rotations.shape
@@ -102,7 +106,7 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec
         rotated = torch.einsum("bsld,sdhr->bshlr", xs[:, :, start : start + step], rotations)
         rotated = rotated.reshape(rows, n_hashes, -1, width)
         buckets = None
-        offset = 0
+        offset, radix = 0, 1
         for f in factors:
             part = rotated[..., offset : offset + f // 2]
             offset += f // 2
@@ -111,6 +115,10 @@ def hash_vectors(x: torch.Tensor, rotations: torch.Tensor, n_buckets: BucketSpec
             top, top_idx = part.max(dim=-1)
             bottom, bottom_idx = part.min(dim=-1)
             ids = torch.where(top >= -bottom, top_idx, bottom_idx + f // 2)
-            buckets = ids if buckets is None else buckets * f + ids
+            if buckets is None:
+                buckets = ids
+            else:
+                buckets = buckets * f + ids if first_major else buckets + ids * radix
+            radix *= f
         blocks.append(buckets)
     return torch.cat(blocks, dim=-1)

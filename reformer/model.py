@@ -18,6 +18,7 @@ from .attention import LSHSelfAttention
 from .attention.common import check_features, check_mask
 from .attention.cross import CrossAttention
 from .attention.decode import DecodingCache
+from .attention.local import BlockLocalAttention
 from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
 from .feedforward import FeedForward
@@ -94,7 +95,8 @@ def _config(config: ReformerConfig | None, kwargs: dict[str, Any]) -> ReformerCo
 class Reformer(PretrainedMixin, nn.Module):
     """A stack of ``depth`` reversible blocks on ``(batch, len, dim)``: attention then
     feed-forward (or attention twice with ``twin_attention``). The input is duplicated into
-    the two reversible halves and the output is their mean."""
+    the two reversible halves and the output is their mean (``(batch, len, dim)``), or with
+    ``reversible_output="concat"`` their concatenation (``(batch, len, 2 * dim)``)."""
 
     def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
         super().__init__()
@@ -103,9 +105,24 @@ class Reformer(PretrainedMixin, nn.Module):
         def wrap(fn: nn.Module) -> nn.Module:
             if cfg.use_rezero:
                 return ReZero(fn)
-            return PreNorm(ScaleNorm(cfg.dim) if cfg.use_scale_norm else nn.LayerNorm(cfg.dim), fn)
+            return PreNorm(ScaleNorm(cfg.dim) if cfg.use_scale_norm else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps), fn)
 
         def attention(kind: str) -> nn.Module:
+            if kind == "local" and cfg.local_qkv:
+                return wrap(
+                    BlockLocalAttention(
+                        cfg.dim,
+                        cfg.heads,
+                        cfg.chunk_length("local"),
+                        dim_head=cfg.dim_head,
+                        chunks_before=cfg.local_chunks_before,
+                        chunks_after=cfg.local_chunks_after,
+                        causal=cfg.causal,
+                        dropout=cfg.lsh_dropout,
+                        post_attn_dropout=cfg.post_attn_dropout,
+                        out_bias=cfg.attn_out_bias,
+                    )
+                )
             return wrap(
                 LSHSelfAttention(
                     dim=cfg.dim,
@@ -129,6 +146,12 @@ class Reformer(PretrainedMixin, nn.Module):
                     max_seq_len=cfg.max_seq_len,
                     hash_seed=cfg.hash_seed,
                     rotary_emb=cfg.rotary_emb,
+                    qk_logit_scale=cfg.qk_logit_scale,
+                    out_bias=cfg.attn_out_bias,
+                    pad_bucket=cfg.pad_bucket,
+                    n_buckets_first_major=cfg.n_buckets_first_major,
+                    self_value=cfg.self_attn_value,
+                    exp_lse=cfg.exp_lse_softmax,
                 )
             )
 
@@ -184,6 +207,9 @@ class Reformer(PretrainedMixin, nn.Module):
         if seen + x.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {seen + x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
         check_mask("input_mask", input_mask, tuple(x.shape[:2]))
+        length = x.shape[1]
+        if cache is None:  # (decoding goes one position at a time; padding would add positions)
+            x, input_mask = self._pad_to_chunks(x, input_mask)
         kwargs = {
             k: v
             for k, v in (
@@ -205,7 +231,7 @@ class Reformer(PretrainedMixin, nn.Module):
             cache.begin()
             x1, x2 = irreversible_apply(self.blocks, x, x, **kwargs, cache=cache)
             cache.seq_len += x.shape[1]
-            return (x1 + x2) / 2
+            return self._merge_halves(x1, x2)
         blocks = list(self.blocks)
         if self.training and cfg.layer_dropout > 0:
             keep = torch.rand(len(blocks)) >= cfg.layer_dropout
@@ -214,7 +240,29 @@ class Reformer(PretrainedMixin, nn.Module):
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
         apply = reversible_apply if reversible else irreversible_apply
         x1, x2 = apply(blocks, x, x, **kwargs)
-        return (x1 + x2) / 2
+        return self._merge_halves(x1, x2)[:, :length]
+
+    def _merge_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        """The two reversible halves ``(b, n, dim)`` -> the output: their mean, or ``(b, n, 2 dim)``."""
+        return torch.cat([x1, x2], dim=-1) if self.config.reversible_output == "concat" else (x1 + x2) / 2
+
+    def _pad_to_chunks(
+        self, x: torch.Tensor, input_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """With ``pad_to_chunk_multiple``: ``x`` ``(b, n, dim)`` padded with masked positions to a
+        multiple of the lcm of the layers' chunk lengths when longer than the shortest one, so
+        that every layer chunks the sequence as Hugging Face does."""
+        cfg = self.config
+        chunks = {cfg.chunk_length(kind) for kind in cfg.layer_kinds()} - {None}
+        n = x.shape[1]
+        if not cfg.pad_to_chunk_multiple or not chunks or n <= min(chunks):
+            return x, input_mask
+        pad = -n % math.lcm(*chunks)
+        if pad == 0:
+            return x, input_mask
+        if input_mask is None:
+            input_mask = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        return F.pad(x, (0, 0, 0, pad)), F.pad(input_mask, (0, pad), value=False)
 
 
 class ReformerLM(PretrainedMixin, nn.Module):
@@ -238,9 +286,12 @@ class ReformerLM(PretrainedMixin, nn.Module):
         else:
             self.pos_emb = None
         self.reformer = Reformer(cfg)
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.to_emb_dim = nn.Linear(cfg.dim, emb_dim) if emb_dim != cfg.dim else nn.Identity()
-        self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(emb_dim, cfg.num_tokens)
+        out_dim = cfg.dim * (2 if cfg.reversible_output == "concat" else 1)
+        self.norm = nn.LayerNorm(out_dim, eps=cfg.norm_eps)
+        # The head works at emb_dim when it is given or tied to the embedding, else at out_dim.
+        head_dim = emb_dim if cfg.emb_dim is not None or cfg.weight_tie_embedding else out_dim
+        self.to_emb_dim = nn.Linear(out_dim, head_dim) if head_dim != out_dim else nn.Identity()
+        self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(head_dim, cfg.num_tokens)
 
     def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Token + position embeddings (positions from ``offset``) at the model width: ``(b, n, dim)``."""
@@ -252,6 +303,8 @@ class ReformerLM(PretrainedMixin, nn.Module):
     def cache_unsupported_reason(self) -> str | None:
         """Why cached decoding could not reproduce this model's forward exactly, or None."""
         for module in self.modules():
+            if isinstance(module, BlockLocalAttention):
+                return "Hugging Face-style local layers (local_qkv=True) have no decoding cache"
             if isinstance(module, LSHSelfAttention):
                 reason = module.cache_unsupported_reason()
                 if reason is not None:
@@ -306,6 +359,9 @@ class ReformerLM(PretrainedMixin, nn.Module):
                 f"{tokens.shape[1]}) exceeds max_seq_len={self.config.max_seq_len}"
             )
         if cache.empty:  # prefill
+            reason = self.cache_unsupported_reason()
+            if reason is not None:
+                raise ValueError(f"cached decoding would not equal this model's forward: {reason}")
             x = self.reformer(self.embed(tokens), context=context, context_mask=context_mask, cache=cache)
             cache.tokens = tokens
             return self._head(x)

@@ -26,6 +26,9 @@ CASES = {
     # dense while the sequence is short, LSH after 20 positions (mem included): decoding refills once
     "across-full-attn-thres": dict(n_hashes=4, full_attn_thres=20, num_mem_kv=2, n_buckets=4),
     "reverse-thres": dict(n_hashes=2, reverse_thres=16, ff_chunks=3),
+    "trax-numerics": dict(
+        n_hashes=2, qk_logit_scale=0.5, self_attn_value=-1e5, reversible_output="concat", attn_out_bias=True
+    ),
 }
 
 
@@ -169,7 +172,12 @@ def test_cache_misuse_gives_a_clear_error():
 
 
 @pytest.mark.parametrize(
-    ("options", "reason"), [({"causal": False}, "not causal"), ({"strict_causal": False}, "strict_causal=False")]
+    ("options", "reason"),
+    [
+        ({"causal": False}, "not causal"),
+        ({"strict_causal": False}, "strict_causal=False"),
+        ({"attn_layers": ("local",), "local_qkv": True}, "local_qkv"),
+    ],
 )
 def test_models_a_cache_cannot_reproduce_fall_back_to_recompute(options, reason):
     model = _model(**options)

@@ -41,6 +41,7 @@ def test_factorised_buckets_are_mixed_radix_of_the_factors():
     b2 = hash_vectors(x, rot[..., 2:], 6)
     assert torch.equal(combined, b1 * 6 + b2)
     assert combined.max() < 24
+    assert torch.equal(hash_vectors(x, rot, (4, 6), first_major=False), b1 + 4 * b2)  # Hugging Face's order
 
 
 def test_seeded_rotations_are_reproducible_and_independent_of_global_rng():

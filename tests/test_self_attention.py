@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from reformer import LSHSelfAttention
-from reformer.attention.local import local_attention_chunked
+from reformer.attention.local import BlockLocalAttention, local_attention_chunked
 from reformer.attention.reference import (
     full_qk_attention_reference,
     local_attention_reference,
@@ -182,3 +182,30 @@ def test_seed_readme_self_attention_example():
     attn = LSHSelfAttention(dim=128, heads=8, bucket_size=64, n_hashes=8, causal=False)
     x = torch.randn(10, 1024, 128)
     assert attn(x).shape == (10, 1024, 128)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_local_attention_is_dense_attention_within_its_window(causal):
+    """One block (len <= chunk_size) is plain dense attention with separate q/k/v; with blocks,
+    a query sees exactly its block and the previous one (the first wraps to the last)."""
+    torch.manual_seed(0)
+    layer = BlockLocalAttention(16, heads=2, chunk_size=4, causal=causal).eval()
+    x = torch.randn(2, 12, 16)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 2:5] = False
+
+    def dense(n: int, visible: torch.Tensor) -> torch.Tensor:  # visible: (n, n) query x key
+        q, k, v = (proj(x[:, :n]).view(2, n, 2, 8).transpose(1, 2) for proj in (layer.to_q, layer.to_k, layer.to_v))
+        dots = q @ k.transpose(-1, -2) / 8**0.5
+        hidden = ~visible | ~mask[:, None, None, :n]
+        if causal:
+            hidden = hidden | torch.ones(n, n, dtype=torch.bool).triu(1)
+        out = dots.masked_fill(hidden, float("-inf")).softmax(-1) @ v
+        return layer.to_out(out.transpose(1, 2).reshape(2, n, 16))
+
+    with torch.no_grad():
+        short = layer(x[:, :3], input_mask=mask[:, :3])
+        torch.testing.assert_close(short, dense(3, torch.ones(3, 3, dtype=torch.bool)))
+        block = torch.arange(12) // 4
+        visible = (block[:, None] == block[None, :]) | ((block[:, None] - 1) % 3 == block[None, :])
+        torch.testing.assert_close(layer(x, input_mask=mask), dense(12, visible))

@@ -33,7 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .common import fill_masked_, normalize_keys
+from .common import SELF_ATTN_VALUE, fill_masked_, normalize_keys
 
 #: Logits computed at once per block of windows (``windows * c * 2c``): small enough to stay
 #: in cache, large enough that per-block overhead does not matter.
@@ -80,6 +80,8 @@ class _WindowPlan:
     strict: bool
     attend_across_buckets: bool
     dup_info: torch.Tensor | None  # (b, total, h, 2) per-round rank/chunk and bucket, for -log N
+    self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
+    exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
 
     @property
     def n_windows(self) -> int:
@@ -171,7 +173,10 @@ def _block_probs(
     if bias is not None:
         dots += bias.to(dots.dtype)
     fixed = is_self if hidden is None else hidden | is_self  # logits replaced by constants
-    fill_masked_(dots, hidden, is_self)
+    fill_masked_(dots, hidden, is_self, plan.self_value)
+    if plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
+        lse = torch.logsumexp(dots, dim=-1)
+        return idx, bq, bk, torch.exp(dots - lse[..., None]), lse, fixed
     # Normalise by the sum (exact for self-only queries, where an fp32 lse near -5e4 is only
     # good to ~4e-3); lse = max(x) - log(max(p)) needs no second exponential.
     probs = torch.softmax(dots, dim=-1)
@@ -255,11 +260,16 @@ def lsh_attention_chunked(
     dropout: float = 0.0,
     training: bool = False,
     return_attn: bool = False,
+    self_value: float = SELF_ATTN_VALUE,
+    exp_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LSH attention on ``qk``/``v`` ``(b, len, d)`` with ``buckets`` ``(b, n_hashes, len)``.
 
     ``n_buckets`` is the total number of bucket ids; ``key_mask`` ``(b, len)`` bool, True =
-    attendable. Returns ``(out (b, len, dv), attn (b, len, len) or None)``.
+    attendable. ``self_value``: logit of a query's own key. ``exp_lse``: attention and round
+    weights are ``exp(x - logsumexp(x))`` as in trax / Hugging Face instead of a softmax - the
+    same but for rounding, which shows where a query sees only itself (``x ~ self_value``).
+    Returns ``(out (b, len, dv), attn (b, len, len) or None)``.
     """
     b, length, d = qk.shape
     h = buckets.shape[1]
@@ -301,6 +311,8 @@ def lsh_attention_chunked(
         strict=strict,
         attend_across_buckets=attend_across_buckets,
         dup_info=dup_info,
+        self_value=self_value,
+        exp_lse=exp_lse,
     )
     q_flat = (qk * d**-0.5).reshape(b * lp, d)  # scaled here: cheaper than scaling logits
     k_flat = normalize_keys(qk).reshape(b * lp, d)
@@ -317,7 +329,11 @@ def lsh_attention_chunked(
         weights = torch.ones_like(round_lse)
     else:
         acc = torch.promote_types(round_lse.dtype, torch.float32)  # fp32 or better for the weights
-        weights = torch.softmax(round_lse.to(acc), dim=1).to(o.dtype)  # (b, h, lp)
+        lse = round_lse.to(acc)
+        if exp_lse:
+            weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True)).to(o.dtype)  # (b, h, lp)
+        else:
+            weights = torch.softmax(lse, dim=1).to(o.dtype)
         out = (o * weights[..., None]).sum(dim=1)
     out = out[:, :length]
 

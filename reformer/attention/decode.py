@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import SELF_ATTN_VALUE, masked_value, normalize_keys
+from .common import SELF_ATTN_VALUE, fill_masked_, masked_value, normalize_keys
 
 
 @dataclass
@@ -100,14 +100,14 @@ def _bucket_rings(buckets: torch.Tensor, n_buckets: int, c: int) -> tuple[torch.
 
 
 def _attend(
-    logits: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor
+    logits: torch.Tensor, valid: torch.Tensor | None, values: torch.Tensor, self_value: float = SELF_ATTN_VALUE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax over the last dim of ``logits`` ``(..., n)`` whose last entry is the query's own
-    key (logit :data:`SELF_ATTN_VALUE`, as in the parallel paths); ``values`` ``(..., n, dv)``.
+    key (logit ``self_value``, as in the parallel paths); ``values`` ``(..., n, dv)``.
     Returns the output ``(..., dv)`` and the log-sum-exp ``(...)``."""
     if valid is not None:
         logits = logits.masked_fill(~valid, masked_value(logits.dtype))
-    logits[..., -1] = SELF_ATTN_VALUE
+    fill_masked_(logits[..., -1:], None, torch.ones_like(logits[..., -1:], dtype=torch.bool), self_value)
     probs = torch.softmax(logits, dim=-1)
     return (probs[..., None, :] @ values)[..., 0, :], torch.logsumexp(logits, dim=-1)
 
@@ -139,6 +139,7 @@ def lsh_step(
     heads: slice,
     *,
     allow_duplicate_attention: bool,
+    self_value: float = SELF_ATTN_VALUE,
 ) -> torch.Tensor:
     """Strictly causal LSH attention of the newest position (already stored) in each round,
     then the rounds combined by their log-sum-exp; the rings are updated after.
@@ -171,7 +172,7 @@ def lsh_step(
         same = positions[:, :, :, None, None] == positions[:, None, None, :, :]
         seen = (same & valid[:, None, None, :, :]).sum(dim=(-1, -2))  # (rows, n_hashes, c+1)
         logits = logits - seen.clamp_min(1).to(logits.dtype).log()
-    out, lse = _attend(logits, valid, values)  # (rows, n_hashes, dh), (rows, n_hashes)
+    out, lse = _attend(logits, valid, values, self_value)  # (rows, n_hashes, dh), (rows, n_hashes)
     if n_hashes > 1:
         acc = torch.promote_types(lse.dtype, torch.float32)
         weights = torch.softmax(lse.to(acc), dim=1).to(out.dtype)

@@ -4,15 +4,28 @@ to itself and the previous block (and the next one with ``look_forward=1``).
 Block boundaries are fixed by position, so the causal variant is strictly causal. Used by
 ``n_local_attn_heads`` and by local layers; the dense twin is
 :func:`reformer.attention.reference.local_attention_reference`.
+
+:class:`BlockLocalAttention` is the trax / Hugging Face variant (``local_qkv``): separate
+queries and keys, plain scaled dot-product, wrap-around neighbour blocks.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .chunked import padded_length
-from .common import masked_softmax, normalize_keys
+from .common import (
+    check_features,
+    check_int,
+    check_mask,
+    check_prob,
+    masked_softmax,
+    masked_value,
+    normalize_keys,
+    resolve_dim_head,
+)
 
 
 def _neighbours(x: torch.Tensor, look_forward: int, fill: float | bool) -> torch.Tensor:
@@ -64,3 +77,88 @@ def local_attention_chunked(
     probs = masked_softmax(dots, hidden, is_self, dropout, training)
     out = torch.matmul(probs, vv).view(b, lp, -1)
     return out[:, :length]
+
+
+class BlockLocalAttention(nn.Module):
+    """Local self-attention with separate query/key/value projections (trax / Hugging Face
+    "local" layers): blocks of ``chunk_size`` positions attend to ``chunks_before`` previous and
+    ``chunks_after`` next blocks with plain scaled dot-product logits and no self-masking.
+
+    Neighbour blocks wrap around the sequence ends as in trax (the first block's predecessor
+    is the last one; causal masking hides such keys). A sequence of at most ``chunk_size``
+    positions is one block that attends to all of itself. Longer ones are padded with masked
+    positions to a multiple of ``chunk_size``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        chunk_size: int = 64,
+        *,
+        dim_head: int | None = None,
+        chunks_before: int = 1,
+        chunks_after: int = 0,
+        causal: bool = False,
+        dropout: float = 0.0,
+        post_attn_dropout: float = 0.0,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        self.dim, self.heads, self.dim_head = dim, heads, resolve_dim_head(dim, heads, dim_head)
+        self.chunk_size = check_int("chunk_size", chunk_size, 1)
+        self.chunks_before = check_int("chunks_before", chunks_before, 0)
+        self.chunks_after = check_int("chunks_after", chunks_after, 0)
+        self.causal = bool(causal)
+        self.attn_dropout = check_prob("dropout", dropout)
+        inner = self.heads * self.dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(dim, inner, bias=False)
+        self.to_v = nn.Linear(dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+        self.post_attn_dropout = nn.Dropout(check_prob("post_attn_dropout", post_attn_dropout))
+
+    def _neighbours(self, x: torch.Tensor) -> torch.Tensor:
+        """``(b, h, n, c, ...)`` blocks -> ``(b, h, n, (before + 1 + after) * c, ...)``, wrapping."""
+        if x.shape[2] == 1:  # a single block is the whole sequence
+            return x
+        offsets = range(-self.chunks_before, self.chunks_after + 1)
+        return torch.cat([x.roll(-i, dims=2) for i in offsets], dim=3)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(b, t, dim)``, ``input_mask`` ``(b, t)`` bool (True = real) -> ``(b, t, dim)``."""
+        if keys is not None or context_mask is not None:
+            raise ValueError("local_qkv layers attend within the sequence only: keys= is not supported")
+        check_features("x", x, self.dim)
+        b, t, _ = x.shape
+        check_mask("input_mask", input_mask, (b, t))
+        h, dh = self.heads, self.dim_head
+        c = self.chunk_size if t > self.chunk_size else t
+        lp = padded_length(t, c)
+        valid = torch.ones(b, t, dtype=torch.bool, device=x.device) if input_mask is None else input_mask
+        valid = F.pad(valid, (0, lp - t), value=False)
+
+        def blocks(proj: nn.Linear) -> torch.Tensor:  # (b, t, dim) -> (b, h, n, c, dh)
+            y = F.pad(proj(x), (0, 0, 0, lp - t))
+            return y.view(b, lp // c, c, h, dh).permute(0, 3, 1, 2, 4)
+
+        q = blocks(self.to_q)
+        k = self._neighbours(blocks(self.to_k) * dh**-0.5)  # (b, h, n, w, dh)
+        v = self._neighbours(blocks(self.to_v))
+        dots = torch.matmul(q, k.transpose(-1, -2))  # (b, h, n, c, w)
+        pos = torch.arange(lp, device=x.device).view(1, 1, lp // c, c)
+        k_pos = self._neighbours(pos[..., None])[..., 0]  # (1, 1, n, w)
+        hidden = ~self._neighbours(valid.view(b, 1, lp // c, c, 1))[..., None, :, 0]  # (b, 1, n, 1, w)
+        if self.causal:
+            hidden = hidden | (k_pos[..., None, :] > pos[..., None])
+        probs = torch.softmax(dots.masked_fill(hidden, masked_value(dots.dtype)), dim=-1)
+        probs = F.dropout(probs, self.attn_dropout, training=self.training)
+        out = torch.matmul(probs, v)  # (b, h, n, c, dh)
+        out = out.permute(0, 2, 3, 1, 4).reshape(b, lp, h * dh)[:, :t]
+        return self.post_attn_dropout(self.to_out(out))

@@ -14,7 +14,7 @@ from ..hashing import (
     validate_n_buckets,
 )
 from .chunked import lsh_attention_chunked
-from .common import check_int, check_prob, check_qkv
+from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
 from .full import full_qk_attention
 
 
@@ -47,6 +47,9 @@ class LSHAttention(nn.Module):
             ``random_rotations_per_head`` the rotations are per head, not per row.
         hash_seed: seed of the eval-mode rotations (default: drawn from torch's RNG at
             construction and saved in the state dict). Training always draws fresh rotations.
+        pad_bucket: positions hidden by ``input_mask`` get an extra last bucket (trax / HF).
+        n_buckets_first_major: see :func:`reformer.hashing.hash_vectors` (``first_major``).
+        self_value, exp_lse: see :func:`reformer.attention.chunked.lsh_attention_chunked`.
     """
 
     def __init__(
@@ -65,8 +68,15 @@ class LSHAttention(nn.Module):
         max_seq_len: int | None = None,
         heads: int | None = None,
         hash_seed: int | None = None,
+        pad_bucket: bool = False,
+        n_buckets_first_major: bool = True,
+        self_value: float = SELF_ATTN_VALUE,
+        exp_lse: bool = False,
     ):
         super().__init__()
+        self.self_value, self.exp_lse = float(self_value), bool(exp_lse)
+        self.pad_bucket = bool(pad_bucket)
+        self.n_buckets_first_major = bool(n_buckets_first_major)
         self.dropout = check_prob("dropout", dropout)
         self.bucket_size = check_int("bucket_size", bucket_size, 1)
         self.n_hashes = check_int("n_hashes", n_hashes, 1)
@@ -115,7 +125,7 @@ class LSHAttention(nn.Module):
                 self._eval_rotations = (key, drawn)
             rotations = self._eval_rotations[1]
         with torch.no_grad():
-            return hash_vectors(qk.detach(), rotations, n_buckets)
+            return hash_vectors(qk.detach(), rotations, n_buckets, first_major=self.n_buckets_first_major)
 
     def forward(
         self,
@@ -135,6 +145,8 @@ class LSHAttention(nn.Module):
         check_int("chunks", chunks, 1)
         buckets = self.hash(qk)
         n_total = total_buckets(self.bucket_spec(qk.shape[1]))
+        if self.pad_bucket and input_mask is not None:  # the id the chunked path gives its padding
+            buckets = buckets.masked_fill(~input_mask[:, None, :], n_total)
         outs, attns = [], []
         rows, parts = qk.shape[0], min(chunks, qk.shape[0])
         for i in range(parts):  # near-equal row ranges, as tensor_split would give
@@ -153,6 +165,8 @@ class LSHAttention(nn.Module):
                 dropout=self.dropout,
                 training=self.training,
                 return_attn=self.return_attn,
+                self_value=self.self_value,
+                exp_lse=self.exp_lse,
             )
             outs.append(out)
             attns.append(attn)

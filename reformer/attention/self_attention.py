@@ -9,7 +9,7 @@ from torch import nn
 
 from ..hashing import BucketSpec, total_buckets
 from ..positions import apply_rotary, rotary_angles
-from .common import check_features, check_int, check_mask, check_prob, resolve_dim_head
+from .common import SELF_ATTN_VALUE, check_features, check_int, check_mask, check_prob, resolve_dim_head
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
 from .full import full_qk_attention
 from .local import local_attention_chunked
@@ -36,6 +36,9 @@ class LSHSelfAttention(nn.Module):
             strict causal attention, whose outputs must not depend on the length).
         post_attn_dropout: dropout on the layer output. dropout: on the attention weights.
         rotary_emb: rotate the sequence's shared query/key vectors by position (RoPE).
+        qk_logit_scale: scale of the logits ``q . k / |k|`` (default ``dim_head ** -0.5``).
+        out_bias: bias in the output projection.
+        pad_bucket, n_buckets_first_major, self_value, exp_lse: as in :class:`LSHAttention`.
     """
 
     def __init__(
@@ -63,6 +66,12 @@ class LSHSelfAttention(nn.Module):
         max_seq_len: int | None = None,
         hash_seed: int | None = None,
         rotary_emb: bool = False,
+        qk_logit_scale: float | None = None,
+        out_bias: bool = True,
+        pad_bucket: bool = False,
+        n_buckets_first_major: bool = True,
+        self_value: float = SELF_ATTN_VALUE,
+        exp_lse: bool = False,
     ):
         super().__init__()
         dim_head = resolve_dim_head(dim, heads, dim_head)
@@ -88,7 +97,10 @@ class LSHSelfAttention(nn.Module):
         inner = dim_head * heads
         self.toqk = nn.Linear(dim, inner, bias=False)
         self.tov = nn.Linear(dim, inner, bias=False)
-        self.to_out = nn.Linear(inner, dim)
+        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+        # Keys are unit vectors and hashing is scale-invariant, so scaling the shared qk
+        # vectors scales only the logits: from the kernels' dim_head ** -0.5 to the one asked for.
+        self.qk_rescale = None if qk_logit_scale is None else qk_logit_scale * dim_head**0.5
         self.post_attn_dropout = nn.Dropout(check_prob("post_attn_dropout", post_attn_dropout))
         self.mem_kv = nn.Parameter(torch.randn(1, num_mem_kv, dim)) if num_mem_kv > 0 else None
         self.lsh_attn = LSHAttention(
@@ -105,6 +117,10 @@ class LSHSelfAttention(nn.Module):
             max_seq_len=max_seq_len,
             heads=heads - n_local_attn_heads or None,
             hash_seed=hash_seed,
+            pad_bucket=pad_bucket,
+            n_buckets_first_major=n_buckets_first_major,
+            self_value=self_value,
+            exp_lse=exp_lse,
         )
         #: Optional ``callback(attn, buckets)`` called after each forward (used by Recorder).
         self.callback: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None
@@ -180,6 +196,8 @@ class LSHSelfAttention(nn.Module):
             return y.view(b, length, h, dh).transpose(1, 2)
 
         qk, v = split_heads(self.toqk(seq)), split_heads(self.tov(seq))
+        if self.qk_rescale is not None:
+            qk = qk * self.qk_rescale
         if self.rotary_emb:  # rotate the sequence's queries/keys by position; the prefix is unrotated
             angles = rotary_angles(t, dh, x.device)
             qk = torch.cat([qk[:, :, :n_prefix], apply_rotary(qk[:, :, n_prefix:], angles)], dim=2)
@@ -252,6 +270,8 @@ class LSHSelfAttention(nn.Module):
         h, dh, lh = self.heads, self.dim_head, self.n_local_attn_heads
         qk = self.toqk(x).view(b, 1, h, dh).transpose(1, 2)  # (b, h, 1, dh)
         v = self.tov(x).view(b, 1, h, dh).transpose(1, 2)
+        if self.qk_rescale is not None:
+            qk = qk * self.qk_rescale
         if self.rotary_emb:
             qk = apply_rotary(qk, rotary_angles(1, dh, x.device, offset=state.length - state.n_prefix))
         state.append(qk, v)
@@ -271,6 +291,7 @@ class LSHSelfAttention(nn.Module):
                         buckets,
                         slice(lh, h),
                         allow_duplicate_attention=self.lsh_attn.allow_duplicate_attention,
+                        self_value=self.lsh_attn.self_value,
                     )
                 )
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)

@@ -1,0 +1,289 @@
+"""Hugging Face ``transformers`` Reformer checkpoints <-> :class:`~reformer.model.ReformerLM`.
+
+``from_transformers`` turns a ``ReformerModelWithLMHead`` (causal) or ``ReformerForMaskedLM``
+(bidirectional), or a directory holding one, into a ``ReformerLM`` that computes the same
+eval-mode logits; ``to_transformers`` goes back. Their architecture is expressed by ordinary
+config fields (:data:`TRANSFORMERS_LAYOUT`: classic causal chunks, per-head rotations, halves
+concatenated at the output, unit keys with unscaled queries, a pad bucket, Hugging Face's
+factorised bucket order, separate-q/k/v local layers, padding to the chunk lcm).
+
+Their self-logit -1e5 and their way of weighting hash rounds are reproduced too
+(``self_attn_value``, ``exp_lse_softmax``): where a position sees only itself, their
+weights ``exp(x - logsumexp(x))`` at x ~ -1e5 do not sum to one in fp32, which shows in the
+logits.
+Not reproduced, by design: training-mode dropout placement (eval outputs are identical),
+their incremental-decoding cache, their hidden-key logit -1e9 (ours is the dtype's most
+negative value: both give zero weight) and their fp16 self-logit -1e3 (fp16 uses -5e4). With
+``hash_seed=None`` Hugging Face draws new rotations at every forward, so its eval outputs are
+random; our converted model fixes one seed per layer instead.
+
+Needs the optional dependency: ``pip install 'reformer-torch[interop]'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ReformerConfig
+from .hashing import buckets_for_length
+from .model import ReformerLM
+
+#: Our config fields whose values Hugging Face's architecture fixes. ``from_transformers``
+#: sets them; ``to_transformers`` accepts only models built with them, e.g.
+#: ``ReformerLM(**TRANSFORMERS_LAYOUT, dim=256, ...)``.
+TRANSFORMERS_LAYOUT: dict[str, Any] = {
+    "strict_causal": False,
+    "random_rotations_per_head": True,
+    "reversible_output": "concat",
+    "attn_out_bias": False,
+    "qk_logit_scale": 1.0,
+    "pad_bucket": True,
+    "n_buckets_first_major": False,
+    "self_attn_value": -1e5,
+    "exp_lse_softmax": True,
+    "local_qkv": True,
+    "pad_to_chunk_multiple": True,
+    "emb_dim": None,
+    "weight_tie": False,
+    "weight_tie_embedding": False,
+    "twin_attention": False,
+    "use_scale_norm": False,
+    "use_rezero": False,
+    "ff_glu": False,
+    "num_mem_kv": 0,
+    "n_local_attn_heads": 0,
+    "rotary_emb": False,
+    "fixed_position_emb": False,
+    "allow_duplicate_attention": True,
+    "attend_across_buckets": True,
+    "use_full_attn": False,
+    "full_attn_thres": None,
+    "cross_attention": False,
+    "return_embeddings": False,
+    "layer_dropout": 0.0,
+}
+
+#: Their ``hidden_act`` -> our ``ff_activation``.
+ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": "silu", "swish": "silu"}
+
+#: Rows indexed by token id: dropped by ``byte_vocab`` (ids 0, 1 are special; byte b is id b + 2).
+VOCAB_KEYS = ("reformer.embeddings.word_embeddings.weight", "lm_head.decoder.weight", "lm_head.decoder.bias")
+BYTE_OFFSET = 2
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            "reformer.convert needs Hugging Face transformers: pip install 'reformer-torch[interop]'"
+        ) from None
+    return transformers
+
+
+def _unsupported(field: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"cannot convert: {field}={value!r}; supported: {allowed}")
+
+
+def config_from_transformers(hf: Any) -> ReformerConfig:
+    """Our config for a ``transformers.ReformerConfig``; a ValueError names any field of
+    theirs that we cannot represent."""
+    kinds = tuple(hf.attn_layers)
+    if not kinds or set(kinds) - {"lsh", "local"}:
+        raise _unsupported("attn_layers", list(kinds), "a non-empty list of 'lsh' and 'local'")
+    if hf.num_buckets is None and "lsh" in kinds:
+        raise _unsupported("num_buckets", None, "an even int or a list of even ints (None lets transformers "
+                           "choose it from the first input's length)")  # fmt: skip
+    if "lsh" in kinds and (hf.lsh_num_chunks_before, hf.lsh_num_chunks_after) != (1, 0):
+        raise _unsupported("lsh_num_chunks_before/after", (hf.lsh_num_chunks_before, hf.lsh_num_chunks_after), "(1, 0)")
+    if hf.hidden_act not in ACTIVATIONS:
+        raise _unsupported("hidden_act", hf.hidden_act, ", ".join(ACTIVATIONS))
+    if hf.feed_forward_size % hf.hidden_size:
+        raise _unsupported("feed_forward_size", hf.feed_forward_size, f"a multiple of hidden_size={hf.hidden_size}")
+    if hf.axial_pos_embds and len(hf.axial_pos_shape) != 2:
+        raise _unsupported("axial_pos_shape", list(hf.axial_pos_shape), "two factors")
+    num_buckets = hf.num_buckets if hf.num_buckets is None or isinstance(hf.num_buckets, int) else tuple(hf.num_buckets)
+    return ReformerConfig(
+        **TRANSFORMERS_LAYOUT,
+        axial_position_emb=bool(hf.axial_pos_embds),
+        absolute_position_emb=not hf.axial_pos_embds,
+        axial_position_shape=tuple(hf.axial_pos_shape) if hf.axial_pos_embds else None,
+        axial_position_dims=tuple(hf.axial_pos_embds_dim) if hf.axial_pos_embds else None,
+        num_tokens=hf.vocab_size,
+        dim=hf.hidden_size,
+        depth=len(kinds),
+        attn_layers=kinds,
+        max_seq_len=hf.max_position_embeddings,
+        heads=hf.num_attention_heads,
+        dim_head=hf.attention_head_size,
+        bucket_size=hf.lsh_attn_chunk_length or hf.local_attn_chunk_length,
+        n_hashes=hf.num_hashes,
+        n_buckets=num_buckets,
+        hash_seed=hf.hash_seed,
+        causal=bool(hf.is_decoder),
+        local_chunk_size=hf.local_attn_chunk_length,
+        local_chunks_before=hf.local_num_chunks_before,
+        local_chunks_after=hf.local_num_chunks_after,
+        ff_mult=hf.feed_forward_size // hf.hidden_size,
+        ff_activation=ACTIVATIONS[hf.hidden_act],
+        norm_eps=hf.layer_norm_eps,
+        lsh_dropout=hf.lsh_attention_probs_dropout_prob or 0.0,
+        post_attn_dropout=hf.hidden_dropout_prob,
+        ff_dropout=hf.hidden_dropout_prob,
+    )
+
+
+def config_to_transformers(model: ReformerLM) -> Any:
+    """The ``transformers.ReformerConfig`` of ``model``; a ValueError names any field of ours
+    that their architecture cannot express."""
+    cfg = model.config
+    for field, required in TRANSFORMERS_LAYOUT.items():
+        if getattr(cfg, field) != required:
+            raise _unsupported(field, getattr(cfg, field), f"{required!r} (see reformer.convert.TRANSFORMERS_LAYOUT)")
+    kinds = cfg.layer_kinds()
+    if "full" in kinds:
+        raise _unsupported("attn_layers", cfg.attn_layers, "'lsh' and 'local' layers")
+    if cfg.ff_activation not in ACTIVATIONS.values():
+        raise _unsupported("ff_activation", cfg.ff_activation, "relu, gelu, silu")
+    positions: dict[str, Any] = {"axial_pos_embds": False}
+    if not cfg.absolute_position_emb:
+        if not cfg.axial_position_emb or len(model.pos_emb.shape) != 2:
+            raise _unsupported("axial_position_shape", cfg.axial_position_shape, "two factors with axial_position_emb "
+                               "(or absolute_position_emb=True)")  # fmt: skip
+        shape, dims = model.pos_emb.shape, model.pos_emb.dims
+        positions = {"axial_pos_embds": True, "axial_pos_shape": list(shape), "axial_pos_embds_dim": list(dims)}
+    n_buckets = cfg.n_buckets
+    if n_buckets is None and "lsh" in kinds:  # what our LSH layers derived from max_seq_len
+        n_buckets = buckets_for_length(cfg.max_seq_len, cfg.bucket_size)
+    return _transformers().ReformerConfig(
+        vocab_size=cfg.num_tokens,
+        hidden_size=cfg.dim,
+        attn_layers=kinds,
+        max_position_embeddings=cfg.max_seq_len,
+        num_attention_heads=cfg.heads,
+        attention_head_size=model.reformer.blocks[0].f.fn.dim_head,
+        lsh_attn_chunk_length=cfg.bucket_size,
+        lsh_num_chunks_before=1,
+        lsh_num_chunks_after=0,
+        local_attn_chunk_length=cfg.chunk_length("local"),
+        local_num_chunks_before=cfg.local_chunks_before,
+        local_num_chunks_after=cfg.local_chunks_after,
+        num_hashes=cfg.n_hashes,
+        num_buckets=list(n_buckets) if isinstance(n_buckets, tuple) else n_buckets,
+        hash_seed=cfg.hash_seed,
+        is_decoder=cfg.causal,
+        feed_forward_size=cfg.dim * cfg.ff_mult,
+        hidden_act=cfg.ff_activation,
+        layer_norm_eps=cfg.norm_eps,
+        **positions,
+        hidden_dropout_prob=cfg.ff_dropout,
+        lsh_attention_probs_dropout_prob=cfg.lsh_dropout,
+        local_attention_probs_dropout_prob=cfg.lsh_dropout,
+    )
+
+
+#: Parameter names inside block ``i`` (ours ``reformer.blocks.i.*``, theirs
+#: ``reformer.encoder.layers.i.*``): the attention projections of each kind, then the rest.
+PROJECTIONS = {
+    "lsh": {"f.fn.toqk.weight": "query_key", "f.fn.tov.weight": "value"},
+    "local": {"f.fn.to_q.weight": "query", "f.fn.to_k.weight": "key", "f.fn.to_v.weight": "value"},
+}
+BLOCK_NAMES = {
+    "f.fn.to_out.weight": "attention.output.dense.weight",
+    "f.norm.weight": "attention.layer_norm.weight",
+    "f.norm.bias": "attention.layer_norm.bias",
+    "g.norm.weight": "feed_forward.layer_norm.weight",
+    "g.norm.bias": "feed_forward.layer_norm.bias",
+    "g.fn.w1.weight": "feed_forward.dense.dense.weight",
+    "g.fn.w1.bias": "feed_forward.dense.dense.bias",
+    "g.fn.w2.weight": "feed_forward.output.dense.weight",
+    "g.fn.w2.bias": "feed_forward.output.dense.bias",
+}
+
+
+def weight_names(cfg: ReformerConfig) -> list[tuple[str, str]]:
+    """``(our name, their name)`` of every parameter."""
+    if cfg.absolute_position_emb:
+        pos = [("pos_emb.emb.weight", "reformer.embeddings.position_embeddings.embedding.weight")]
+    else:
+        pos = [(f"pos_emb.weights.{i}", f"reformer.embeddings.position_embeddings.weights.{i}") for i in range(2)]
+    names = [("token_emb.weight", "reformer.embeddings.word_embeddings.weight"), *pos]
+    for i, kind in enumerate(cfg.layer_kinds()):
+        block = {ours: f"attention.self_attention.{theirs}.weight" for ours, theirs in PROJECTIONS[kind].items()}
+        block.update(BLOCK_NAMES)
+        names += [
+            (f"reformer.blocks.{i}.{ours}", f"reformer.encoder.layers.{i}.{theirs}") for ours, theirs in block.items()
+        ]
+    names += [
+        ("norm.weight", "reformer.encoder.layer_norm.weight"),
+        ("norm.bias", "reformer.encoder.layer_norm.bias"),
+        ("to_logits.weight", "lm_head.decoder.weight"),
+        ("to_logits.bias", "lm_head.decoder.bias"),
+    ]
+    return names
+
+
+@torch.no_grad()
+def _copy(src: dict[str, torch.Tensor], dst: torch.nn.Module, pairs: list[tuple[str, str]]) -> None:
+    """``dst``'s parameter ``b`` <- ``src[a]`` for each pair (axial weights change shape only);
+    every parameter of ``dst`` must be covered."""
+    params = dict(dst.named_parameters())
+    missing = set(params) - {b for _, b in pairs}
+    if missing:
+        raise RuntimeError(f"conversion table misses {sorted(missing)}")
+    for a, b in pairs:
+        params[b].copy_(src[a].reshape(params[b].shape))
+
+
+def _load_transformers(path: str | os.PathLike) -> Any:
+    tf = _transformers()
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {path} (expected a transformers Reformer checkpoint directory)")
+    hf_config = tf.AutoConfig.from_pretrained(path)
+    if hf_config.model_type != "reformer":
+        raise ValueError(f"{path} holds a {hf_config.model_type!r} model, not a Reformer")
+    config_from_transformers(hf_config)  # refuse before loading the weights
+    cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
+    return cls.from_pretrained(path)
+
+
+def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM:
+    """Our ``ReformerLM`` (eval mode, config in ``.config``) for a ``transformers``
+    ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` or a directory saved from one.
+
+    ``byte_vocab``: the checkpoint's tokens are bytes shifted by two special ids (as in
+    ``google/reformer-enwik8``: id = byte + 2, vocab 258); keep only the 256 byte rows so that
+    token id == byte value, as in our byte-level models (the two special logits are dropped).
+    """
+    tf = _transformers()
+    hf = model_or_dir
+    if isinstance(model_or_dir, (str, os.PathLike)):
+        hf = _load_transformers(model_or_dir)
+    if not isinstance(hf, (tf.ReformerModelWithLMHead, tf.ReformerForMaskedLM)):
+        raise TypeError(f"expected a ReformerModelWithLMHead or ReformerForMaskedLM, got {type(hf).__name__}")
+    cfg = config_from_transformers(hf.config)
+    state = dict(hf.state_dict())
+    if byte_vocab:
+        if cfg.num_tokens != 256 + BYTE_OFFSET:
+            raise _unsupported("vocab_size", cfg.num_tokens, f"{256 + BYTE_OFFSET} with byte_vocab")
+        cfg.num_tokens = 256
+        state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS})
+    model = ReformerLM(config=cfg)
+    _copy(state, model, [(theirs, ours) for ours, theirs in weight_names(cfg)])
+    return model.to(hf.dtype).eval()
+
+
+def to_transformers(model: ReformerLM) -> Any:
+    """The ``transformers`` model (eval mode) computing what ``model`` computes:
+    ``ReformerModelWithLMHead`` when causal, else ``ReformerForMaskedLM``."""
+    tf = _transformers()
+    if not isinstance(model, ReformerLM):
+        raise TypeError(f"expected a ReformerLM, got {type(model).__name__}")
+    hf_config = config_to_transformers(model)
+    hf = (tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM)(hf_config)
+    _copy(model.state_dict(), hf, weight_names(model.config) + [("to_logits.bias", "lm_head.bias")])
+    return hf.to(next(model.parameters()).dtype).eval()
