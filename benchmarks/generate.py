@@ -9,11 +9,13 @@ greedy decoding, batch 1:
 * ``reformer_pytorch`` 1.4.4: ``TrainingWrapper.generate`` (full forward per token);
 * ``transformers``: ``ReformerModelWithLMHead.generate(use_cache=True)``.
 
-Per-token time is ``(t(1 + n) - t(1)) / n``: generating ``1 + n`` tokens minus generating
-one, so the prompt's prefill cancels out (its time is reported separately). Each case runs
-in a fresh process; memory is the peak resident set above the process's after building
-the model. Cases estimated to take longer than ``--max-seconds`` are skipped. Writes a
-Markdown table and a log-log PNG plot. Never asserts.
+Per-token time is the median time between successive new tokens (after the first, whose
+wait - the prompt's prefill - is reported separately), taken from each system's streaming
+hook. Each case runs in a fresh process, after a short warm-up; memory is the peak
+resident set above the process's before the measured call (the allocator's high-water
+mark: what the process had to hold). Cases estimated to take longer
+than ``--max-seconds`` are skipped. Writes a Markdown table and a log-log PNG plot. Never
+asserts.
 
     python benchmarks/generate.py
     python benchmarks/generate.py --lengths 16 1024 --systems ours-cached reformer_pytorch
@@ -22,7 +24,6 @@ Markdown table and a log-log PNG plot. Never asserts.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -36,8 +37,9 @@ MAX_POSITIONS = 32768
 SIZE = dict(dim=512, depth=6, heads=8, bucket_size=64, n_hashes=4)
 
 
-def _generator(system: str):
-    """A ``run(prompt, n_new)`` function for ``system`` (model built here, eval mode)."""
+def _stepper(system: str):
+    """A ``run(prompt, n_new)`` for ``system`` that returns the time at which each new token
+    became available (model built here, eval mode)."""
     torch.manual_seed(0)
     common = dict(num_tokens=256, max_seq_len=MAX_POSITIONS, causal=True, **SIZE)
     if system.startswith("ours"):
@@ -45,14 +47,23 @@ def _generator(system: str):
 
         model = ReformerLM(**common).eval()
         use_cache = system == "ours-cached"
-        return lambda prompt, n: model.generate(prompt, n, temperature=0, use_cache=use_cache)
+        return lambda prompt, n: [
+            time.perf_counter() for _ in model.stream(prompt, n, temperature=0, use_cache=use_cache)
+        ]
     if system == "reformer_pytorch":
         from reformer_pytorch import ReformerLM as PeerLM
         from reformer_pytorch.generative_tools import TrainingWrapper
 
         wrapper = TrainingWrapper(PeerLM(**common)).eval()
-        # keeps int((1 - filter_thres) * 256) = 1 token: greedy
-        return lambda prompt, n: wrapper.generate(prompt, n, temperature=1.0, filter_thres=1 - 1.5 / 256)
+
+        def run_peer(prompt, n):  # no streaming: one call per token, each recomputing the context
+            times, out = [], prompt
+            for _ in range(n):  # keeps int((1 - filter_thres) * 256) = 1 token: greedy
+                out = torch.cat([out, wrapper.generate(out, 1, temperature=1.0, filter_thres=1 - 1.5 / 256)], dim=1)
+                times.append(time.perf_counter())
+            return times
+
+        return run_peer
     from transformers import ReformerConfig, ReformerModelWithLMHead
 
     config = ReformerConfig(
@@ -76,24 +87,38 @@ def _generator(system: str):
         eos_token_id=None,
     )
     model = ReformerModelWithLMHead(config).eval()
-    return lambda prompt, n: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+
+    class Clock:  # a transformers streamer: put() gets the prompt first, then each new token
+        def __init__(self):
+            self.times = []
+
+        def put(self, _tokens):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def run_hf(prompt, n):
+        clock = Clock()
+        model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=True, streamer=clock)
+        return clock.times[1:]
+
+    return run_hf
 
 
 def measure(system: str, length: int, n_new: int, threads: int) -> dict:
     torch.set_num_threads(threads)
-    run = _generator(system)
+    run = _stepper(system)
     prompt = torch.randint(1, 256, (1, length))
-    before = rss_bytes()
     with torch.no_grad():
+        run(prompt[:, :16], 2)  # warm-up: first-call costs of every code path
+        before = rss_bytes()
         start = time.perf_counter()
-        run(prompt, 1)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        run(prompt, 1 + n_new)
-        total = time.perf_counter() - start
+        times = run(prompt, 1 + n_new)
+    steps = [b - a for a, b in zip(times, times[1:], strict=False)]
     return {
-        "ms": max(total - first, 0.0) / n_new * 1e3,
-        "first_s": first,
+        "ms": sorted(steps)[len(steps) // 2] * 1e3,  # median time between tokens
+        "first_s": times[0] - start,
         "mb": max(peak_rss_bytes() - before, 0) / 2**20,
         "n": n_new,
     }
@@ -108,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-seconds", type=float, default=300.0, help="skip cases estimated to take longer")
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks-generate-cpu.md"))
     args = p.parse_args(argv)
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # peak RSS = live memory (see memory.py)
     systems = [s for s in args.systems if s not in NEEDS or importable(NEEDS[s])]
 
     results: dict[tuple[str, int], dict] = {}
