@@ -30,6 +30,37 @@ class UsageError(ValueError):
     """A problem with what the user asked for."""
 
 
+def int_at_least(minimum: int):
+    """argparse ``type=``: an int >= ``minimum`` (argparse names the option in its error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def float_in(low: float, high: float = float("inf"), *, low_open: bool = False):
+    """argparse ``type=``: a float in ``[low, high]`` (``(low, high]`` with ``low_open``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (value > low if low_open else value >= low) or value > high:
+            interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
+        return value
+
+    return parse
+
+
 def resolve_checkpoint(path: str) -> Path:
     """A checkpoint directory, or a run directory (its latest checkpoint)."""
     p = Path(path)
@@ -198,10 +229,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
     model, vocab, _ = load_for_inference(args.checkpoint, args.device)
     prompt = vocab.encode(args.prompt)[None].to(args.device)
-    if prompt.shape[1] == 0:
-        raise UsageError("--prompt must not be empty")
     out = sys.stdout
     out.write(args.prompt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
@@ -259,17 +290,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", default="builtin", help="builtin (no download), a file path, enwik8:PATH, or duplication")
     t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
     t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
-    t.add_argument("--seq-len", type=int, default=2048, help="tokens per training sequence (also the model's max)")
-    t.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
-    t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    t.add_argument("--steps", type=int, default=300, help="optimizer steps in the whole run")
-    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    t.add_argument("--warmup", type=int, default=30, help="warm-up steps")
+    t.add_argument(
+        "--seq-len", type=int_at_least(1), default=2048, help="tokens per training sequence (also the model's max)"
+    )
+    t.add_argument("--batch-size", type=int_at_least(1), default=4, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per optimizer step")
+    t.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps in the whole run")
+    t.add_argument("--lr", type=float_in(0, low_open=True), default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int_at_least(0), default=30, help="warm-up steps")
     t.add_argument("--schedule", choices=("cosine", "rsqrt", "constant"), default="cosine", help="learning-rate decay")
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
-    t.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps")
-    t.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps")
-    t.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
+    t.add_argument("--eval-every", type=int_at_least(1), default=50, help="evaluate every N steps")
+    t.add_argument("--save-every", type=int_at_least(1), default=50, help="checkpoint every N steps")
+    t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -279,19 +312,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
     e.add_argument("--data", default="builtin", help="builtin, a file path, enwik8:PATH, or duplication")
-    e.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's max)")
-    e.add_argument("--batch-size", type=int, default=2, help="windows per batch")
-    e.add_argument("--batches", type=int, default=4, help="batches to average")
+    e.add_argument("--seq-len", type=int_at_least(1), default=None, help="window length (default: the model's max)")
+    e.add_argument("--batch-size", type=int_at_least(1), default=2, help="windows per batch")
+    e.add_argument("--batches", type=int_at_least(1), default=4, help="batches to average")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
     g.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
     g.add_argument("--prompt", required=True, help="text to continue")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens")
-    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    g.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample")
+    g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.95, help="nucleus sampling mass")
     g.add_argument("--seed", type=int, default=None, help="random seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     g.add_argument("--device", default="cpu", help="cpu or cuda")

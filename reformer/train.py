@@ -70,8 +70,14 @@ class TrainConfig:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
                      "keep_last"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
+        check_int("warmup_steps", self.warmup_steps, 0)
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("weight_decay", "clip_grad"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
