@@ -13,6 +13,7 @@ from reformer.cli import main
 from reformer.train import TrainConfig
 
 OK = dict(num_tokens=16, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=32, causal=True)
+STACK = {k: v for k, v in OK.items() if k != "num_tokens"}
 PACKAGE = str(Path(__import__("reformer").__file__).parent)
 
 
