@@ -1,8 +1,10 @@
 """``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, written
-atomically (temporary file + rename), read back with clear errors."""
+atomically (temporary file + fsync + rename), with a ``manifest.json`` of the weights' SHA-256
+so that a truncated or altered file is reported as such, read back with clear errors."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -17,9 +19,20 @@ from .config import ReformerConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 M = TypeVar("M", bound="PretrainedMixin")
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a directory's entries') data to disk, so a rename after it cannot
+    outlive the data in a power loss."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -28,10 +41,53 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record the size and SHA-256 of the binary files in ``directory`` (weights, trainer
+    state) in ``manifest.json``. JSON files are left out: they are checked when parsed, and a
+    hand-edited config should load."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix != ".json")
+    entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    text = json.dumps({"files": entries}, indent=2) + "\n"
+    atomic_write(directory / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
+
+
+def verify_manifest(directory: Path) -> None:
+    """Raise a ValueError naming the file if one listed in ``manifest.json`` is missing,
+    truncated or altered. Directories without a manifest (older checkpoints) pass."""
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        return
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt checkpoint {directory}: unreadable {MANIFEST_NAME} ({exc})") from None
+    for name, entry in entries.items():
+        file = directory / name
+        if not file.is_file():
+            raise ValueError(f"corrupt checkpoint {directory}: {name} is missing")
+        if file.stat().st_size != entry["bytes"]:
+            raise ValueError(
+                f"corrupt checkpoint {directory}: {name} has {file.stat().st_size} bytes, "
+                f"{entry['bytes']} were written (truncated?)"
+            )
+        if _sha256(file) != entry["sha256"]:
+            raise ValueError(f"corrupt checkpoint {directory}: {name} does not match its checksum (altered on disk)")
 
 
 class PretrainedMixin:
@@ -45,6 +101,7 @@ class PretrainedMixin:
         meta = {"architecture": type(self).__name__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self, tmp))
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        write_manifest(directory)
         return directory
 
     @classmethod
@@ -54,6 +111,7 @@ class PretrainedMixin:
         arch, config = read_config(directory)
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        verify_manifest(directory)
         if arch != cls.__name__:
             raise ValueError(f"{directory} holds a {arch}, not a {cls.__name__}")
         model = cls(config=config)

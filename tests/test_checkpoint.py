@@ -17,7 +17,7 @@ def test_round_trip_gives_identical_logits(tmp_path, kw):
     model = _model(**kw)
     tokens = torch.randint(0, 40, (2, 64))
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     loaded = ReformerLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))
@@ -38,7 +38,17 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
 
     _model().save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:100])
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[:100])
+    with pytest.raises(ValueError, match="model.safetensors has 100 bytes.*truncated"):
+        ReformerLM.from_pretrained(tmp_path)
+    flipped = bytearray(intact)
+    flipped[len(flipped) // 2] ^= 0x10  # one bit inside a weight: still a valid safetensors file
+    weights.write_bytes(bytes(flipped))
+    with pytest.raises(ValueError, match="model.safetensors does not match its checksum"):
+        ReformerLM.from_pretrained(tmp_path)
+    (tmp_path / "manifest.json").unlink()  # no manifest (an older checkpoint): the format check remains
+    weights.write_bytes(intact[:100])
     with pytest.raises(ValueError, match="corrupt weights"):
         ReformerLM.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
