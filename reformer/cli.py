@@ -25,6 +25,8 @@ from .model import ReformerLM
 from .presets import PRESETS
 from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, checkpoint_dirs, evaluate, train
 
+LOG_FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc", "overflow"]
+
 
 class UsageError(ValueError):
     """A problem with what the user asked for."""
@@ -168,9 +170,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     log_path = run / "log.csv"
-    board = SummaryWriter(log_dir=str(run / "tensorboard"))
+    # A resumed run redoes the steps after its checkpoint: TensorBoard hides their old events.
+    resume_step = int(checkpoint_dirs(run)[-1].name[5:]) if args.resume and checkpoint_dirs(run) else 0
+    board = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
     bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
     history: list[dict] = []
+    overflows: list[int] = []
 
     def on_step(record: dict, state: TrainState) -> None:
         history.append(record)
@@ -186,12 +191,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"):
             if key in record:
                 board.add_scalar(key, record[key], record["step"])
-        new = not log_path.exists()
-        with log_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"])
-            if new:
+        if record.get("overflow"):
+            overflows.append(record["step"])
+            bar.write(f"step {record['step']}: fp16 gradient overflow, update skipped, loss scale lowered")
+        # The first step of this process rewrites the log from the checkpoint's history, so steps
+        # logged after that checkpoint by a killed run appear once.
+        rows = state.history if len(history) == 1 else [record]
+        with log_path.open("w" if len(history) == 1 else "a", newline="") as f:
+            writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
+            if len(history) == 1:
                 writer.writeheader()
-            writer.writerow(record)
+            writer.writerows(rows)
 
     start = time.perf_counter()
     try:
@@ -210,6 +220,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
           f"{last['eval_bpc']:.3f} (step {last['step']}); {speed:,.0f} tokens/s; "
           f"{time.perf_counter() - start:.0f} s; checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
+    if overflows:
+        print(f"fp16: {len(overflows)} step(s) skipped for gradient overflow: {overflows[:10]}", file=sys.stderr)
     return 0
 
 
@@ -348,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as exc:
+    except (ValueError, OSError, TrainingDiverged) as exc:  # OSError: e.g. a full disk while saving
         print(f"reformer {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

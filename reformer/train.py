@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention.common import check_int
+from .checkpoint import fsync_path, verify_manifest, write_manifest
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
 
@@ -175,6 +176,8 @@ def save_checkpoint(
     to ``keep_last``."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while writing
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
@@ -190,9 +193,13 @@ def save_checkpoint(
             "torch_rng": torch.get_rng_state(),
         }
         torch.save(trainer, tmp / "trainer.pt")
+        write_manifest(tmp)
+        for file in tmp.iterdir():
+            fsync_path(file)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -205,6 +212,7 @@ def load_checkpoint(path: Path, model, optimizer, sampler) -> TrainState:
     """Restore weights, optimizer, data position and RNG from a checkpoint directory."""
     from safetensors.torch import load_model
 
+    verify_manifest(path)
     trainer = torch.load(path / "trainer.pt", weights_only=False)
     load_model(model, path / "model.safetensors", strict=True)
     optimizer.load_state_dict(trainer["optimizer"])
@@ -263,6 +271,7 @@ def train(
         if cfg.clip_grad > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -270,6 +279,8 @@ def train(
         tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
         record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
+        if scale is not None and scaler.get_scale() < scale:  # fp16: inf/NaN gradients, update skipped
+            record["overflow"] = True
         last = (
             state.step == cfg.steps
             or (stop_after is not None and state.step - start_step >= stop_after)

@@ -68,3 +68,24 @@ def test_model_training_step_in_autocast_is_finite(dtype):
     loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), tokens)
     loss.backward()
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.slow
+def test_bf16_training_ends_within_two_percent_of_fp32(tmp_path):
+    """200 steps of the tiny preset on the built-in corpus, fp32 vs bf16 autocast, same seed."""
+    from reformer.data import load_corpus
+    from reformer.presets import PRESETS
+    from reformer.train import TrainConfig, train
+
+    corpus = load_corpus("builtin")
+    final = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = ReformerLM(config=PRESETS["tiny"](max_seq_len=256))
+        cfg = TrainConfig(steps=200, batch_size=4, seq_len=256, lr=2e-3, warmup_steps=20, eval_every=200,
+                          eval_batches=8, save_every=1000, precision=precision)  # fmt: skip
+        history = train(model, corpus.train, corpus.valid, cfg, tmp_path / precision).history
+        final[precision] = (sum(r["loss"] for r in history[-20:]) / 20, history[-1]["eval_loss"])
+    print(f"final train loss (mean of last 20) / eval loss: {final}")
+    for fp32, bf16 in zip(final["fp32"], final["bf16"], strict=True):
+        assert abs(bf16 - fp32) <= 0.02 * fp32, final
