@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import read_config
 from .config import ReformerConfig
 from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
@@ -90,9 +91,57 @@ def _plot(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _Progress:
+    """Rank 0's report of a training run: progress bar, ``log.csv``, TensorBoard, ``loss.png``."""
 
+    FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"]
+
+    def __init__(self, run: Path, steps: int):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.run, self.log_path = run, run / "log.csv"
+        self.board = SummaryWriter(log_dir=str(run / "tensorboard"))
+        self.bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.history: list[dict] = []  # this session's steps (state.history also has those before a resume)
+
+    def __call__(self, record: dict, state: TrainState) -> None:
+        self.history.append(record)
+        if self.bar.n == 0:
+            self.bar.update(record["step"] - 1)
+        self.bar.update(1)
+        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if "eval_bpc" in record:
+            post["val_bpc"] = f"{record['eval_bpc']:.3f}"
+        self.bar.set_postfix(post)
+        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
+            _plot(state.history, self.run / "loss.png")
+        for key in self.FIELDS[1:]:
+            if key in record:
+                self.board.add_scalar(key, record[key], record["step"])
+        new = not self.log_path.exists()
+        with self.log_path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow(record)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.board.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
+    try:
+        return _train(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, device: str) -> int:
     run = Path(args.out)
     if checkpoint_dirs(run) and not args.resume:
         raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
@@ -118,15 +167,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
         batch_source(split, cfg, seed=0)
     torch.manual_seed(args.seed)
-    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(args.device)
-    run.mkdir(parents=True, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    sizes = (
-        "synthetic"
-        if isinstance(corpus.train, DuplicationTask)
-        else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
-    )
-    print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}", file=sys.stderr)
+    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    progress = None
+    if distributed.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        sizes = (
+            "synthetic"
+            if isinstance(corpus.train, DuplicationTask)
+            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+        )
+        procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        progress = _Progress(run, cfg.steps)
 
     interrupted = {"flag": False}
 
@@ -134,47 +187,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         interrupted["flag"] = True
 
     previous = signal.signal(signal.SIGINT, on_sigint)
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_path = run / "log.csv"
-    board = SummaryWriter(log_dir=str(run / "tensorboard"))
-    bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-    history: list[dict] = []
-
-    def on_step(record: dict, state: TrainState) -> None:
-        history.append(record)
-        if bar.n == 0:
-            bar.update(record["step"] - 1)
-        bar.update(1)
-        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-        if "eval_bpc" in record:
-            post["val_bpc"] = f"{record['eval_bpc']:.3f}"
-        bar.set_postfix(post)
-        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
-            _plot(state.history, run / "loss.png")
-        for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"):
-            if key in record:
-                board.add_scalar(key, record[key], record["step"])
-        new = not log_path.exists()
-        with log_path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"])
-            if new:
-                writer.writeheader()
-            writer.writerow(record)
-
     start = time.perf_counter()
     try:
         state = train(
             model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
-            should_stop=lambda: interrupted["flag"], on_step=on_step, vocab=corpus.vocab.to_dict(),
+            should_stop=lambda: interrupted["flag"], on_step=progress, vocab=corpus.vocab.to_dict(),
         )  # fmt: skip
     finally:
-        bar.close()
-        board.close()
+        if progress is not None:
+            progress.close()
         signal.signal(signal.SIGINT, previous)
+    if progress is None:
+        return 0
     evals = [r for r in state.history if "eval_bpc" in r]
     first, last = evals[0], evals[-1]
-    speed = sum(r["tokens_per_s"] for r in history) / max(1, len(history))
+    speed = sum(r["tokens_per_s"] for r in progress.history) / max(1, len(progress.history))
     verb = "interrupted at" if interrupted["flag"] else "finished"
     print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
           f"{last['eval_bpc']:.3f} (step {last['step']}); {speed:,.0f} tokens/s; "
@@ -253,8 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-last", type=int, default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--dist-timeout", type=float, default=600,
+                   help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)

@@ -5,6 +5,11 @@ A run directory holds ``checkpoints/step-NNNNNNN/`` (weights + config via
 written to a temporary directory and renamed into place, the last ``keep_last`` kept.
 Resuming restores all of it, so a resumed run computes the same losses as an uninterrupted
 one (bit for bit on CPU in fp32).
+
+Under ``torchrun`` (see ``distributed.py``) each process trains on its own ``batch_size`` rows
+of a global batch drawn from the same seeded stream, so the batches (and the run) do not
+depend on how many processes share them: a run can resume with another number of processes.
+Losses are averaged over processes; only rank 0 writes checkpoints and reports steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .attention.common import check_int
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
@@ -36,7 +42,7 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps in the whole run."""
     batch_size: int = 4
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per process)."""
     seq_len: int = 2048
     """Tokens per sequence."""
     grad_accum: int = 1
@@ -112,7 +118,9 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def lm_loss(model: ReformerLM, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(
+    model: torch.nn.Module, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``; with ``scored``
     (bool, like ``batch``) only the targets it marks count."""
     with autocast_for(precision, batch.device):
@@ -125,24 +133,30 @@ Data = torch.Tensor | DuplicationTask
 
 
 def batch_source(data: Data, cfg: TrainConfig, seed: int) -> WindowSampler | DuplicationTask:
-    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded."""
+    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded; its
+    batches are global (``batch_size`` rows per process), see :func:`next_batch`."""
+    rows = cfg.batch_size * distributed.world_size()
     if isinstance(data, DuplicationTask):
-        return DuplicationTask(data.seq_len, cfg.batch_size, data.n_symbols, seed=seed)
-    return WindowSampler(data, cfg.seq_len, cfg.batch_size, seed=seed)
+        return DuplicationTask(data.seq_len, rows, data.n_symbols, seed=seed)
+    return WindowSampler(data, cfg.seq_len, rows, seed=seed)
 
 
 def next_batch(
     source: WindowSampler | DuplicationTask, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's rows of the source's next global batch (every process draws the same
+    one: the draw is cheap next to the model, and it keeps the shards disjoint)."""
     out = source.next_batch()
     tokens, scored = out if isinstance(out, tuple) else (out, None)
-    return tokens.to(device), None if scored is None else scored.to(device)
+    rows = distributed.local_rows(len(tokens) // distributed.world_size())
+    return tokens[rows].to(device), None if scored is None else scored[rows].to(device)
 
 
 @torch.no_grad()
 def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
     """Validation loss (nats per scored token) and bits per token (= per byte / character), on
-    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable."""
+    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable (averaged
+    over processes, each scoring its rows)."""
     source = batch_source(data, cfg, seed=cfg.seed + 1)
     device = next(model.parameters()).device
     was_training = model.training
@@ -152,7 +166,7 @@ def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
         tokens, scored = next_batch(source, device)
         losses.append(lm_loss(model, tokens, cfg.precision, scored).item())
     model.train(was_training)
-    loss = sum(losses) / len(losses)
+    loss = distributed.mean(sum(losses) / len(losses))
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
@@ -192,6 +206,8 @@ def save_checkpoint(
         raise
     for old in checkpoint_dirs(run_dir)[: -cfg.keep_last]:
         shutil.rmtree(old)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -226,8 +242,8 @@ def train(
     ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
     interruption would; ``should_stop()`` is asked after every step (e.g. set by SIGINT).
     ``on_step(record, state)`` receives each step's record (loss, lr, tokens/s, evals) and the
-    run's state, whose history includes the steps before a resume. ``vocab`` is saved
-    with each checkpoint.
+    run's state, whose history includes the steps before a resume (on rank 0 only). ``vocab``
+    is saved with each checkpoint.
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
     run_dir = Path(run_dir)
@@ -240,20 +256,23 @@ def train(
     state = TrainState()
     if resume and checkpoint_dirs(run_dir):
         state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, sampler)
+    net = distributed.wrap(model, find_unused=model.config.layer_dropout > 0)
     model.train()
     start_step = state.step
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(state.step, cfg)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
+        total = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
             tokens, scored = next_batch(sampler, device)
-            loss = lm_loss(model, tokens, cfg.precision, scored)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept")
-            scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            with distributed.sync_gradients(net, sync=i == cfg.grad_accum - 1):
+                loss = lm_loss(net, tokens, cfg.precision, scored)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        total = distributed.mean(total)  # the same on every process, so all of them stop here together
+        if not math.isfinite(total):
+            raise TrainingDiverged(f"loss is {total} at step {state.step + 1}; last good checkpoint kept")
         if cfg.clip_grad > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -261,21 +280,22 @@ def train(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
         record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
         last = (
             state.step == cfg.steps
             or (stop_after is not None and state.step - start_step >= stop_after)
-            or (should_stop is not None and should_stop())
+            or distributed.any_process(should_stop is not None and should_stop())
         )
         if state.step % cfg.eval_every == 0 or last:
             record.update(evaluate(model, valid_data, cfg))
         state.history.append(record)
-        if on_step is not None:
+        if on_step is not None and distributed.is_main():
             on_step(record, state)
-        if state.step % cfg.save_every == 0 or last:
+        if (state.step % cfg.save_every == 0 or last) and distributed.is_main():
             save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
         if last:
             break
+    distributed.barrier()  # every process returns once the last checkpoint is written
     return state

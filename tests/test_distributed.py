@@ -1,0 +1,141 @@
+"""Multi-process training: 2 processes under torchrun (gloo, CPU) against 1 process with the
+same global batch, a killed process, resuming with another number of processes. Every
+subprocess has a hard timeout, so a hang fails the test instead of blocking the suite."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from ddp_worker import run as run_in_process
+from safetensors.torch import load_file
+
+from reformer import ReformerLM
+from reformer.cli import main
+from reformer.train import checkpoint_dirs
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+TIMEOUT = 180
+# Dropout 0: dropout masks are drawn per batch shape, so 2 x 2 rows cannot replay 1 x 4 rows'
+# masks. LSH rotations are drawn per forward (not per row) from the same seed on every
+# process, so training-mode hashing is identical and stays on.
+MODEL = dict(num_tokens=256, dim=32, depth=2, heads=2, bucket_size=16, n_hashes=2, max_seq_len=64, causal=True)
+TRAIN = dict(steps=4, seq_len=64, grad_accum=2, lr=1e-3, warmup_steps=1, eval_every=4, eval_batches=2,
+             save_every=1, keep_last=10)  # fmt: skip
+
+
+def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+
+
+def train_2proc(spec: dict) -> None:
+    done = torchrun(2, str(WORKER), json.dumps(spec))
+    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "[rank" in line)[-5000:]
+
+
+def final(run: Path) -> tuple[dict, dict]:
+    ckpt = checkpoint_dirs(run)[-1]
+    return load_file(ckpt / "model.safetensors"), torch.load(ckpt / "trainer.pt", weights_only=False)
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_reversible_blocks_produce_each_parameter_gradient_once():
+    """What DDP's gradient hooks need: one accumulation per parameter and backward (even when
+    every block shares the parameters), and parameters that are inputs of the graph."""
+    model = ReformerLM(**MODEL, reverse_thres=0, weight_tie=True)
+    x = torch.randint(0, 256, (2, 64))
+    counts = Counter()
+    for name, p in model.named_parameters():
+        p.register_post_accumulate_grad_hook(lambda p, name=name: counts.update([name]))
+    model(x).square().mean().backward()
+    assert counts == Counter(name for name, _ in model.named_parameters())
+    grads = torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+    assert all(g is not None for g in grads)
+
+
+CASES = {
+    "reversible": dict(reverse_thres=0),
+    "not reversible": dict(reverse_thres=10**6),
+    # blocks without gradients in some steps: DDP must find them (find_unused_parameters)
+    "reversible, layer dropout": dict(reverse_thres=0, layer_dropout=0.5, depth=3),
+    # one set of parameters in every block: its gradient must still reach DDP once
+    "reversible, weight tie": dict(reverse_thres=0, weight_tie=True),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, case):
+    model = {**MODEL, **CASES[case]}
+    train_2proc({"model": model, "train": {**TRAIN, "batch_size": 2}, "out": str(tmp_path / "two")})
+    run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(tmp_path / "one")})
+    (two, two_state), (one, one_state) = final(tmp_path / "two"), final(tmp_path / "one")
+    diff = max_difference(two, one)
+    print(f"{case}: max parameter difference 2 processes vs 1 after {TRAIN['steps']} steps: {diff:.2e}")
+    assert diff < 1e-5
+    first = load_file(checkpoint_dirs(tmp_path / "one")[0] / "model.safetensors")
+    assert max_difference(first, one) > 1e-3  # the steps moved the weights: the comparison means something
+    losses = [[r["loss"] for r in s["history"]] for s in (two_state, one_state)]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    assert two_state["history"][-1]["eval_loss"] == pytest.approx(one_state["history"][-1]["eval_loss"], abs=1e-5)
+
+
+def test_resume_with_another_number_of_processes_continues_the_same_run(tmp_path):
+    model = {**MODEL, "reverse_thres": 0}
+    straight = tmp_path / "straight"
+    run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(straight)})
+    # 2 processes x 2 rows for 2 steps, then 1 process x 4 rows from their checkpoint
+    train_2proc({"model": model, "train": {**TRAIN, "batch_size": 2}, "out": str(tmp_path / "r"), "stop_after": 2})
+    assert [p.name for p in checkpoint_dirs(tmp_path / "r")][-1] == "step-0000002"
+    run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(tmp_path / "r"), "resume": True})
+    (resumed, state), (expected, expected_state) = final(tmp_path / "r"), final(straight)
+    assert state["step"] == TRAIN["steps"]
+    assert max_difference(resumed, expected) < 1e-5
+    assert [r["loss"] for r in state["history"]] == pytest.approx([r["loss"] for r in expected_state["history"]],
+                                                                  abs=1e-5)  # fmt: skip
+
+
+def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the torchrun worker with ``RANK=rank`` (Linux: read from /proc)."""
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return int(pid)
+    raise AssertionError(f"no worker with RANK={rank}")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys):
+    run = tmp_path / "run"
+    fast = ["--preset", "tiny", "--seq-len", "128", "--eval-every", "1000", "--save-every", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "reformer.cli",
+           "train", *fast, "--batch-size", "2", "--steps", "100000", "--out", str(run)]  # fmt: skip
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + TIMEOUT
+        while not checkpoint_dirs(run) and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.1)
+        assert checkpoint_dirs(run), launcher.communicate(timeout=TIMEOUT)[1][-3000:]
+        os.kill(_worker_pid(launcher, rank=1), signal.SIGKILL)
+        killed = time.time()
+        _, err = launcher.communicate(timeout=TIMEOUT)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert time.time() - killed < 60, "the surviving process hung"
+    assert "SIGKILL" in err  # torchrun's report names the killed process as the root cause
+    last = int(checkpoint_dirs(run)[-1].name.split("-")[1])
+    # one process with the same global batch takes over from the last checkpoint
+    assert main(["train", *fast, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
+    assert f"finished step {last + 2}" in capsys.readouterr().out
+    assert not list((run / "checkpoints").glob(".tmp-*"))
