@@ -162,7 +162,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp,
     )  # fmt: skip
     for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
         batch_source(split, cfg, seed=0)
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP")
     t.add_argument("--dist-timeout", type=float, default=600,
                    help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=cmd_train)

@@ -71,6 +71,9 @@ class TrainConfig:
     """Checkpoints kept in the run directory."""
     seed: int = 0
     """Seeds the model's RNG use (dropout, hashing) and the data windows."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (the whole
+    model as one unit) instead of replicating them with DDP; ``fp32`` or ``bf16``."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -82,6 +85,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.fsdp and self.precision == "fp16":
+            raise ValueError("fsdp supports precision fp32 or bf16, not fp16 (its gradient scaler is not shard-aware)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -176,11 +181,26 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
+def _full_model(model: ReformerLM) -> ReformerLM:
+    """``model``, or under FSDP a CPU copy with the gathered weights (a collective)."""
+    if not distributed.is_sharded(model):
+        return model
+    weights = distributed.gathered(model.state_dict())
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # building draws hash seeds: keep the run's RNG
+        copy = ReformerLM(config=model.config)
+    copy.load_state_dict(weights, assign=True)
+    return copy
+
+
 def save_checkpoint(
     run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig, vocab: dict | None = None
-) -> Path:
+) -> Path | None:
     """Write ``checkpoints/step-NNNNNNN`` atomically (with ``vocab.json`` when given) and prune
-    to ``keep_last``."""
+    to ``keep_last``. Every process calls it (FSDP gathers its shards); rank 0 writes and
+    returns the path, the others None."""
+    model, optimizer_state = _full_model(model), distributed.gathered(optimizer.state_dict())
+    if not distributed.is_main():
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
@@ -193,7 +213,7 @@ def save_checkpoint(
             "step": state.step,
             "history": state.history,
             "train_config": asdict(cfg),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -211,13 +231,18 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, sampler) -> TrainState:
-    """Restore weights, optimizer, data position and RNG from a checkpoint directory."""
+def load_checkpoint(path: Path, model) -> dict:
+    """Load a checkpoint directory's weights into ``model`` (before FSDP shards it); return the
+    trainer state for :func:`restore_trainer`."""
     from safetensors.torch import load_model
 
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
     load_model(model, path / "model.safetensors", strict=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def restore_trainer(trainer: dict, optimizer, sampler) -> TrainState:
+    """Restore optimizer (cut to this process's shards under FSDP), data position and RNG."""
+    optimizer.load_state_dict(distributed.sharded_optimizer_state(optimizer, trainer["optimizer"]))
     sampler.load_state_dict(trainer["sampler"])
     torch.set_rng_state(trainer["torch_rng"])
     return TrainState(step=trainer["step"], history=trainer["history"])
@@ -251,12 +276,11 @@ def train(
     torch.manual_seed(cfg.seed)
     sampler = batch_source(train_data, cfg, seed=cfg.seed)
     batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
-    optimizer = build_optimizer(model, cfg)
+    trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
+    net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
+    optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState()
-    if resume and checkpoint_dirs(run_dir):
-        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, sampler)
-    net = distributed.wrap(model, find_unused=model.config.layer_dropout > 0)
+    state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler)
     model.train()
     start_step = state.step
     while state.step < cfg.steps:
@@ -293,7 +317,7 @@ def train(
         state.history.append(record)
         if on_step is not None and distributed.is_main():
             on_step(record, state)
-        if (state.step % cfg.save_every == 0 or last) and distributed.is_main():
+        if state.step % cfg.save_every == 0 or last:
             save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
         if last:
             break

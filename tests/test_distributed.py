@@ -64,20 +64,21 @@ def test_reversible_blocks_produce_each_parameter_gradient_once():
     assert all(g is not None for g in grads)
 
 
-CASES = {
-    "reversible": dict(reverse_thres=0),
-    "not reversible": dict(reverse_thres=10**6),
+CASES = {  # (model options, 2-process training options)
+    "reversible": (dict(reverse_thres=0), {}),
+    "not reversible": (dict(reverse_thres=10**6), {}),
     # blocks without gradients in some steps: DDP must find them (find_unused_parameters)
-    "reversible, layer dropout": dict(reverse_thres=0, layer_dropout=0.5, depth=3),
+    "reversible, layer dropout": (dict(reverse_thres=0, layer_dropout=0.5, depth=3), {}),
     # one set of parameters in every block: its gradient must still reach DDP once
-    "reversible, weight tie": dict(reverse_thres=0, weight_tie=True),
+    "reversible, weight tie": (dict(reverse_thres=0, weight_tie=True), {}),
+    "reversible, fsdp": (dict(reverse_thres=0), dict(fsdp=True)),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, case):
-    model = {**MODEL, **CASES[case]}
-    train_2proc({"model": model, "train": {**TRAIN, "batch_size": 2}, "out": str(tmp_path / "two")})
+    model, parallel = {**MODEL, **CASES[case][0]}, CASES[case][1]
+    train_2proc({"model": model, "train": {**TRAIN, **parallel, "batch_size": 2}, "out": str(tmp_path / "two")})
     run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(tmp_path / "one")})
     (two, two_state), (one, one_state) = final(tmp_path / "two"), final(tmp_path / "one")
     diff = max_difference(two, one)
@@ -90,14 +91,21 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ca
     assert two_state["history"][-1]["eval_loss"] == pytest.approx(one_state["history"][-1]["eval_loss"], abs=1e-5)
 
 
-def test_resume_with_another_number_of_processes_continues_the_same_run(tmp_path):
-    model = {**MODEL, "reverse_thres": 0}
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_resume_with_another_number_of_processes_continues_the_same_run(tmp_path, parallel):
+    """2 processes x 2 rows for 2 steps, then 1 process x 4 rows from their checkpoint (DDP), or
+    2 processes again (FSDP: the checkpoint's full optimizer state is cut into shards again),
+    equal 1 process x 4 rows throughout."""
+    model, fsdp = {**MODEL, "reverse_thres": 0}, parallel == "fsdp"
     straight = tmp_path / "straight"
     run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(straight)})
-    # 2 processes x 2 rows for 2 steps, then 1 process x 4 rows from their checkpoint
-    train_2proc({"model": model, "train": {**TRAIN, "batch_size": 2}, "out": str(tmp_path / "r"), "stop_after": 2})
+    two = {"model": model, "train": {**TRAIN, "batch_size": 2, "fsdp": fsdp}, "out": str(tmp_path / "r")}
+    train_2proc({**two, "stop_after": 2})
     assert [p.name for p in checkpoint_dirs(tmp_path / "r")][-1] == "step-0000002"
-    run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": str(tmp_path / "r"), "resume": True})
+    if fsdp:
+        train_2proc({**two, "resume": True})
+    else:
+        run_in_process({"model": model, "train": {**TRAIN, "batch_size": 4}, "out": two["out"], "resume": True})
     (resumed, state), (expected, expected_state) = final(tmp_path / "r"), final(straight)
     assert state["step"] == TRAIN["steps"]
     assert max_difference(resumed, expected) < 1e-5
@@ -139,3 +147,10 @@ def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys
     assert main(["train", *fast, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
     assert f"finished step {last + 2}" in capsys.readouterr().out
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+def test_fsdp_with_fp16_is_a_clear_error():
+    from reformer.train import TrainConfig
+
+    with pytest.raises(ValueError, match="fsdp supports precision fp32 or bf16"):
+        TrainConfig(fsdp=True, precision="fp16")
