@@ -4,6 +4,7 @@ subprocess has a hard timeout, so a hang fails the test instead of blocking the 
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,32 +122,50 @@ def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank}")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
-def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys):
-    run = tmp_path / "run"
-    fast = ["--preset", "tiny", "--seq-len", "128", "--eval-every", "1000", "--save-every", "2"]
+FAST = ["--preset", "tiny", "--seq-len", "128", "--eval-every", "1000", "--save-every", "2"]
+
+
+def _signal_rank_1_after_a_checkpoint(run: Path, sig: int, *args: str) -> tuple[subprocess.Popen, str, float]:
+    """Start a long 2-process CLI run, send ``sig`` to rank 1 once a checkpoint exists, wait for
+    the job to end; return the launcher, its stderr and the seconds from the signal to the end."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "reformer.cli",
-           "train", *fast, "--batch-size", "2", "--steps", "100000", "--out", str(run)]  # fmt: skip
+           "train", *FAST, "--batch-size", "2", "--steps", "100000", "--out", str(run), *args]  # fmt: skip
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + TIMEOUT
         while not checkpoint_dirs(run) and time.time() < deadline and launcher.poll() is None:
             time.sleep(0.1)
         assert checkpoint_dirs(run), launcher.communicate(timeout=TIMEOUT)[1][-3000:]
-        os.kill(_worker_pid(launcher, rank=1), signal.SIGKILL)
-        killed = time.time()
+        os.kill(_worker_pid(launcher, rank=1), sig)
+        sent = time.time()
         _, err = launcher.communicate(timeout=TIMEOUT)
+        return launcher, err, time.time() - sent
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys):
+    run = tmp_path / "run"
+    launcher, err, took = _signal_rank_1_after_a_checkpoint(run, signal.SIGKILL)
     assert launcher.returncode != 0
-    assert time.time() - killed < 60, "the surviving process hung"
+    assert took < 60, "the surviving process hung"
     assert "SIGKILL" in err  # torchrun's report names the killed process as the root cause
     last = int(checkpoint_dirs(run)[-1].name.split("-")[1])
     # one process with the same global batch takes over from the last checkpoint
-    assert main(["train", *fast, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
+    assert main(["train", *FAST, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
     assert f"finished step {last + 2}" in capsys.readouterr().out
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.slow  # ~40 s: torchrun waits 30 s before killing the stopped process
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_a_hung_process_fails_the_job_after_the_timeout(tmp_path):
+    launcher, err, took = _signal_rank_1_after_a_checkpoint(tmp_path / "run", signal.SIGSTOP, "--dist-timeout", "5")
+    assert launcher.returncode != 0
+    assert re.search(r"timed? ?out", err, re.IGNORECASE), err[-4000:]  # rank 0 gave up after --dist-timeout
+    assert took < 90
 
 
 def test_fsdp_with_fp16_is_a_clear_error():
