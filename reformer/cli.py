@@ -183,10 +183,11 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
     interrupted = {"flag": False}
 
-    def on_sigint(signum, frame):  # finish the step, save, exit
+    def on_signal(signum, frame):  # finish the step, save, exit
         interrupted["flag"] = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    # SIGTERM too: torchrun (on Ctrl-C) and job schedulers send it, then SIGKILL 30 s later
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     try:
         state = train(
@@ -196,7 +197,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
     finally:
         if progress is not None:
             progress.close()
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if progress is None:
         return 0
     evals = [r for r in state.history if "eval_bpc" in r]

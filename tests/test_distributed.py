@@ -1,6 +1,7 @@
 """Multi-process training: 2 processes under torchrun (gloo, CPU) against 1 process with the
-same global batch, a killed process, resuming with another number of processes. Every
-subprocess has a hard timeout, so a hang fails the test instead of blocking the suite."""
+same global batch (DDP and FSDP), resuming with another number of processes, a killed, a
+stopped and a terminated process. Every subprocess has a hard timeout and its process group
+is killed afterwards, so a hang fails the test instead of blocking the suite."""
 
 import json
 import os
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import pytest
@@ -31,14 +34,24 @@ TRAIN = dict(steps=4, seq_len=64, grad_accum=2, lr=1e-3, warmup_steps=1, eval_ev
              save_every=1, keep_last=10)  # fmt: skip
 
 
-def torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+@contextmanager
+def torchrun(*args: str) -> Iterator[subprocess.Popen]:
+    """2 processes under torchrun; on the way out the whole process group is killed, so a hung
+    worker cannot outlive a failed test."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        yield launcher
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait()
 
 
 def train_2proc(spec: dict) -> None:
-    done = torchrun(2, str(WORKER), json.dumps(spec))
-    assert done.returncode == 0, "\n".join(line for line in done.stderr.splitlines() if "[rank" in line)[-5000:]
+    with torchrun(str(WORKER), json.dumps(spec)) as launcher:
+        _, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 0, "\n".join(line for line in err.splitlines() if "[rank" in line)[-5000:]
 
 
 def final(run: Path) -> tuple[dict, dict]:
@@ -128,10 +141,8 @@ FAST = ["--preset", "tiny", "--seq-len", "128", "--eval-every", "1000", "--save-
 def _signal_rank_1_after_a_checkpoint(run: Path, sig: int, *args: str) -> tuple[subprocess.Popen, str, float]:
     """Start a long 2-process CLI run, send ``sig`` to rank 1 once a checkpoint exists, wait for
     the job to end; return the launcher, its stderr and the seconds from the signal to the end."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "reformer.cli",
-           "train", *FAST, "--batch-size", "2", "--steps", "100000", "--out", str(run), *args]  # fmt: skip
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    with torchrun("-m", "reformer.cli", "train", *FAST, "--batch-size", "2", "--steps", "100000", "--out", str(run),
+                  *args) as launcher:  # fmt: skip
         deadline = time.time() + TIMEOUT
         while not checkpoint_dirs(run) and time.time() < deadline and launcher.poll() is None:
             time.sleep(0.1)
@@ -140,9 +151,6 @@ def _signal_rank_1_after_a_checkpoint(run: Path, sig: int, *args: str) -> tuple[
         sent = time.time()
         _, err = launcher.communicate(timeout=TIMEOUT)
         return launcher, err, time.time() - sent
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
@@ -157,6 +165,24 @@ def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys
     assert main(["train", *FAST, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
     assert f"finished step {last + 2}" in capsys.readouterr().out
     assert not list((run / "checkpoints").glob(".tmp-*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker through /proc")
+def test_sigterm_to_every_process_saves_the_same_step(tmp_path):
+    """What torchrun does on Ctrl-C: SIGTERM to its workers (here to rank 1 first, then rank 0):
+    both stop after the same step, and rank 0 saves it."""
+    run = tmp_path / "run"
+    with torchrun("-m", "reformer.cli", "train", *FAST, "--save-every", "100000", "--batch-size", "2", "--steps",
+                  "100000", "--out", str(run)) as launcher:  # fmt: skip
+        log, deadline = run / "log.csv", time.time() + TIMEOUT
+        while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+            time.sleep(0.1)
+        for rank in (1, 0):
+            os.kill(_worker_pid(launcher, rank), signal.SIGTERM)
+        out, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 0, err[-3000:]
+    step = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert [p.name for p in checkpoint_dirs(run)] == [f"step-{step:07d}"]
 
 
 @pytest.mark.slow  # ~40 s: torchrun waits 30 s before killing the stopped process
