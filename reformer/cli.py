@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import distributed
 from .checkpoint import read_config
 from .config import ReformerConfig
 from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
@@ -24,8 +25,6 @@ from .generate import stream
 from .model import ReformerLM
 from .presets import PRESETS
 from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, checkpoint_dirs, evaluate, train
-
-LOG_FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc", "overflow"]
 
 
 class UsageError(ValueError):
@@ -123,9 +122,66 @@ def _plot(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+class _Progress:
+    """Rank 0's report of a training run: progress bar, ``log.csv``, TensorBoard, ``loss.png``."""
 
+    FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc", "overflow"]
+
+    def __init__(self, run: Path, steps: int, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+        from tqdm import tqdm
+
+        self.run, self.log_path = run, run / "log.csv"
+        # A resumed run redoes the steps after its checkpoint: TensorBoard hides their old events.
+        self.board = SummaryWriter(
+            log_dir=str(run / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+        )
+        self.bar = tqdm(total=steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
+        self.history: list[dict] = []  # this session's steps (state.history also has those before a resume)
+        self.overflows: list[int] = []  # fp16 steps whose update was skipped
+
+    def __call__(self, record: dict, state: TrainState) -> None:
+        self.history.append(record)
+        if self.bar.n == 0:
+            self.bar.update(record["step"] - 1)
+        self.bar.update(1)
+        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if "eval_bpc" in record:
+            post["val_bpc"] = f"{record['eval_bpc']:.3f}"
+        self.bar.set_postfix(post)
+        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
+            _plot(state.history, self.run / "loss.png")
+        for key in self.FIELDS[1:]:
+            if key in record:
+                self.board.add_scalar(key, record[key], record["step"])
+        if record.get("overflow"):
+            self.overflows.append(record["step"])
+            self.bar.write(f"step {record['step']}: fp16 gradient overflow; update skipped, loss scale lowered")
+        # This session's first step rewrites the log from the checkpoint's history, so the steps a
+        # killed run logged after its last checkpoint (and that are now redone) appear once.
+        first = len(self.history) == 1
+        with self.log_path.open("w" if first else "a", newline="") as f:
+            writer = csv.DictWriter(f, self.FIELDS)
+            if first:
+                writer.writeheader()
+            writer.writerows(state.history if first else [record])
+
+    def close(self) -> None:
+        self.bar.close()
+        self.board.close()
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if not args.dist_timeout > 0:
+        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
+    try:
+        return _train(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(args: argparse.Namespace, device: str) -> int:
     run = Path(args.out)
     if checkpoint_dirs(run) and not args.resume:
         raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
@@ -146,82 +202,56 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp,
     )  # fmt: skip
     for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
         batch_source(split, cfg, seed=0)
     torch.manual_seed(args.seed)
-    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(args.device)
-    run.mkdir(parents=True, exist_ok=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    sizes = (
-        "synthetic"
-        if isinstance(corpus.train, DuplicationTask)
-        else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
-    )
-    print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}", file=sys.stderr)
+    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    progress = None
+    if distributed.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        n_params = sum(p.numel() for p in model.parameters())
+        sizes = (
+            "synthetic"
+            if isinstance(corpus.train, DuplicationTask)
+            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+        )
+        procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        resume_step = int(checkpoint_dirs(run)[-1].name[5:]) if args.resume and checkpoint_dirs(run) else 0
+        progress = _Progress(run, cfg.steps, resume_step)
 
     interrupted = {"flag": False}
 
-    def on_sigint(signum, frame):  # finish the step, save, exit
+    def on_signal(signum, frame):  # finish the step, save, exit
         interrupted["flag"] = True
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    from torch.utils.tensorboard import SummaryWriter
-
-    log_path = run / "log.csv"
-    # A resumed run redoes the steps after its checkpoint: TensorBoard hides their old events.
-    resume_step = int(checkpoint_dirs(run)[-1].name[5:]) if args.resume and checkpoint_dirs(run) else 0
-    board = SummaryWriter(log_dir=str(run / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-    bar = tqdm(total=cfg.steps, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True)
-    history: list[dict] = []
-    overflows: list[int] = []
-
-    def on_step(record: dict, state: TrainState) -> None:
-        history.append(record)
-        if bar.n == 0:
-            bar.update(record["step"] - 1)
-        bar.update(1)
-        post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
-        if "eval_bpc" in record:
-            post["val_bpc"] = f"{record['eval_bpc']:.3f}"
-        bar.set_postfix(post)
-        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
-            _plot(state.history, run / "loss.png")
-        for key in ("loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc"):
-            if key in record:
-                board.add_scalar(key, record[key], record["step"])
-        if record.get("overflow"):
-            overflows.append(record["step"])
-            bar.write(f"step {record['step']}: fp16 gradient overflow, update skipped, loss scale lowered")
-        # The first step of this process rewrites the log from the checkpoint's history, so steps
-        # logged after that checkpoint by a killed run appear once.
-        rows = state.history if len(history) == 1 else [record]
-        with log_path.open("w" if len(history) == 1 else "a", newline="") as f:
-            writer = csv.DictWriter(f, LOG_FIELDS, extrasaction="ignore")
-            if len(history) == 1:
-                writer.writeheader()
-            writer.writerows(rows)
-
+    # SIGTERM too: torchrun (on Ctrl-C) and job schedulers send it, then SIGKILL 30 s later
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     start = time.perf_counter()
     try:
         state = train(
             model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
-            should_stop=lambda: interrupted["flag"], on_step=on_step, vocab=corpus.vocab.to_dict(),
+            should_stop=lambda: interrupted["flag"], on_step=progress, vocab=corpus.vocab.to_dict(),
         )  # fmt: skip
     finally:
-        bar.close()
-        board.close()
-        signal.signal(signal.SIGINT, previous)
+        if progress is not None:
+            progress.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if progress is None:
+        return 0
     evals = [r for r in state.history if "eval_bpc" in r]
     first, last = evals[0], evals[-1]
-    speed = sum(r["tokens_per_s"] for r in history) / max(1, len(history))
+    speed = sum(r["tokens_per_s"] for r in progress.history) / max(1, len(progress.history))
     verb = "interrupted at" if interrupted["flag"] else "finished"
     print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
           f"{last['eval_bpc']:.3f} (step {last['step']}); {speed:,.0f} tokens/s; "
           f"{time.perf_counter() - start:.0f} s; checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
-    if overflows:
-        print(f"fp16: {len(overflows)} step(s) skipped for gradient overflow: {overflows[:10]}", file=sys.stderr)
+    if progress.overflows:
+        skipped = progress.overflows
+        print(f"fp16: {len(skipped)} step(s) skipped for gradient overflow: {skipped[:10]}", file=sys.stderr)
     return 0
 
 
@@ -317,8 +347,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--device", default="cpu", help="cpu or cuda")
+    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
     t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
+    )
+    t.add_argument("--dist-timeout", type=float, default=600,
+                   help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)

@@ -68,23 +68,32 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _undo_half_residual(fn, state: _RNGState, autocast, inp, out, grad_out, grad_inp):
+def _undo_half_residual(fn, wrt, state: _RNGState, autocast, inp, out, grad_out, grad_inp):
     """For ``out = x + fn(inp)``: re-run ``fn`` as in the forward (same RNG and autocast),
-    backpropagate ``grad_out`` through it (accumulating its parameters' gradients) and return
-    ``x`` and the total gradient reaching ``inp`` (``grad_inp`` plus the one through ``fn``)."""
+    backpropagate ``grad_out`` through it and return ``x``, the total gradient reaching ``inp``
+    (``grad_inp`` plus the one through ``fn``) and the gradients of the tensors ``wrt`` (None
+    for those ``fn`` does not use)."""
     with torch.enable_grad(), state.replay(), autocast:
         inp = inp.detach().requires_grad_()
         fx = fn(inp)
-    torch.autograd.backward(fx, grad_out)
+    d_inp, *d_wrt = torch.autograd.grad(fx, (inp, *wrt), grad_out, allow_unused=True)
     with torch.no_grad():
-        return out - fx, grad_inp + inp.grad
+        return out - fx, grad_inp + d_inp, d_wrt
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    return b if a is None else a if b is None else a + b
 
 
 class _ReversibleFunction(torch.autograd.Function):
+    # Parameters are inputs and their gradients outputs of backward, each produced once per
+    # backward (however many blocks share it), like any autograd op: DDP's gradient hooks fire
+    # once per parameter and its unused-parameter search sees them (it did not when the
+    # backward accumulated into ``.grad`` by itself - the "mark a variable ready only once"
+    # failure of other reversible implementations).
     @staticmethod
-    def forward(ctx, x1, x2, blocks, kwargs, grad_names, *grad_tensors):
-        # grad_tensors: the kwargs that require grad (e.g. encoder outputs), passed as inputs
-        # so that autograd asks for their gradients.
+    def forward(ctx, x1, x2, blocks, kwargs, grad_names, *wrt):
+        # wrt: the kwargs that require grad (e.g. encoder outputs), then the parameters.
         device_type = x1.device.type
         states = []
         with torch.no_grad():
@@ -95,8 +104,9 @@ class _ReversibleFunction(torch.autograd.Function):
                 x2 = x2 + block.run_g(x1, kwargs)
                 states.append((f_state, g_state))
         ctx.blocks, ctx.kwargs, ctx.states, ctx.grad_names = blocks, kwargs, states, grad_names
+        ctx.params = wrt[len(grad_names) :]
         ctx.autocast = (device_type, *_autocast_state(device_type))
-        ctx.save_for_backward(x1.detach(), x2.detach(), *grad_tensors)
+        ctx.save_for_backward(x1.detach(), x2.detach(), *wrt[: len(grad_names)])
         return x1, x2
 
     @staticmethod
@@ -106,12 +116,16 @@ class _ReversibleFunction(torch.autograd.Function):
         leaves = [t.detach().requires_grad_() for t in grad_tensors]
         kwargs = {**ctx.kwargs, **dict(zip(ctx.grad_names, leaves, strict=True))}
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
+        wrt = (*leaves, *ctx.params)
+        grads = [None] * len(wrt)
         for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             # y2 = x2 + g(y1), then y1 = x1 + f(x2): undo g, then f.
-            x2, dy1 = _undo_half_residual(partial(block.run_g, kwargs=kwargs), g_state, autocast, y1, y2, dy2, dy1)
-            x1, dy2 = _undo_half_residual(partial(block.run_f, kwargs=kwargs), f_state, autocast, x2, y1, dy1, dy2)
+            run_g, run_f = partial(block.run_g, kwargs=kwargs), partial(block.run_f, kwargs=kwargs)
+            x2, dy1, d_g = _undo_half_residual(run_g, wrt, g_state, autocast, y1, y2, dy2, dy1)
+            x1, dy2, d_f = _undo_half_residual(run_f, wrt, f_state, autocast, x2, y1, dy1, dy2)
+            grads = [_add(a, _add(b, c)) for a, b, c in zip(grads, d_g, d_f, strict=True)]
             y1, y2 = x1, x2
-        return (dy1, dy2, None, None, None, *(leaf.grad for leaf in leaves))
+        return (dy1, dy2, None, None, None, *grads)
 
 
 def reversible_apply(
@@ -120,12 +134,10 @@ def reversible_apply(
     """Run ``blocks`` reversibly on ``(x1, x2)``; tensor ``kwargs`` that require grad (keys,
     encoder context) receive their gradients."""
     grad_names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad)
-    if not (x1.requires_grad or x2.requires_grad or grad_names):
-        # The blocks' parameters are not inputs of the autograd function, so without an input
-        # that requires grad its backward (which fills the parameter grads) would never run.
-        x1 = x1.detach().requires_grad_()
-        x2 = x2.detach().requires_grad_()
-    return _ReversibleFunction.apply(x1, x2, list(blocks), kwargs, grad_names, *(kwargs[k] for k in grad_names))
+    params = {id(p): p for block in blocks for p in block.parameters() if p.requires_grad}  # shared ones once
+    return _ReversibleFunction.apply(
+        x1, x2, list(blocks), kwargs, grad_names, *(kwargs[k] for k in grad_names), *params.values()
+    )
 
 
 def irreversible_apply(

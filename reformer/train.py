@@ -5,6 +5,11 @@ A run directory holds ``checkpoints/step-NNNNNNN/`` (weights + config via
 written to a temporary directory and renamed into place, the last ``keep_last`` kept.
 Resuming restores all of it, so a resumed run computes the same losses as an uninterrupted
 one (bit for bit on CPU in fp32).
+
+Under ``torchrun`` (see ``distributed.py``) each process trains on its own ``batch_size`` rows
+of a global batch drawn from the same seeded stream, so the batches (and the run) do not
+depend on how many processes share them: a run can resume with another number of processes.
+Losses are averaged over processes; only rank 0 writes checkpoints and reports steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .attention.common import check_int
 from .checkpoint import fsync_path, verify_manifest, write_manifest
 from .data import DuplicationTask, WindowSampler
@@ -37,7 +43,7 @@ class TrainConfig:
     steps: int = 1000
     """Optimizer steps in the whole run."""
     batch_size: int = 4
-    """Sequences per micro-batch."""
+    """Sequences per micro-batch (per process)."""
     seq_len: int = 2048
     """Tokens per sequence."""
     grad_accum: int = 1
@@ -66,6 +72,9 @@ class TrainConfig:
     """Checkpoints kept in the run directory."""
     seed: int = 0
     """Seeds the model's RNG use (dropout, hashing) and the data windows."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (the whole
+    model as one unit) instead of replicating them with DDP; ``fp32`` or ``bf16``."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -83,6 +92,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.fsdp and self.precision == "fp16":
+            raise ValueError("fsdp supports precision fp32 or bf16, not fp16 (its gradient scaler is not shard-aware)")
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,7 +130,9 @@ def autocast_for(precision: str, device: torch.device):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def lm_loss(model: ReformerLM, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None) -> torch.Tensor:
+def lm_loss(
+    model: torch.nn.Module, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``; with ``scored``
     (bool, like ``batch``) only the targets it marks count."""
     with autocast_for(precision, batch.device):
@@ -132,24 +145,30 @@ Data = torch.Tensor | DuplicationTask
 
 
 def batch_source(data: Data, cfg: TrainConfig, seed: int) -> WindowSampler | DuplicationTask:
-    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded."""
+    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded; its
+    batches are global (``batch_size`` rows per process), see :func:`next_batch`."""
+    rows = cfg.batch_size * distributed.world_size()
     if isinstance(data, DuplicationTask):
-        return DuplicationTask(data.seq_len, cfg.batch_size, data.n_symbols, seed=seed)
-    return WindowSampler(data, cfg.seq_len, cfg.batch_size, seed=seed)
+        return DuplicationTask(data.seq_len, rows, data.n_symbols, seed=seed)
+    return WindowSampler(data, cfg.seq_len, rows, seed=seed)
 
 
 def next_batch(
     source: WindowSampler | DuplicationTask, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This process's rows of the source's next global batch (every process draws the same
+    one: the draw is cheap next to the model, and it keeps the shards disjoint)."""
     out = source.next_batch()
     tokens, scored = out if isinstance(out, tuple) else (out, None)
-    return tokens.to(device), None if scored is None else scored.to(device)
+    rows = distributed.local_rows(len(tokens) // distributed.world_size())
+    return tokens[rows].to(device), None if scored is None else scored[rows].to(device)
 
 
 @torch.no_grad()
 def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
     """Validation loss (nats per scored token) and bits per token (= per byte / character), on
-    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable."""
+    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable (averaged
+    over processes, each scoring its rows)."""
     source = batch_source(data, cfg, seed=cfg.seed + 1)
     device = next(model.parameters()).device
     was_training = model.training
@@ -159,7 +178,7 @@ def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
         tokens, scored = next_batch(source, device)
         losses.append(lm_loss(model, tokens, cfg.precision, scored).item())
     model.train(was_training)
-    loss = sum(losses) / len(losses)
+    loss = distributed.mean(sum(losses) / len(losses))
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
@@ -169,15 +188,28 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
+def _full_model(model: ReformerLM) -> ReformerLM:
+    """``model``, or under FSDP a CPU copy with the gathered weights (a collective)."""
+    if not distributed.is_sharded(model):
+        return model
+    weights = distributed.gathered(model.state_dict())
+    with torch.device("meta"), torch.random.fork_rng(devices=[]):  # building draws hash seeds: keep the run's RNG
+        copy = ReformerLM(config=model.config)
+    copy.load_state_dict(weights, assign=True)
+    return copy
+
+
 def save_checkpoint(
     run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig, vocab: dict | None = None
-) -> Path:
+) -> Path | None:
     """Write ``checkpoints/step-NNNNNNN`` atomically (with ``vocab.json`` when given) and prune
-    to ``keep_last``."""
+    to ``keep_last``. Every process calls it (FSDP gathers its shards); rank 0 writes and
+    returns the path, the others None."""
+    model, optimizer_state = _full_model(model), distributed.gathered(optimizer.state_dict())
+    if not distributed.is_main():
+        return None
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-*"):  # left by a process killed while writing
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
@@ -188,7 +220,7 @@ def save_checkpoint(
             "step": state.step,
             "history": state.history,
             "train_config": asdict(cfg),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
@@ -205,17 +237,24 @@ def save_checkpoint(
         raise
     for old in checkpoint_dirs(run_dir)[: -cfg.keep_last]:
         shutil.rmtree(old)
+    for stale in root.glob(".tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, sampler) -> TrainState:
-    """Restore weights, optimizer, data position and RNG from a checkpoint directory."""
+def load_checkpoint(path: Path, model) -> dict:
+    """Load a checkpoint directory's weights into ``model`` (before FSDP shards it); return the
+    trainer state for :func:`restore_trainer`."""
     from safetensors.torch import load_model
 
     verify_manifest(path)
-    trainer = torch.load(path / "trainer.pt", weights_only=False)
     load_model(model, path / "model.safetensors", strict=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    return torch.load(path / "trainer.pt", weights_only=False)
+
+
+def restore_trainer(trainer: dict, optimizer, sampler) -> TrainState:
+    """Restore optimizer (cut to this process's shards under FSDP), data position and RNG."""
+    optimizer.load_state_dict(distributed.sharded_optimizer_state(optimizer, trainer["optimizer"]))
     sampler.load_state_dict(trainer["sampler"])
     torch.set_rng_state(trainer["torch_rng"])
     return TrainState(step=trainer["step"], history=trainer["history"])
@@ -240,8 +279,8 @@ def train(
     ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
     interruption would; ``should_stop()`` is asked after every step (e.g. set by SIGINT).
     ``on_step(record, state)`` receives each step's record (loss, lr, tokens/s, evals) and the
-    run's state, whose history includes the steps before a resume. ``vocab`` is saved
-    with each checkpoint.
+    run's state, whose history includes the steps before a resume (on rank 0 only). ``vocab``
+    is saved with each checkpoint.
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
     run_dir = Path(run_dir)
@@ -249,25 +288,27 @@ def train(
     torch.manual_seed(cfg.seed)
     sampler = batch_source(train_data, cfg, seed=cfg.seed)
     batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
-    optimizer = build_optimizer(model, cfg)
+    trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
+    net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
+    optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState()
-    if resume and checkpoint_dirs(run_dir):
-        state = load_checkpoint(checkpoint_dirs(run_dir)[-1], model, optimizer, sampler)
+    state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler)
     model.train()
     start_step = state.step
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(state.step, cfg)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
+        total = torch.zeros((), device=device)
+        for i in range(cfg.grad_accum):
             tokens, scored = next_batch(sampler, device)
-            loss = lm_loss(model, tokens, cfg.precision, scored)
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {loss.item()} at step {state.step + 1}; last good checkpoint kept")
-            scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.item() / cfg.grad_accum
+            with distributed.sync_gradients(net, sync=i == cfg.grad_accum - 1):
+                loss = lm_loss(net, tokens, cfg.precision, scored)
+                scaler.scale(loss / cfg.grad_accum).backward()
+            total += loss.detach() / cfg.grad_accum
+        total = distributed.mean(total)  # the same on every process, so all of them stop here together
+        if not math.isfinite(total):
+            raise TrainingDiverged(f"loss is {total} at step {state.step + 1}; last good checkpoint kept")
         if cfg.clip_grad > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
@@ -276,7 +317,7 @@ def train(
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len
+        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
         record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                   "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
         if scale is not None and scaler.get_scale() < scale:  # fp16: inf/NaN gradients, update skipped
@@ -284,15 +325,16 @@ def train(
         last = (
             state.step == cfg.steps
             or (stop_after is not None and state.step - start_step >= stop_after)
-            or (should_stop is not None and should_stop())
+            or distributed.any_process(should_stop is not None and should_stop())
         )
         if state.step % cfg.eval_every == 0 or last:
             record.update(evaluate(model, valid_data, cfg))
         state.history.append(record)
-        if on_step is not None:
+        if on_step is not None and distributed.is_main():
             on_step(record, state)
         if state.step % cfg.save_every == 0 or last:
             save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
         if last:
             break
+    distributed.barrier()  # every process returns once the last checkpoint is written
     return state
