@@ -200,7 +200,14 @@ def _full_model(model: ReformerLM) -> ReformerLM:
 
 
 def save_checkpoint(
-    run_dir: Path, model, optimizer, sampler, state: TrainState, cfg: TrainConfig, vocab: dict | None = None
+    run_dir: Path,
+    model,
+    optimizer,
+    sampler,
+    state: TrainState,
+    cfg: TrainConfig,
+    vocab: dict | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> Path | None:
     """Write ``checkpoints/step-NNNNNNN`` atomically (with ``vocab.json`` when given) and prune
     to ``keep_last``. Every process calls it (FSDP gathers its shards); rank 0 writes and
@@ -223,6 +230,7 @@ def save_checkpoint(
             "optimizer": optimizer_state,
             "sampler": sampler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            "grad_scaler": None if scaler is None else scaler.state_dict(),  # fp16 loss scale
         }
         torch.save(trainer, tmp / "trainer.pt")
         write_manifest(tmp)
@@ -252,8 +260,11 @@ def load_checkpoint(path: Path, model) -> dict:
     return torch.load(path / "trainer.pt", weights_only=False)
 
 
-def restore_trainer(trainer: dict, optimizer, sampler) -> TrainState:
-    """Restore optimizer (cut to this process's shards under FSDP), data position and RNG."""
+def restore_trainer(trainer: dict, optimizer, sampler, scaler: torch.amp.GradScaler | None = None) -> TrainState:
+    """Restore optimizer (cut to this process's shards under FSDP), data position, RNG and the
+    fp16 loss scale."""
+    if scaler is not None and trainer.get("grad_scaler"):
+        scaler.load_state_dict(trainer["grad_scaler"])
     optimizer.load_state_dict(distributed.sharded_optimizer_state(optimizer, trainer["optimizer"]))
     sampler.load_state_dict(trainer["sampler"])
     torch.set_rng_state(trainer["torch_rng"])
@@ -292,7 +303,7 @@ def train(
     net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
     optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler)
+    state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler, scaler)
     model.train()
     start_step = state.step
     while state.step < cfg.steps:
@@ -333,7 +344,7 @@ def train(
         if on_step is not None and distributed.is_main():
             on_step(record, state)
         if state.step % cfg.save_every == 0 or last:
-            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab)
+            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab, scaler)
         if last:
             break
     distributed.barrier()  # every process returns once the last checkpoint is written

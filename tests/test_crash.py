@@ -113,3 +113,5 @@ def test_fp16_gradient_overflow_is_skipped_and_reported(tmp_path, monkeypatch):
     history = train(model, corpus.train, corpus.valid, cfg, tmp_path).history
     assert [bool(r.get("overflow")) for r in history] == [False, False, True, False, False]
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the bad update never landed
+    saved = torch.load(checkpoint_dirs(tmp_path)[-1] / "trainer.pt", weights_only=False)
+    assert saved["grad_scaler"]["scale"] == 2.0**15  # halved once, and resumed from there

@@ -39,8 +39,9 @@ def test_twenty_steps_on_the_builtin_corpus_lower_the_loss(tmp_path, corpus):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, corpus):
-    cfg = _cfg(steps=8, save_every=100, eval_every=4)
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: the loss scale is resumed too
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, corpus, precision):
+    cfg = _cfg(steps=8, save_every=100, eval_every=4, precision=precision)
     straight = train(_model(), corpus.train, corpus.valid, cfg, tmp_path / "a")
     first = train(_model(), corpus.train, corpus.valid, cfg, tmp_path / "b", stop_after=3)
     assert first.step == 3
