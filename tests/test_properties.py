@@ -141,3 +141,25 @@ def test_reversible_gradients_equal_plain_gradients(options, causal, length, see
             assert a is None
         else:
             torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@SWEEP
+@given(
+    data=attention_inputs(max_len=48),
+    bucket_size=st.integers(2, 12),
+    n_hashes=st.sampled_from([1, 2, 4]),
+    mode=st.sampled_from([(False, True), (True, True), (True, False)]),
+    low=st.sampled_from([torch.bfloat16, torch.float16]),
+)
+def test_low_precision_lsh_error_is_at_most_twice_a_dense_computation(data, bucket_size, n_hashes, mode, low):
+    """In bf16/fp16 the chunked path errs (against fp64) no more than 2x the dense reference
+    evaluated in the same precision (plus a floor at the precision's resolution)."""
+    qk, v, mask, gen = data
+    qk, v = qk.detach().double(), v.detach().double()
+    buckets = torch.randint(0, 4, (qk.shape[0], n_hashes, qk.shape[1]), generator=gen)
+    kw = dict(bucket_size=bucket_size, n_buckets=4, causal=mode[0], strict_causal=mode[1], key_mask=mask)
+    exact, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    ours, _ = lsh_attention_chunked(qk.to(low), v.to(low), buckets, **kw)
+    dense, _ = lsh_attention_reference(qk.to(low), v.to(low), buckets, **kw)
+    floor = torch.finfo(low).eps * v.abs().max()
+    assert (ours.double() - exact).abs().max() <= 2 * (dense.double() - exact).abs().max() + floor
