@@ -162,6 +162,12 @@ def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[-1])
 
 
+def _add_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
+    """``x[rows] += values`` for ``rows`` ``(blk, k)`` and ``values`` ``(blk, k, e)``, repeated rows
+    summed. (``index_put_`` with ``accumulate`` is ~10x faster than ``index_add_`` on CPU.)"""
+    x.index_put_((rows.flatten(),), values.flatten(0, 1), accumulate=True)
+
+
 def _block_probs(
     plan: _WindowPlan, start: int, end: int, q: torch.Tensor, k: torch.Tensor
 ) -> tuple[_BlockIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -230,7 +236,7 @@ class _WindowAttention(torch.autograd.Function):
             if dropout > 0:
                 keep = ctx.drop_masks[i].to(probs.dtype) / (1 - dropout)
                 used = probs * keep
-            grad_v.index_add_(0, k_rows.flatten(), torch.bmm(used.transpose(1, 2), go).flatten(0, 1))
+            _add_rows(grad_v, k_rows, torch.bmm(used.transpose(1, 2), go))
             grad_probs = torch.bmm(go, bv.transpose(1, 2))  # (blk, c, 2c)
             if dropout > 0:
                 grad_probs *= keep
@@ -240,8 +246,8 @@ class _WindowAttention(torch.autograd.Function):
                 shift = shift - grad_lse[start:end, :, None]
             grad_dots = probs * (grad_probs - shift)
             grad_dots.masked_fill_(fixed, 0)
-            grad_q.index_add_(0, q_rows.flatten(), torch.bmm(grad_dots, bk).flatten(0, 1))
-            grad_k.index_add_(0, k_rows.flatten(), torch.bmm(grad_dots.transpose(1, 2), bq).flatten(0, 1))
+            _add_rows(grad_q, q_rows, torch.bmm(grad_dots, bk))
+            _add_rows(grad_k, k_rows, torch.bmm(grad_dots.transpose(1, 2), bq))
         return grad_q, grad_k, grad_v, None, None, None
 
 
