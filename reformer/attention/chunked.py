@@ -97,13 +97,19 @@ class _WindowPlan:
         chunk = w % self.n
         batch = (w // self.n)[:, None]
         q_slots = chunk[:, None] * self.c + torch.arange(self.c, device=w.device)
-        k_slots = self.win[chunk]
-        return _BlockIndex(batch, q_slots, k_slots, self.slot_row[batch, q_slots], self.slot_row[batch, k_slots])
+        k_slots = self.win.index_select(0, chunk)
+        return _BlockIndex(
+            batch, q_slots, k_slots, _per_row(self.slot_row, batch, q_slots), _per_row(self.slot_row, batch, k_slots)
+        )
 
     def mask(self, idx: _BlockIndex) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """``hidden`` and ``is_self`` masks and the ``-log N`` bias, each ``(blk, c, 2c)``."""
         b, q_slots, k_slots, q_rows, k_rows = idx
-        hidden = None if self.key_valid is None else ~self.key_valid[k_rows][:, None, :]
+        hidden = (
+            None
+            if self.key_valid is None
+            else ~self.key_valid.index_select(0, k_rows.flatten()).view(k_rows.shape)[:, None, :]
+        )
 
         def hide(extra: torch.Tensor) -> None:
             nonlocal hidden
@@ -116,7 +122,8 @@ class _WindowPlan:
             # has no previous chunk in its round.
             ones = torch.ones(c, c, dtype=torch.bool, device=device)
             reach = torch.cat([ones.tril(), ones.triu()], dim=1)  # (c, 2c)
-            visible = (self.slot_bucket[b, q_slots][:, :, None] == self.slot_bucket[b, k_slots][:, None, :]) & reach
+            q_bucket, k_bucket = _per_row(self.slot_bucket, b, q_slots), _per_row(self.slot_bucket, b, k_slots)
+            visible = (q_bucket[:, :, None] == k_bucket[:, None, :]) & reach
             round_start = (q_slots[:, 0] % self.lp) == 0
             visible[:, :, c:] &= ~round_start[:, None, None]
             hide(~visible)
@@ -126,12 +133,13 @@ class _WindowPlan:
             if self.causal:
                 hide(k_rows[:, None, :] > q_rows[:, :, None])  # same batch row: rows order like positions
             if not self.attend_across_buckets:
-                same_bucket = self.slot_bucket[b, q_slots][:, :, None] == self.slot_bucket[b, k_slots][:, None, :]
+                q_bucket, k_bucket = _per_row(self.slot_bucket, b, q_slots), _per_row(self.slot_bucket, b, k_slots)
+                same_bucket = q_bucket[:, :, None] == k_bucket[:, None, :]
                 same_round = (q_slots // self.lp)[:, :, None] == (k_slots // self.lp)[:, None, :]
                 hide(~(same_bucket & same_round))
         bias = None
         if self.dup_info is not None:
-            counts = self._duplicate_counts(self.dup_info[b, q_slots], self.dup_info[b, k_slots])
+            counts = self._duplicate_counts(_per_row(self.dup_info, b, q_slots), _per_row(self.dup_info, b, k_slots))
             bias = -counts.clamp_min(1).double().log()  # (exact in fp64; an int tensor would log in fp32)
         return hidden, is_self, bias
 
@@ -155,6 +163,14 @@ class _WindowPlan:
         if k_chunk.shape[-1] > 1:  # a round's first chunk looks back into the previous round
             count = count + (k_chunk.roll(1, dims=-1) == q_prev).sum(-1)
         return count
+
+
+def _per_row(table: torch.Tensor, batch: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """``table[batch, slots]`` for ``table`` ``(b, total, ...)``, ``batch`` ``(blk, 1)``, ``slots``
+    ``(blk, k)`` -> ``(blk, k, ...)``, as one ``index_select`` of whole rows of the flattened
+    table (much faster on CPU than advanced indexing with two index tensors)."""
+    flat = table.reshape(table.shape[0] * table.shape[1], *table.shape[2:])
+    return flat.index_select(0, (batch * table.shape[1] + slots).flatten()).view(*slots.shape, *table.shape[2:])
 
 
 def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
