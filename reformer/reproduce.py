@@ -115,7 +115,7 @@ class DuplicationConfig:
 #: 2 CPU cores (measured per step, see docs/reproduction.md).
 DUPLICATION_SCALES = {
     "paper": DuplicationConfig(),
-    "cpu": DuplicationConfig(seq_len=256, steps=3000, batch_size=16, warmup_steps=200, bucket_size=16),
+    "cpu": DuplicationConfig(seq_len=256, steps=2500, batch_size=16, warmup_steps=200, bucket_size=16),
 }
 
 
@@ -234,22 +234,23 @@ def duplication_table(results: dict) -> str:
 
 @dataclass
 class LMConfig:
-    """The language-modelling comparison: one small causal byte model per attention variant."""
+    """The language-modelling comparison: one small causal byte model per attention variant. The
+    defaults take about an hour on 2 CPU cores (see docs/reproduction.md)."""
 
     data: str = "builtin"
     """``builtin``, a file, or ``enwik8:PATH`` (bytes; validated on the held-out split)."""
-    seq_len: int = 512
+    seq_len: int = 256
     """Tokens per training window (also the model's max_seq_len)."""
-    steps: int = 600
+    steps: int = 2500
     """Training steps per variant (the same for all)."""
     batch_size: int = 8
     """Windows per step."""
     lr: float = 2e-3
     """Peak learning rate (AdamW, linear warm-up, cosine decay)."""
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     """Warm-up steps."""
-    eval_every: int = 50
-    """Points on the bits-per-byte curves."""
+    eval_every: int = 125
+    """Steps between points of the bits-per-byte curves."""
     eval_batches: int = 8
     """Held-out batches per point (the same windows each time)."""
     dim: int = 128
