@@ -260,8 +260,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.full_attention and args.n_hashes is not None:
         raise UsageError("--n-hashes and --full-attention exclude each other (full attention does not hash)")
     model, vocab, ckpt = load_for_inference(args.checkpoint, args.device)
+    switched = ""
     if args.full_attention or args.n_hashes is not None:  # in memory only: the checkpoint is not changed
-        switch_attention(model, n_hashes=args.n_hashes, full_attention=True if args.full_attention else None)
+        switch_attention(model, n_hashes=args.n_hashes, full_attention=args.full_attention)
+        switched = "; full attention" if args.full_attention else f"; LSH with {args.n_hashes} hashes"
     corpus = load_training_data(args.data, vocab.kind, args.seq_len or model.config.max_seq_len, args.batch_size, 0)
     if corpus.vocab.num_tokens != model.config.num_tokens:
         raise UsageError(
@@ -270,9 +272,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     seq_len = min(args.seq_len or model.config.max_seq_len, model.config.max_seq_len)
     cfg = TrainConfig(seq_len=seq_len, batch_size=args.batch_size, eval_batches=args.batches)
     result = evaluate(model, corpus.valid, cfg)
-    attention = "full attention" if args.full_attention else f"n_hashes {model.config.n_hashes}"
     print(f"{ckpt}: validation loss {result['eval_loss']:.4f} nats/token, {result['eval_bpc']:.4f} bits/token "
-          f"({args.batches} x {args.batch_size} windows of {seq_len}; {attention})")  # fmt: skip
+          f"({args.batches} x {args.batch_size} windows of {seq_len}{switched})")  # fmt: skip
     return 0
 
 
@@ -388,8 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batches", type=int_at_least(1), default=4, help="batches to average")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--n-hashes", type=int_at_least(1), default=None,
-                   help="evaluate with this many LSH hashing rounds (default: as trained)")  # fmt: skip
-    e.add_argument("--full-attention", action="store_true", help="evaluate with dense attention instead of LSH")
+                   help="evaluate with LSH attention of this many hashing rounds (also a model trained "
+                        "with full attention; default: as trained)")  # fmt: skip
+    e.add_argument("--full-attention", action="store_true",
+                   help="evaluate with dense shared-QK attention instead of LSH (same weights)")  # fmt: skip
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)

@@ -125,21 +125,22 @@ def test_switch_keeps_local_layers_and_refuses_models_without_lsh():
 
 
 def test_eval_cli_switches_attention_without_changing_the_checkpoint(tmp_path, capsys):
-    run = tmp_path / "ckpt"
-    _eval_model(num_tokens=256, max_seq_len=128).save_pretrained(run)
-    config_file = run / "config.json"
-    saved = config_file.read_text()
-    capsys.readouterr()
-    outputs = {}
-    for flags in ([], ["--n-hashes", "8"], ["--full-attention"]):
-        assert main(["eval", "--checkpoint", str(run), "--seq-len", "128", "--batches", "1", *flags]) == 0
-        outputs[" ".join(flags)] = capsys.readouterr().out
-    assert "n_hashes 2" in outputs[""] and "n_hashes 8" in outputs["--n-hashes 8"]
-    assert "full attention" in outputs["--full-attention"]
-    bpc = {k: v.split("bits/token")[0].split(",")[-1] for k, v in outputs.items()}
-    assert len(set(bpc.values())) == 3  # three different functions of the same weights
-    assert config_file.read_text() == saved
-    code = main(["eval", "--checkpoint", str(run), "--n-hashes", "4", "--full-attention"])
+    lsh, full = tmp_path / "lsh", tmp_path / "full"
+    _eval_model(num_tokens=256, max_seq_len=128).save_pretrained(lsh)  # n_hashes 2
+    _eval_model(num_tokens=256, max_seq_len=128, use_full_attn=True).save_pretrained(full)  # the same weights
+    saved = (lsh / "config.json").read_text()
+    bpc = {}
+    for name, ckpt, flags in [("lsh-2", lsh, []), ("lsh-8", lsh, ["--n-hashes", "8"]),
+                              ("lsh->full", lsh, ["--full-attention"]), ("full->lsh-2", full, ["--n-hashes", "2"]),
+                              ("full", full, [])]:  # fmt: skip
+        assert main(["eval", "--checkpoint", str(ckpt), "--seq-len", "128", "--batches", "1", *flags]) == 0
+        out = capsys.readouterr().out
+        assert ("LSH with" in out or "full attention" in out) == bool(flags)
+        bpc[name] = out.split("bits/token")[0].split(",")[-1]
+    assert len({bpc["lsh-2"], bpc["lsh-8"], bpc["full"]}) == 3  # three functions of the same weights
+    assert bpc["lsh->full"] == bpc["full"] and bpc["full->lsh-2"] == bpc["lsh-2"]
+    assert (lsh / "config.json").read_text() == saved
+    code = main(["eval", "--checkpoint", str(lsh), "--n-hashes", "4", "--full-attention"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "exclude each other" in err[0]
 
