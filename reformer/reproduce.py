@@ -86,7 +86,8 @@ class DuplicationConfig:
         self.trained_with, self.evaluated_with = tuple(self.trained_with), tuple(self.evaluated_with)
         for label in self.trained_with + self.evaluated_with:
             parse_attention(label)
-        self.task()  # checks seq_len, batch_size, n_symbols
+        self.task()  # checks seq_len and n_symbols
+        self.train_config()  # checks the sizes
 
     def task(self, seed: int = 0) -> DuplicationTask:
         return DuplicationTask(self.seq_len, self.batch_size, self.n_symbols, seed=seed)

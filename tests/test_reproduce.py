@@ -233,4 +233,6 @@ def test_experiment_configs_validate():
         DuplicationConfig(seq_len=31)
     with pytest.raises(ValueError, match="'full' or 'lsh-N'"):
         DuplicationConfig(trained_with=("lsh-4", "dense"))
+    with pytest.raises(ValueError, match="batch_size"):
+        DuplicationConfig(batch_size=0)
     assert isinstance(DUPLICATION_SCALES["cpu"].model_config("lsh-4"), ReformerConfig)
