@@ -1,4 +1,4 @@
-"""The ``reformer`` command: train, eval, generate, info, convert. The only module that reads argv.
+"""The ``reformer`` command: train, eval, generate, info, convert, reproduce. The only module that reads argv.
 
 Errors a user can cause (bad path, bad option, wrong checkpoint) print one line to stderr
 and exit with code 2; progress goes to stderr, results to stdout.
@@ -17,13 +17,14 @@ from pathlib import Path
 
 import torch
 
-from . import distributed
+from . import distributed, reproduce
 from .checkpoint import read_config
 from .config import ReformerConfig
 from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
 from .model import ReformerLM
 from .presets import PRESETS
+from .switch import switch_attention
 from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, checkpoint_dirs, evaluate, train
 
 
@@ -256,7 +257,13 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.full_attention and args.n_hashes is not None:
+        raise UsageError("--n-hashes and --full-attention exclude each other (full attention does not hash)")
     model, vocab, ckpt = load_for_inference(args.checkpoint, args.device)
+    switched = ""
+    if args.full_attention or args.n_hashes is not None:  # in memory only: the checkpoint is not changed
+        switch_attention(model, n_hashes=args.n_hashes, full_attention=args.full_attention)
+        switched = "; full attention" if args.full_attention else f"; LSH with {args.n_hashes} hashes"
     corpus = load_training_data(args.data, vocab.kind, args.seq_len or model.config.max_seq_len, args.batch_size, 0)
     if corpus.vocab.num_tokens != model.config.num_tokens:
         raise UsageError(
@@ -266,7 +273,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     cfg = TrainConfig(seq_len=seq_len, batch_size=args.batch_size, eval_batches=args.batches)
     result = evaluate(model, corpus.valid, cfg)
     print(f"{ckpt}: validation loss {result['eval_loss']:.4f} nats/token, {result['eval_bpc']:.4f} bits/token "
-          f"({args.batches} x {args.batch_size} windows of {seq_len})")  # fmt: skip
+          f"({args.batches} x {args.batch_size} windows of {seq_len}{switched})")  # fmt: skip
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    sizes = dict(steps=args.steps, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+    if args.experiment == "duplication":
+        scale = reproduce.DUPLICATION_SCALES[args.scale]
+        cfg = reproduce.with_overrides(scale, eval_batches=args.eval_batches, **sizes)
+        print(reproduce.duplication_table(reproduce.run_duplication(cfg, out, args.device, progress)), end="")
+    else:
+        cfg = reproduce.with_overrides(reproduce.LMConfig(data=args.data), eval_every=args.eval_every, **sizes)
+        print(reproduce.lm_table(reproduce.run_lm(cfg, out, args.device, progress)), end="")
     return 0
 
 
@@ -365,6 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int_at_least(1), default=2, help="windows per batch")
     e.add_argument("--batches", type=int_at_least(1), default=4, help="batches to average")
     e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--n-hashes", type=int_at_least(1), default=None,
+                   help="evaluate with LSH attention of this many hashing rounds (also a model trained "
+                        "with full attention; default: as trained)")  # fmt: skip
+    e.add_argument("--full-attention", action="store_true",
+                   help="evaluate with dense shared-QK attention instead of LSH (same weights)")  # fmt: skip
     e.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
@@ -390,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--byte-vocab", action="store_true",
                    help="258-token byte model (google/reformer-enwik8, id = byte + 2): keep the byte ids")  # fmt: skip
     c.set_defaults(func=cmd_convert)
+
+    r = sub.add_parser("reproduce", help="the paper's experiments (see docs/reproduction.md)", formatter_class=fmt)
+    experiments = r.add_subparsers(dest="experiment", required=True)
+    dup = experiments.add_parser("duplication", help="duplication task, paper Table 2", formatter_class=fmt)
+    dup.add_argument("--scale", choices=("cpu", "paper"), default="cpu",
+                     help="cpu: length 256, ~1 hour on 2 cores; paper: length 1024, 150K steps (GPU)")  # fmt: skip
+    dup.add_argument("--out", default="runs/duplication", help="output directory (table, JSON, one run per model)")
+    dup.add_argument("--eval-batches", type=int_at_least(1), default=None, help="batches per accuracy (override)")
+    lm = experiments.add_parser("lm", help="language modelling: full vs LSH bits per byte", formatter_class=fmt)
+    lm.add_argument("--data", default="builtin", help="builtin, enwik8:PATH, or a file path")
+    lm.add_argument("--out", default="runs/lm", help="output directory (table, JSON, PNG, one run per model)")
+    lm.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between curve points (override)")
+    for x in (dup, lm):
+        x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
+        x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
+        x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")
+        x.add_argument("--seed", type=int, default=None, help="random seed (override; default 0)")
+        x.add_argument("--device", default="cpu", help="cpu or cuda")
+    r.set_defaults(func=cmd_reproduce)
     return p
 
 

@@ -116,8 +116,9 @@ class LSHAttention(nn.Module):
             n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
         if self.training:
             rotations = draw_rotations(d, self.n_hashes, n_buckets, n_sets, device=qk.device, dtype=qk.dtype)
-        else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token)
-            key = (int(self.hash_seed), d, n_buckets, n_sets, qk.device, qk.dtype)
+        else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token);
+            # n_hashes is part of the shape: it may be changed after training (reformer.switch)
+            key = (int(self.hash_seed), d, self.n_hashes, n_buckets, n_sets, qk.device, qk.dtype)
             if self._eval_rotations is None or self._eval_rotations[0] != key:
                 drawn = draw_rotations(
                     d, self.n_hashes, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype
