@@ -53,4 +53,3 @@ def switch_attention(model: M, *, n_hashes: int | None = None, full_attention: b
                 module.lsh_attn.n_hashes = switched.n_hashes
     model.config = stack.config = switched
     return model
-
