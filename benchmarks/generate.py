@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> None:
         "# Generation speed (CPU)",
         "",
         "Causal byte-level LM, `dim=512, depth=6, heads=8, bucket_size=64, n_hashes=4`, every layer LSH, "
-        f"{MAX_POSITIONS:,} positions, greedy, batch 1. Cells: milliseconds per new token (averaged over the "
-        "tokens after the first) / time to the first token (prefill) / peak memory above the model. "
+        f"{MAX_POSITIONS:,} positions, greedy, batch 1. Cells: milliseconds per new token (median gap between "
+        "successive new tokens) / time to the first token (prefill) / peak memory above the model. "
         "`ours-cached` is `ReformerLM.generate()` (prefill, then per-layer decoding cache), `ours-recompute` "
         "the same with `use_cache=False`; `reformer_pytorch` 1.4.4 `TrainingWrapper.generate`; `transformers` "
         "`ReformerModelWithLMHead.generate(use_cache=True)`.",
