@@ -157,13 +157,13 @@ class LSHSelfAttention(nn.Module):
         ``x`` is the next position ``(b, 1, dim)``."""
         check_features("x", x, self.dim)
         if cache is not None:
+            if keys is not None or input_mask is not None or context_mask is not None:
+                raise ValueError("cached decoding takes no keys, input_mask or context_mask")
+            if cache.seq_len > 0:  # this layer's state exists, so the prefill below accepted it
+                return self._decode_step(x, cache.next_layer())
             reason = self.cache_unsupported_reason()
             if reason is not None:
                 raise ValueError(f"cached decoding is not exact for this layer: {reason}")
-            if keys is not None or input_mask is not None or context_mask is not None:
-                raise ValueError("cached decoding takes no keys, input_mask or context_mask")
-            if cache.seq_len > 0:
-                return self._decode_step(x, cache.next_layer())
         b, t, _ = x.shape
         check_mask("input_mask", input_mask, (b, t))
         prefix = []
