@@ -65,6 +65,15 @@ class ReformerConfig:
     attn_layers: tuple[str, ...] | None = None
     """Attention kind per layer, ``"lsh"``, ``"local"`` or ``"full"``, cycled over the depth,
     e.g. ``("local", "lsh")``; default all ``"lsh"``."""
+    shared_qk: bool = True
+    """``"full"`` layers: keys are the queries' unit vectors (the Reformer's shared-QK attention,
+    which LSH layers always use). False: separate query and key projections, plain dense
+    attention (``scaled_dot_product_attention``), as in a standard Transformer; only for models
+    without LSH layers, rotary positions, memory key/values or local heads."""
+    residual: str = "reversible"
+    """``"reversible"``: RevNet blocks ``y1 = x1 + Attn(x2)``, ``y2 = x2 + FF(y1)`` (the Reformer).
+    ``"standard"``: the ordinary pre-norm residual stack ``x + Attn(x)``, ``x + FF(x)``, with
+    every activation stored for the backward (a Transformer baseline, paper Fig. 3)."""
     full_attn_thres: int | None = None
     """Use dense attention for inputs at most this long (default ``bucket_size``)."""
     lsh_dropout: float = 0.0
@@ -184,6 +193,30 @@ class ReformerConfig:
         if self.emb_dim is not None:
             check_int("emb_dim", self.emb_dim, 1)
         self._check_compat_fields()
+        self._check_ablation_fields()
+
+    def _check_ablation_fields(self) -> None:
+        if self.residual not in ("reversible", "standard"):
+            raise ValueError(f"residual must be 'reversible' or 'standard', got {self.residual!r}")
+        if self.residual == "standard" and self.reversible_output != "mean":
+            raise ValueError("reversible_output='concat' needs residual='reversible' (a standard stack has one stream)")
+        if not isinstance(self.shared_qk, bool):
+            raise ValueError(f"shared_qk must be True or False, got {self.shared_qk!r}")
+        if self.shared_qk:
+            return
+        conflicts = {
+            "attn_layers": "lsh" in self.layer_kinds(),
+            "rotary_emb": self.rotary_emb,
+            "num_mem_kv": self.num_mem_kv > 0,
+            "n_local_attn_heads": self.n_local_attn_heads > 0,
+        }
+        for name, conflict in conflicts.items():
+            if conflict:
+                value = self.layer_kinds() if name == "attn_layers" else getattr(self, name)
+                raise ValueError(
+                    f"shared_qk=False (separate-QK dense layers) does not combine with {name}={value!r}: "
+                    "LSH layers, rotary positions, memory key/values and local heads need shared-QK attention"
+                )
 
     def _check_compat_fields(self) -> None:
         if isinstance(self.norm_eps, bool) or not isinstance(self.norm_eps, (int, float)) or self.norm_eps <= 0:

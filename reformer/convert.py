@@ -36,6 +36,7 @@ from .model import ReformerLM
 #: sets them; ``to_transformers`` accepts only models built with them, e.g.
 #: ``ReformerLM(**TRANSFORMERS_LAYOUT, dim=256, ...)``.
 TRANSFORMERS_LAYOUT: dict[str, Any] = {
+    "residual": "reversible",
     "strict_causal": False,
     "random_rotations_per_head": True,
     "reversible_output": "concat",

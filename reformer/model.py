@@ -18,6 +18,7 @@ from .attention import LSHSelfAttention
 from .attention.common import check_features, check_mask
 from .attention.cross import CrossAttention
 from .attention.decode import DecodingCache
+from .attention.dense import DenseSelfAttention
 from .attention.local import BlockLocalAttention
 from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
@@ -96,7 +97,8 @@ class Reformer(PretrainedMixin, nn.Module):
     """A stack of ``depth`` reversible blocks on ``(batch, len, dim)``: attention then
     feed-forward (or attention twice with ``twin_attention``). The input is duplicated into
     the two reversible halves and the output is their mean (``(batch, len, dim)``), or with
-    ``reversible_output="concat"`` their concatenation (``(batch, len, 2 * dim)``)."""
+    ``reversible_output="concat"`` their concatenation (``(batch, len, 2 * dim)``). With
+    ``residual="standard"`` the same blocks form an ordinary residual stack instead."""
 
     def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
         super().__init__()
@@ -117,6 +119,18 @@ class Reformer(PretrainedMixin, nn.Module):
                         dim_head=cfg.dim_head,
                         chunks_before=cfg.local_chunks_before,
                         chunks_after=cfg.local_chunks_after,
+                        causal=cfg.causal,
+                        dropout=cfg.lsh_dropout,
+                        post_attn_dropout=cfg.post_attn_dropout,
+                        out_bias=cfg.attn_out_bias,
+                    )
+                )
+            if kind == "full" and not cfg.shared_qk:
+                return wrap(
+                    DenseSelfAttention(
+                        cfg.dim,
+                        cfg.heads,
+                        dim_head=cfg.dim_head,
                         causal=cfg.causal,
                         dropout=cfg.lsh_dropout,
                         post_attn_dropout=cfg.post_attn_dropout,
@@ -229,21 +243,27 @@ class Reformer(PretrainedMixin, nn.Module):
                     "run the prefill again on the whole sequence with an empty cache"
                 )
             cache.begin()
-            x1, x2 = irreversible_apply(self.blocks, x, x, **kwargs, cache=cache)
+            x = self._apply(self.blocks, x, reversible=False, **kwargs, cache=cache)
             cache.seq_len += x.shape[1]
-            return self._merge_halves(x1, x2)
+            return x
         blocks = list(self.blocks)
         if self.training and cfg.layer_dropout > 0:
             keep = torch.rand(len(blocks)) >= cfg.layer_dropout
             keep[torch.randint(len(blocks), ())] = True  # never drop every block
             blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
-        apply = reversible_apply if reversible else irreversible_apply
-        x1, x2 = apply(blocks, x, x, **kwargs)
-        return self._merge_halves(x1, x2)[:, :length]
+        return self._apply(blocks, x, reversible=reversible, **kwargs)[:, :length]
 
-    def _merge_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-        """The two reversible halves ``(b, n, dim)`` -> the output: their mean, or ``(b, n, 2 dim)``."""
+    def _apply(self, blocks: list[ReversibleBlock], x: torch.Tensor, reversible: bool, **kwargs: Any) -> torch.Tensor:
+        """Run ``blocks`` on ``x`` ``(b, n, dim)``: as RevNet blocks on two copies of ``x``
+        (recomputing activations in the backward when ``reversible``) whose halves are merged
+        (mean, or concatenated to ``2 dim``), or as a standard residual stack."""
+        if self.config.residual == "standard":
+            for block in blocks:
+                x = x + block.run_f(x, kwargs)
+                x = x + block.run_g(x, kwargs)
+            return x
+        x1, x2 = (reversible_apply if reversible else irreversible_apply)(blocks, x, x, **kwargs)
         return torch.cat([x1, x2], dim=-1) if self.config.reversible_output == "concat" else (x1 + x2) / 2
 
     def _pad_to_chunks(
@@ -305,6 +325,8 @@ class ReformerLM(PretrainedMixin, nn.Module):
         for module in self.modules():
             if isinstance(module, BlockLocalAttention):
                 return "Hugging Face-style local layers (local_qkv=True) have no decoding cache"
+            if isinstance(module, DenseSelfAttention):
+                return "separate-QK dense layers (shared_qk=False) have no decoding cache"
             if isinstance(module, LSHSelfAttention):
                 reason = module.cache_unsupported_reason()
                 if reason is not None:

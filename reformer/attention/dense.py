@@ -1,0 +1,83 @@
+"""Standard multi-head self-attention (separate query and key projections, dense O(L^2)) on
+``scaled_dot_product_attention``: the Transformer baseline the Reformer is compared with
+(``ReformerConfig(shared_qk=False)``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import check_features, check_mask, check_prob, resolve_dim_head
+
+
+class DenseSelfAttention(nn.Module):
+    """Multi-head attention of ``x`` ``(b, t, dim)`` over itself (and optional extra ``keys``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        dim_head: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        post_attn_dropout: float = 0.0,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        dim_head = resolve_dim_head(dim, heads, dim_head)
+        self.dim, self.heads, self.dim_head, self.causal = dim, heads, dim_head, causal
+        self.dropout = check_prob("dropout", dropout)
+        inner = heads * dim_head
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=out_bias)
+        self.post_attn_dropout = nn.Dropout(check_prob("post_attn_dropout", post_attn_dropout))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        keys: torch.Tensor | None = None,
+        input_mask: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x`` ``(b, t, dim)``; ``keys`` ``(b, c, dim)`` extra keys every query sees; masks
+        bool, True = real (``input_mask`` ``(b, t)``, ``context_mask`` ``(b, c)``). Returns
+        ``(b, t, dim)``. A query whose every key is masked attends to itself."""
+        check_features("x", x, self.dim)
+        b, t, _ = x.shape
+        check_mask("input_mask", input_mask, (b, t))
+        if keys is None and context_mask is not None:
+            raise ValueError("context_mask was given without keys")
+        if keys is not None:
+            check_features("keys", keys, self.dim)
+            if keys.shape[0] != b:
+                raise ValueError(f"keys batch ({keys.shape[0]}) must match the input batch ({b})")
+        c = 0 if keys is None else keys.shape[1]
+        check_mask("context_mask", context_mask, (b, c))
+        seq = x if keys is None else torch.cat([keys.to(x.dtype), x], dim=1)  # (b, c + t, dim)
+        h, dh = self.heads, self.dim_head
+        q = self.to_q(x).view(b, t, h, dh).transpose(1, 2)  # (b, h, t, dh)
+        k, v = self.to_kv(seq).view(b, c + t, 2, h, dh).permute(2, 0, 3, 1, 4)  # 2 x (b, h, c + t, dh)
+        drop = self.dropout if self.training else 0.0
+        if keys is None and input_mask is None:  # the fused causal kernel needs no mask tensor
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self._mask(b, t, c, input_mask, context_mask, x.device), dropout_p=drop
+            )
+        return self.post_attn_dropout(self.to_out(out.transpose(1, 2).reshape(b, t, h * dh)))
+
+    def _mask(self, b: int, t: int, c: int, input_mask, context_mask, device: torch.device) -> torch.Tensor:
+        """Which keys each query may see: ``(b, 1, t, c + t)`` bool."""
+        real = torch.ones(b, c + t, dtype=torch.bool, device=device)
+        if context_mask is not None:
+            real[:, :c] = context_mask
+        if input_mask is not None:
+            real[:, c:] = input_mask
+        mask = real[:, None, :].expand(b, t, c + t).clone()  # (b, t, c + t)
+        own = torch.arange(t, device=device)
+        if self.causal:  # the extra keys come before every position
+            mask[:, :, c:] &= own[:, None] >= own[None, :]
+        mask[:, own, c + own] = True  # a query with nothing else to see attends to itself
+        return mask[:, None]
