@@ -97,7 +97,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, ca
     (two, two_state), (one, one_state) = final(tmp_path / "two"), final(tmp_path / "one")
     diff = max_difference(two, one)
     print(f"{case}: max parameter difference 2 processes vs 1 after {TRAIN['steps']} steps: {diff:.2e}")
-    assert diff < 1e-5
+    # Rows summed in another order give gradients equal to ~1e-7; AdamW divides each by its own
+    # root mean square, so elements whose gradient is ~0 can move by up to lr (1e-3) a step
+    # either way (3e-5 seen once). A real sharding or averaging bug is off by O(lr) everywhere,
+    # and the losses below must agree to 1e-5.
+    assert diff < 2e-4
     first = load_file(checkpoint_dirs(tmp_path / "one")[0] / "model.safetensors")
     assert max_difference(first, one) > 1e-3  # the steps moved the weights: the comparison means something
     losses = [[r["loss"] for r in s["history"]] for s in (two_state, one_state)]
