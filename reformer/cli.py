@@ -288,7 +288,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         cfg = reproduce.with_overrides(scale, eval_batches=args.eval_batches, **sizes)
         print(reproduce.duplication_table(reproduce.run_duplication(cfg, out, args.device, progress)), end="")
     else:
-        cfg = reproduce.with_overrides(reproduce.LMConfig(data=args.data), eval_every=args.eval_every, **sizes)
+        lm = reproduce.LMConfig(data=args.data)
+        cfg = reproduce.with_overrides(lm, eval_every=args.eval_every, variants=args.variants, **sizes)
         print(reproduce.lm_table(reproduce.run_lm(cfg, out, args.device, progress)), end="")
     return 0
 
@@ -430,6 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--data", default="builtin", help="builtin, enwik8:PATH, or a file path")
     lm.add_argument("--out", default="runs/lm", help="output directory (table, JSON, PNG, one run per model)")
     lm.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between curve points (override)")
+    lm.add_argument("--variants", nargs="+", default=None,
+                    help="models to train: full, lsh-N, transformer, transformer-shared-qk (default: all "
+                         "of full lsh-1 lsh-2 lsh-4 lsh-8 transformer transformer-shared-qk)")  # fmt: skip
     for x in (dup, lm):
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")

@@ -243,7 +243,7 @@ class Reformer(PretrainedMixin, nn.Module):
                     "run the prefill again on the whole sequence with an empty cache"
                 )
             cache.begin()
-            x = self._apply(self.blocks, x, reversible=False, **kwargs, cache=cache)
+            x = self._run_blocks(self.blocks, x, reversible=False, **kwargs, cache=cache)
             cache.seq_len += x.shape[1]
             return x
         blocks = list(self.blocks)
@@ -252,9 +252,11 @@ class Reformer(PretrainedMixin, nn.Module):
             keep[torch.randint(len(blocks), ())] = True  # never drop every block
             blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
-        return self._apply(blocks, x, reversible=reversible, **kwargs)[:, :length]
+        return self._run_blocks(blocks, x, reversible=reversible, **kwargs)[:, :length]
 
-    def _apply(self, blocks: list[ReversibleBlock], x: torch.Tensor, reversible: bool, **kwargs: Any) -> torch.Tensor:
+    def _run_blocks(
+        self, blocks: list[ReversibleBlock], x: torch.Tensor, reversible: bool, **kwargs: Any
+    ) -> torch.Tensor:
         """Run ``blocks`` on ``x`` ``(b, n, dim)``: as RevNet blocks on two copies of ``x``
         (recomputing activations in the backward when ``reversible``) whose halves are merged
         (mean, or concatenated to ``2 dim``), or as a standard residual stack."""

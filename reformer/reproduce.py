@@ -3,7 +3,9 @@
 * :func:`run_duplication` - the duplication task (§2.1, Table 2): train a 1-layer model with
   full attention and with LSH, evaluate each with every attention setting.
 * :func:`run_lm` - language modelling (Fig. 4 analogue): the same small model with full
-  attention and LSH at several ``n_hashes``, equal steps, held-out bits per byte.
+  attention and LSH at several ``n_hashes``, equal steps, held-out bits per byte; and the
+  Fig. 3 ablations: a standard Transformer with separate or shared QK against the reversible
+  model (:data:`LM_BASELINES`).
 
 An output directory holds ``config.json`` (the experiment's configuration; a directory is never
 reused for another), one ordinary training run directory per setting (``train-full/``,
@@ -47,8 +49,17 @@ def parse_attention(label: str) -> int | None:
     return None if match is None else int(match.group(1))
 
 
+#: Language-model variants other than ``full`` / ``lsh-N`` (paper Fig. 3): standard pre-norm
+#: residual stacks with dense attention, with separate or shared query/key projections.
+LM_BASELINES: dict[str, dict] = {
+    "transformer": dict(residual="standard", shared_qk=False, use_full_attn=True),
+    "transformer-shared-qk": dict(residual="standard", shared_qk=True, use_full_attn=True),
+}
+_NAMES = {"full": "full", "transformer": "Transformer", "transformer-shared-qk": "Transformer, shared QK"}
+
+
 def _display(label: str) -> str:
-    return "full" if label == "full" else label.upper()
+    return _NAMES.get(label) or label.upper()
 
 
 @dataclass
@@ -262,22 +273,35 @@ class LMConfig:
     """Attention heads."""
     bucket_size: int = 32
     """LSH chunk length."""
-    variants: tuple[str, ...] = ("full", "lsh-1", "lsh-2", "lsh-4", "lsh-8")
-    """Attention of each trained model: ``full`` or ``lsh-N``."""
+    variants: tuple[str, ...] = ("full", "lsh-1", "lsh-2", "lsh-4", "lsh-8", "transformer", "transformer-shared-qk")
+    """The trained models: the reversible Reformer with ``full`` (dense shared-QK) or ``lsh-N``
+    attention, or a baseline of :data:`LM_BASELINES`."""
     seed: int = 0
     """Seeds the models and the training windows (held-out windows: ``seed + 1``)."""
 
     def __post_init__(self) -> None:
         self.variants = tuple(self.variants)
+        if not self.variants or len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"variants must be a non-empty list without repeats, got {list(self.variants)}")
         for label in self.variants:
-            parse_attention(label)
+            if label not in LM_BASELINES:
+                try:
+                    parse_attention(label)
+                except ValueError:
+                    raise ValueError(
+                        f"variant must be 'full', 'lsh-N' or one of {list(LM_BASELINES)}, got {label!r}"
+                    ) from None
         self.train_config()  # checks the sizes
 
     def model_config(self, label: str) -> ReformerConfig:
-        n_hashes = parse_attention(label)
+        if label in LM_BASELINES:
+            attention = LM_BASELINES[label]
+        else:
+            n_hashes = parse_attention(label)
+            attention = dict(n_hashes=n_hashes or 1, use_full_attn=n_hashes is None)
         return ReformerConfig(
             num_tokens=256, dim=self.dim, depth=self.depth, heads=self.heads, max_seq_len=self.seq_len,
-            bucket_size=self.bucket_size, n_hashes=n_hashes or 1, use_full_attn=n_hashes is None, causal=True,
+            bucket_size=self.bucket_size, causal=True, **attention,
         )  # fmt: skip
 
     def train_config(self) -> TrainConfig:
@@ -320,8 +344,17 @@ def lm_table(results: dict) -> str:
     for label, curve in curves.items():
         gap = "-" if full is None else f"{curve[-1][1] - full:+.3f}"
         lines.append(f"| {_display(label)} | {curve[-1][1]:.3f} | {gap} | {results['train_seconds'][label]:.0f} |")
+    final = {label: curve[-1][1] for label, curve in curves.items()}
+    comparisons = [  # (what, variant, reference): the paper's Fig. 3 pairs, one change each
+        ("shared QK vs separate QK (standard Transformer, dense attention)", "transformer-shared-qk", "transformer"),
+        ("reversible vs standard residual stack (shared QK, dense attention)", "full", "transformer-shared-qk"),
+    ]
+    ablations = [f"* {what}: {final[a]:.3f} vs {final[b]:.3f} ({final[a] - final[b]:+.3f})"
+                 for what, a, b in comparisons if a in final and b in final]  # fmt: skip
+    if ablations:
+        lines += ["", "Fig. 3 analogue, final bits per byte:", "", *ablations]
     if full is not None and "lsh-8" in curves:
-        gap = curves["lsh-8"][-1][1] - full
+        gap = final["lsh-8"] - full
         verdict = "met" if gap <= 0.03 else "not met"
         lines += ["", f"Target: LSH-8 within 0.03 bits/byte of full attention: {gap:+.3f} ({verdict})."]
     return "\n".join(lines) + "\n"
@@ -333,15 +366,25 @@ def plot_curves(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, curve in results["curves"].items():
-        steps, bpc = zip(*curve, strict=True)
-        ax.plot(steps, bpc, "o-", markersize=3, label=_display(label))
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out bits per byte")
-    ax.set_title(f"{results['config']['data']}: full attention vs LSH")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    curves = results["curves"]
+    panels = [  # Fig. 4 analogue, then Fig. 3 analogue when its baselines were trained
+        ("full attention vs LSH", [label for label in curves if label not in LM_BASELINES]),
+        (
+            "ablations (Fig. 3)",
+            [label for label in ("transformer", "transformer-shared-qk", "full") if label in curves],
+        ),
+    ]
+    panels = [(title, labels) for title, labels in panels if labels and set(labels) != {"full"}]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4), squeeze=False)
+    for ax, (title, labels) in zip(axes[0], panels, strict=True):
+        for label in labels:
+            steps, bpc = zip(*curves[label], strict=True)
+            ax.plot(steps, bpc, "o-", markersize=3, label=_display(label))
+        ax.set_xlabel("step")
+        ax.set_ylabel("held-out bits per byte")
+        ax.set_title(f"{results['config']['data']}: {title}")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -16,6 +16,7 @@ from reformer.reproduce import (
     DUPLICATION_SCALES,
     PAPER_TABLE2,
     DuplicationConfig,
+    LMConfig,
     duplication_accuracy,
     duplication_table,
     lm_table,
@@ -178,6 +179,36 @@ def test_lm_table_gaps_to_full_attention():
     table = lm_table(results)
     assert "| full | 2.500 | +0.000 | 100 |" in table and "| LSH-8 | 2.540 | +0.040 | 200 |" in table
     assert table.rstrip().endswith("+0.040 (not met).")
+    assert "Fig. 3" not in table  # no baselines trained: no ablation lines
+
+
+def test_lm_table_reports_the_fig3_pairs():
+    results = {
+        "config": {"data": "builtin", "depth": 2, "dim": 128, "seq_len": 512, "steps": 600, "batch_size": 8},
+        "curves": {"full": [[100, 2.5]], "transformer": [[100, 2.4]], "transformer-shared-qk": [[100, 2.45]]},
+        "train_seconds": {"full": 100.0, "transformer": 90.0, "transformer-shared-qk": 95.0},
+    }
+    table = lm_table(results)
+    assert "| Transformer | 2.400 | -0.100 | 90 |" in table
+    assert "* shared QK vs separate QK (standard Transformer, dense attention): 2.450 vs 2.400 (+0.050)" in table
+    assert "* reversible vs standard residual stack (shared QK, dense attention): 2.500 vs 2.450 (+0.050)" in table
+
+
+def test_lm_variants_build_the_models_they_name():
+    cfg = LMConfig()
+    transformer, shared = cfg.model_config("transformer"), cfg.model_config("transformer-shared-qk")
+    assert (transformer.residual, transformer.shared_qk, transformer.layer_kinds()) == ("standard", False, ["full"] * 2)
+    assert (shared.residual, shared.shared_qk) == ("standard", True)
+    full, lsh = cfg.model_config("full"), cfg.model_config("lsh-4")
+    assert (full.residual, full.layer_kinds(), lsh.layer_kinds(), lsh.n_hashes) == (
+        "reversible",
+        ["full"] * 2,
+        ["lsh"] * 2,
+        4,
+    )
+    for bad in (("full", "dense"), ("full", "full"), ()):
+        with pytest.raises(ValueError, match="variant"):
+            LMConfig(variants=bad)
 
 
 def test_attention_labels():
@@ -222,10 +253,26 @@ def test_reproduce_lm_end_to_end(tmp_path, capsys):
                                   "--seq-len", "32", "--batch-size", "2", "--out", str(out))  # fmt: skip
     assert code == 0, err
     results = json.loads((out / "lm.json").read_text())
-    assert list(results["curves"]) == ["full", "lsh-1", "lsh-2", "lsh-4", "lsh-8"]
+    assert list(results["curves"]) == [
+        "full",
+        "lsh-1",
+        "lsh-2",
+        "lsh-4",
+        "lsh-8",
+        "transformer",
+        "transformer-shared-qk",
+    ]
     assert all([step for step, _ in curve] == [1, 2] for curve in results["curves"].values())
     assert (out / "lm.md").read_text() == table and "Target: LSH-8" in table
     assert (out / "lm-bpc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Fig. 3 analogue" in table
+
+    small = ["--data", str(text), "--steps", "2", "--seq-len", "32", "--batch-size", "2"]
+    code, table, err = _reproduce(capsys, "lm", *small, "--variants", "full", "lsh-2", "--out", str(tmp_path / "two"))
+    assert code == 0, err
+    assert "| LSH-2 |" in table and "Transformer" not in table
+    code, _, err = _reproduce(capsys, "lm", "--variants", "full", "dense", "--out", str(tmp_path / "bad"))
+    assert code == 2 and "variant must be 'full', 'lsh-N' or one of" in err
 
 
 def test_experiment_configs_validate():
