@@ -111,6 +111,72 @@ def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
     torch.testing.assert_close(full_out, dense)
 
 
+def _count_fused_calls(monkeypatch) -> list[int]:
+    """Counts blocks that went through the fused CPU kernel (forward, backward)."""
+    calls = [0, 0]
+    forward, backward = chunked.CPU_FLASH_KERNELS
+
+    def counted(i, fn):
+        def call(*args, **kwargs):
+            calls[i] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(chunked, "CPU_FLASH_KERNELS", (counted(0, forward), counted(1, backward)))
+    return calls
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("mode,n_hashes,shape,masked,dup,across", [c for c in SWEEP if c[4] and c[1] in (1, 4)])
+def test_both_cpu_kernels_equal_the_reference_with_gradients(
+    monkeypatch, fused, mode, n_hashes, shape, masked, dup, across
+):
+    """Values as wide as keys and no returned weights: the fused kernel computes these blocks
+    (counted), or with ``CPU_FLASH_KERNELS`` unset the separate matmul / softmax ops do."""
+    if fused:
+        calls = _count_fused_calls(monkeypatch)
+    else:
+        monkeypatch.setattr(chunked, "CPU_FLASH_KERNELS", (None, None))
+    causal, strict = mode
+    length, bucket_size = shape
+    qk, v = (t.requires_grad_() for t in _inputs(3, length, d=8, dv=8))
+    buckets = torch.randint(0, 4, (3, n_hashes, length))
+    kw = dict(
+        bucket_size=bucket_size,
+        n_buckets=4,
+        causal=causal,
+        strict_causal=strict,
+        key_mask=torch.rand(3, length) > 0.3 if masked else None,
+        attend_across_buckets=across,
+    )
+    out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
+    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    if fused:
+        assert calls[0] > 1 and calls[1] == calls[0]  # several blocks, each forward and backward
+
+
+def test_fused_kernel_gradcheck_float64(monkeypatch):
+    calls = _count_fused_calls(monkeypatch)
+    qk, v = (t.requires_grad_() for t in _inputs(2, 13, d=4, dv=4, dtype=torch.float64))
+    buckets = torch.randint(0, 4, (2, 3, 13))
+    mask = torch.rand(2, 13) > 0.2
+    for causal, strict in MODES:
+        kw = dict(bucket_size=4, n_buckets=4, causal=causal, strict_causal=strict, key_mask=mask)
+
+        def fn(a, b, kw=kw):
+            return lsh_attention_chunked(a, b, buckets, **kw)[0]
+
+        assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
+    assert calls[0] > 0 and calls[1] > 0
+
+
 def test_query_with_no_visible_key_attends_to_itself():
     qk, v = _inputs(1, 8)
     mask = torch.zeros(1, 8, dtype=torch.bool)

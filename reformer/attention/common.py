@@ -16,9 +16,11 @@ def masked_value(dtype: torch.dtype) -> float:
 
 
 def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
-    """Shared-QK keys: ``qk / ||qk||`` along the last dim (eps 1e-12 guards zero vectors)."""
+    """Shared-QK keys: ``qk / ||qk||`` along the last dim; a zero vector (e.g. padding) stays zero."""
     # (autocast computes the norm in fp32; keep the keys in the dtype of the queries)
-    return (qk / qk.norm(dim=-1, keepdim=True).clamp_min(1e-12)).to(qk.dtype)
+    norm = qk.norm(dim=-1, keepdim=True)
+    eps = max(1e-12, torch.finfo(norm.dtype).tiny)  # 1e-12 is 0 in fp16, and 0 / 0 is NaN
+    return (qk / norm.clamp_min(eps)).to(qk.dtype)
 
 
 def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:
@@ -67,7 +69,12 @@ def fill_masked_(
     :data:`SELF_ATTN_VALUE`, the value it can represent."""
     if hidden is not None:
         dots.masked_fill_(hidden, masked_value(dots.dtype))
-    return dots.masked_fill_(is_self, SELF_ATTN_VALUE if dots.dtype == torch.float16 else self_value)
+    return dots.masked_fill_(is_self, self_logit(dots.dtype, self_value))
+
+
+def self_logit(dtype: torch.dtype, self_value: float = SELF_ATTN_VALUE) -> float:
+    """The logit of a query's own key in ``dtype`` (fp16 cannot hold values below -65504)."""
+    return SELF_ATTN_VALUE if dtype == torch.float16 else self_value
 
 
 def masked_softmax(
