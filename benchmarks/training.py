@@ -427,7 +427,8 @@ def render(report: dict) -> str:
         "`reformer_pytorch` 1.4.4 `ReformerLM`; `transformers`: `ReformerModelWithLMHead` (every layer LSH, "
         '`is_decoder=True`); `dense`: our model as a standard Transformer (`residual="standard", shared_qk=False, '
         "use_full_attn=True`: dense causal `scaled_dot_product_attention`); `ours-plain`: ours without reversible "
-        "layers.",
+        "layers. Options not listed keep each library's default (e.g. `reformer_pytorch` splits its feed-forward "
+        "into `ff_chunks=100` pieces along the sequence, ours into 1).",
         "",
         f"Time: median of {report['repeats']} steps after a warm-up step (one step when a step takes over "
         f"{FAST_STEP_S:.0f} s). Memory: peak resident set of the warm-up step above the built model (weight "
