@@ -334,8 +334,15 @@ def ratio_cell(other: dict, ours: dict, key: str) -> str:
     return f"{other[key] / ours[key]:.2f}x" if key in other and key in ours else "-"
 
 
-def _results(report: dict) -> dict[tuple[str, int, int], dict]:
-    return {(c["system"], c["length"], c["depth"]): c for c in report["cases"]}
+class _Cases(dict):
+    """Results by ``(system, length, depth)``; the cases a stopped sweep never reached read "not run"."""
+
+    def __missing__(self, key: tuple[str, int, int]) -> dict:
+        return {"skip": "not run"}
+
+
+def _results(report: dict) -> _Cases:
+    return _Cases({(c["system"], c["length"], c["depth"]): c for c in report["cases"]})
 
 
 def efficiency_cell(res: dict, system: str, length: int, depth: int, gemm: float) -> str:

@@ -117,3 +117,11 @@ def test_crossover_when_lsh_is_faster_from_the_start(training):
         if case["system"] == "dense" and "s" in case:
             case["s"] *= 10
     assert "already below dense at the shortest length, 1,024" in training.crossover_text(report, "s", "time")
+
+
+def test_replot_of_a_stopped_sweep_marks_missing_cases(training, tmp_path, capsys):
+    report = _fake_report()
+    report["cases"] = [c for c in report["cases"] if c["system"] != "dense" or c["length"] < 4096]
+    (tmp_path / "benchmarks.json").write_text(json.dumps(report))
+    training.main(["--replot", "--out-dir", str(tmp_path)])
+    assert "| 4,096 | 8.00 s | not run | skipped (est. 200 s) | - | - |" in (tmp_path / "benchmarks.md").read_text()
