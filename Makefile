@@ -40,7 +40,7 @@ lint: $(VENV)/.stamp-test
 
 bench: $(VENV)/.stamp-bench
 	$(BIN)/python benchmarks/attention.py
-	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/generate.py
 
 clean:

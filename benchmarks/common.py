@@ -1,14 +1,18 @@
 """Helpers shared by the benchmark scripts: run a measurement in a fresh process and read its
-peak resident memory, machine facts, Markdown tables."""
+peak resident memory, machine facts, Markdown tables, atomic output files."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import importlib.util
 import multiprocessing as mp
+import os
 import platform
 import resource
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
@@ -56,11 +60,40 @@ def gemm_gflops(threads: int) -> float:
     return 5 * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
 
 
-def machine_line(threads: int) -> str:
+def machine_line(threads: int, gflops: float | None = None, libraries: tuple[str, ...] = ()) -> str:
+    """One line naming the machine, the versions compared and its GEMM rate (measured now unless
+    the caller measured it already); ``libraries``: distributions whose versions to add."""
+    versions = "".join(f", {name} {_version(name)}" for name in libraries)
+    rate = gemm_gflops(threads) if gflops is None else gflops
     return (
         f"Machine: {platform.processor() or platform.machine()}, {threads} threads, torch {torch.__version__}, "
-        f"Python {platform.python_version()}; fp32 GEMM {gemm_gflops(threads):.0f} GFLOP/s."
+        f"Python {platform.python_version()}{versions}; fp32 GEMM {rate:.0f} GFLOP/s."
     )
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to ``path`` to write to; renamed onto ``path`` only if the block
+    succeeds, so an interrupted run never leaves a half-written table or plot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``reformer`` command: train, eval, generate, info, convert, reproduce. The only module that reads argv.
+"""The ``reformer`` command: train, eval, generate, info, convert, reproduce, bench. The only module that reads argv.
 
 Errors a user can cause (bad path, bad option, wrong checkpoint) print one line to stderr
 and exit with code 2; progress goes to stderr, results to stdout.
@@ -11,6 +11,7 @@ import codecs
 import csv
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,6 +31,11 @@ from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, chec
 
 class UsageError(ValueError):
     """A problem with what the user asked for."""
+
+
+#: ``benchmarks/`` of the source checkout this package runs from; a wheel does not ship it.
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARK_SCRIPTS = ("training", "attention", "generate")
 
 
 def int_at_least(minimum: int):
@@ -347,6 +353,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``SCRIPT.py`` of the benchmarks directory with this interpreter; its exit code is ours."""
+    script = Path(args.scripts_dir) / f"{args.script}.py"
+    if not script.is_file():
+        raise UsageError(
+            f"{script} not found: the benchmark scripts are not part of the installed package; run from a "
+            "clone of the repository (pip install -e '.[bench]') or pass --scripts-dir"
+        )
+    return subprocess.run([sys.executable, str(script), *args.args]).returncode
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reformer", description="Train, evaluate and sample Reformer language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -441,6 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--seed", type=int, default=None, help="random seed (override; default 0)")
         x.add_argument("--device", default="cpu", help="cpu or cuda")
     r.set_defaults(func=cmd_reproduce)
+
+    b = sub.add_parser("bench", help="run a benchmark script of the source checkout", formatter_class=fmt)
+    b.add_argument("--scripts-dir", default=str(BENCHMARKS_DIR), help="directory of the benchmark scripts")
+    b.add_argument("script", choices=BENCHMARK_SCRIPTS, help="runs benchmarks/SCRIPT.py (tables and plots in docs/)")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="passed on to the script, e.g. --lengths 1024 4096")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
