@@ -44,6 +44,15 @@ class SlotLayout(NamedTuple):
         return self.slot_row.shape[1]
 
 
+class WindowRules(NamedTuple):
+    """Which keys of a window a query sees (the masks of DESIGN.md section 3)."""
+
+    causal: bool  # classic causal: no key at a later position
+    strict: bool  # strict causal: own bucket, at most ``c`` earlier slots of the round
+    attend_across_buckets: bool  # False: keys of other buckets or rounds are hidden
+    self_value: float  # logit of a query's own key
+
+
 class SlotInputs(NamedTuple):
     """Flattened ``(b * lp, .)`` scaled queries, unit keys and values, in position order."""
 
