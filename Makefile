@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow test-gpu lint bench bench-gpu clean
 
 # One stamp per set of extras; reinstalls when pyproject.toml changes.
 $(VENV)/.stamp-%: pyproject.toml
@@ -28,8 +28,13 @@ demo: $(VENV)/.stamp-base
 	$(BIN)/reformer generate --checkpoint runs/demo --prompt "The " --max-new-tokens 300 --seed 0
 
 # The interop extra (transformers) lets tests/test_convert.py compare with Hugging Face's Reformer.
-test: $(VENV)/.stamp-test,interop
+# The gpu extra (triton) lets tests/test_triton_lsh.py run the fused kernel in Triton's interpreter.
+test: $(VENV)/.stamp-test,interop,gpu
 	$(BIN)/python -m pytest -q
+
+# On a CUDA machine: every backend against the reference (the @gpu tests).
+test-gpu: $(VENV)/.stamp-test,gpu
+	$(BIN)/python -m pytest -q -m gpu
 
 # Heavier checks (none yet; exit code 5 = no test selected is fine).
 test-slow: $(VENV)/.stamp-test
@@ -42,6 +47,9 @@ bench: $(VENV)/.stamp-bench
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/training.py
 	$(BIN)/python benchmarks/generate.py
+
+bench-gpu: $(VENV)/.stamp-gpu
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

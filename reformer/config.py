@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from .attention.backends import check_backend
 from .attention.common import SELF_ATTN_VALUE, check_int, check_prob, resolve_dim_head
 from .feedforward import ACTIVATIONS
 from .hashing import validate_n_buckets
@@ -54,6 +55,9 @@ class ReformerConfig:
     """A separate random rotation per head."""
     hash_seed: int | None = None
     """Seed of eval-mode rotations (default: drawn at construction, saved with the model)."""
+    attn_backend: str = "auto"
+    """LSH attention implementation: ``"auto"`` (chunked on CPU, a fused kernel on CUDA when the
+    options allow), ``"chunked"``, ``"triton"`` or ``"flex"`` (see ``reformer.attention.backends``)."""
     attn_chunks: int = 1
     """Process attention over ``batch * heads`` in this many chunks (memory)."""
     num_mem_kv: int = 0
@@ -192,6 +196,7 @@ class ReformerConfig:
                 )
         if self.emb_dim is not None:
             check_int("emb_dim", self.emb_dim, 1)
+        check_backend(self.attn_backend)
         self._check_compat_fields()
         self._check_ablation_fields()
 

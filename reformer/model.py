@@ -166,6 +166,7 @@ class Reformer(PretrainedMixin, nn.Module):
                     n_buckets_first_major=cfg.n_buckets_first_major,
                     self_value=cfg.self_attn_value,
                     exp_lse=cfg.exp_lse_softmax,
+                    backend=cfg.attn_backend,
                 )
             )
 

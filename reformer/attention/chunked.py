@@ -11,11 +11,9 @@ does). So beyond O(n_hashes * len * d) index and output tensors, nothing grows w
 length: no ``len x len`` and not even an ``n_hashes * len * 2 * bucket_size`` buffer exists,
 unless ``return_attn=True``.
 
-Layout: the sequence is padded to a multiple of ``bucket_size`` with pad positions in an
-extra bucket that sorts last, so every round occupies whole chunks and pads are never
-attended. Each round's positions are stably sorted by ``(bucket, position)``; the rounds
-are concatenated (``n_hashes * padded_len`` slots) and split into chunks. A query chunk
-sees its own chunk and the previous one, the first chunk wrapping to the last (trax / HF).
+Layout: the sorted slots of :mod:`reformer.attention.slots` (shared with the GPU backends);
+a query chunk sees its own chunk and the previous one, the first chunk wrapping to the last
+(trax / HF).
 
 Modes:
 * non-causal, and ``causal`` with ``strict_causal=False`` (classic, trax / HF): every key
@@ -31,9 +29,9 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from .common import SELF_ATTN_VALUE, fill_masked_, normalize_keys, self_logit
+from .common import SELF_ATTN_VALUE, fill_masked_, self_logit
+from .slots import combine_rounds, sort_into_slots
 
 #: Logits computed at once per block of windows (``windows * c * 2c``): small enough to stay
 #: in cache, large enough that per-block overhead does not matter.
@@ -46,10 +44,6 @@ CPU_FLASH_KERNELS = (
     getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
     getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
 )
-
-
-def padded_length(length: int, bucket_size: int) -> int:
-    return -(-length // bucket_size) * bucket_size
 
 
 def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tensor:
@@ -413,32 +407,16 @@ def lsh_attention_chunked(
     same but for rounding, which shows where a query sees only itself (``x ~ self_value``).
     Returns ``(out (b, len, dv), attn (b, len, len) or None)``.
     """
-    b, length, d = qk.shape
+    b, length, _ = qk.shape
     h = buckets.shape[1]
-    c = bucket_size
-    lp = padded_length(length, c)
-    pad = lp - length
-    if pad:
-        qk = F.pad(qk, (0, 0, 0, pad))
-        v = F.pad(v, (0, 0, 0, pad))
-        buckets = F.pad(buckets, (0, pad), value=n_buckets)  # pads sort after every bucket
-        if key_mask is None:
-            key_mask = torch.ones(b, length, dtype=torch.bool, device=qk.device)
-        key_mask = F.pad(key_mask, (0, pad), value=False)
+    inputs, layout = sort_into_slots(qk, v, buckets, key_mask, bucket_size, n_buckets)
+    c, lp, n, perm, inv = layout.c, layout.lp, layout.n, layout.perm, layout.inv
     total = h * lp
-    n = total // c
-    dv = v.shape[-1]
-
-    # Sort each round by (bucket, position); keys are unique, so the order is deterministic.
-    positions = torch.arange(lp, device=qk.device)
-    sort_keys, perm = (buckets * lp + positions).sort(dim=-1)  # (b, h, lp)
-    inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
-    row_offset = torch.arange(b, device=qk.device)[:, None] * lp
     strict = causal and strict_causal
     dup_info = None
     if not allow_duplicate_attention:
         rank_or_chunk = inv if strict else (torch.arange(h, device=qk.device)[:, None] * lp + inv) // c
-        per_position = torch.stack([rank_or_chunk, buckets], dim=-1).transpose(1, 2)  # (b, lp, h, 2)
+        per_position = torch.stack([rank_or_chunk, layout.buckets], dim=-1).transpose(1, 2)  # (b, lp, h, 2)
         dup_info = per_position.gather(1, perm.reshape(b, total, 1, 1).expand(-1, -1, h, 2))
     plan = _WindowPlan(
         n=n,
@@ -446,9 +424,9 @@ def lsh_attention_chunked(
         lp=lp,
         total=total,
         win=window_slots(n, c, qk.device),
-        slot_row=perm.reshape(b, total) + row_offset,
-        slot_bucket=(sort_keys // lp).reshape(b, total),
-        key_valid=None if key_mask is None else key_mask.reshape(-1),
+        slot_row=layout.slot_row,
+        slot_bucket=layout.slot_bucket,
+        key_valid=layout.key_valid,
         causal=causal,
         strict=strict,
         attend_across_buckets=attend_across_buckets,
@@ -456,32 +434,12 @@ def lsh_attention_chunked(
         self_value=self_value,
         exp_lse=exp_lse,
     )
-    q_flat = (qk * d**-0.5).reshape(b * lp, d)  # scaled here: cheaper than scaling logits
-    k_flat = normalize_keys(qk).reshape(b * lp, d)
-    v = v.to(qk.dtype)
     dropout = dropout if training else 0.0
-    if plan.fused_kernel_applies(q_flat, v, dropout, return_attn):
-        out = _FusedRounds.apply(q_flat, k_flat, v.reshape(b * lp, dv), plan, perm, inv)
+    if plan.fused_kernel_applies(inputs.q, inputs.v, dropout, return_attn):
+        out = _FusedRounds.apply(inputs.q, inputs.k, inputs.v, plan, perm, inv)
         return out[:, :length], None
-    window_out, window_lse, probs = _WindowAttention.apply(
-        q_flat, k_flat, v.reshape(b * lp, dv), plan, dropout, return_attn
-    )
-
-    # Unsort every round back to positions, then combine rounds by their log-sum-exp.
-    o = window_out.view(b, h, lp, dv).gather(2, inv[..., None].expand(-1, -1, -1, dv))  # (b, h, lp, dv)
-    round_lse = window_lse.view(b, h, lp).gather(2, inv)  # (b, h, lp)
-    if h == 1:
-        out = o[:, 0]
-        weights = torch.ones_like(round_lse)
-    else:
-        acc = torch.promote_types(round_lse.dtype, torch.float32)  # fp32 or better for the weights
-        lse = round_lse.to(acc)
-        if exp_lse:
-            weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True)).to(o.dtype)  # (b, h, lp)
-        else:
-            weights = torch.softmax(lse, dim=1).to(o.dtype)
-        out = (o * weights[..., None]).sum(dim=1)
-    out = out[:, :length]
+    window_out, window_lse, probs = _WindowAttention.apply(inputs.q, inputs.k, inputs.v, plan, dropout, return_attn)
+    out, weights = combine_rounds(window_out.view(b, total, -1), window_lse.view(b, total), layout, length, exp_lse)
 
     attn = None
     if return_attn:

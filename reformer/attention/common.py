@@ -61,20 +61,20 @@ def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
 
 
+def self_logit(dtype: torch.dtype, self_value: float = SELF_ATTN_VALUE) -> float:
+    """Logit of a query's own key in ``dtype``: fp16 always uses :data:`SELF_ATTN_VALUE`,
+    the value it can represent."""
+    return SELF_ATTN_VALUE if dtype == torch.float16 else self_value
+
+
 def fill_masked_(
     dots: torch.Tensor, hidden: torch.Tensor | None, is_self: torch.Tensor, self_value: float = SELF_ATTN_VALUE
 ) -> torch.Tensor:
     """In place: ``hidden`` logits get the dtype's most negative value, the query's own key
-    ``self_value`` (so it is used only when nothing else is visible). fp16 always uses
-    :data:`SELF_ATTN_VALUE`, the value it can represent."""
+    ``self_value`` (so it is used only when nothing else is visible; see :func:`self_logit`)."""
     if hidden is not None:
         dots.masked_fill_(hidden, masked_value(dots.dtype))
     return dots.masked_fill_(is_self, self_logit(dots.dtype, self_value))
-
-
-def self_logit(dtype: torch.dtype, self_value: float = SELF_ATTN_VALUE) -> float:
-    """The logit of a query's own key in ``dtype`` (fp16 cannot hold values below -65504)."""
-    return SELF_ATTN_VALUE if dtype == torch.float16 else self_value
 
 
 def masked_softmax(

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .chunked import padded_length
 from .common import (
     check_features,
     check_int,
@@ -26,6 +25,7 @@ from .common import (
     normalize_keys,
     resolve_dim_head,
 )
+from .slots import padded_length
 
 
 def _neighbours(x: torch.Tensor, look_forward: int, fill: float | bool) -> torch.Tensor:

@@ -13,7 +13,7 @@ from ..hashing import (
     total_buckets,
     validate_n_buckets,
 )
-from .chunked import lsh_attention_chunked
+from .backends import check_backend, lsh_attention
 from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
 from .full import full_qk_attention
 
@@ -50,6 +50,8 @@ class LSHAttention(nn.Module):
         pad_bucket: positions hidden by ``input_mask`` get an extra last bucket (trax / HF).
         n_buckets_first_major: see :func:`reformer.hashing.hash_vectors` (``first_major``).
         self_value, exp_lse: see :func:`reformer.attention.chunked.lsh_attention_chunked`.
+        backend: ``"auto"`` (default), ``"chunked"``, ``"triton"`` or ``"flex"``; see
+            :mod:`reformer.attention.backends` (auto: chunked on CPU, a fused kernel on CUDA).
     """
 
     def __init__(
@@ -72,8 +74,10 @@ class LSHAttention(nn.Module):
         n_buckets_first_major: bool = True,
         self_value: float = SELF_ATTN_VALUE,
         exp_lse: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
+        self.backend = check_backend(backend)
         self.self_value, self.exp_lse = float(self_value), bool(exp_lse)
         self.pad_bucket = bool(pad_bucket)
         self.n_buckets_first_major = bool(n_buckets_first_major)
@@ -100,7 +104,7 @@ class LSHAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
-            f"causal={self.causal}, strict_causal={self.strict_causal}"
+            f"causal={self.causal}, strict_causal={self.strict_causal}, backend={self.backend!r}"
         )
 
     def bucket_spec(self, length: int) -> BucketSpec:
@@ -152,7 +156,7 @@ class LSHAttention(nn.Module):
         rows, parts = qk.shape[0], min(chunks, qk.shape[0])
         for i in range(parts):  # near-equal row ranges, as tensor_split would give
             sl = slice(rows * i // parts, rows * (i + 1) // parts)
-            out, attn = lsh_attention_chunked(
+            out, attn = lsh_attention(
                 qk[sl],
                 v[sl],
                 buckets[sl],
@@ -168,6 +172,7 @@ class LSHAttention(nn.Module):
                 return_attn=self.return_attn,
                 self_value=self.self_value,
                 exp_lse=self.exp_lse,
+                backend=self.backend,
             )
             outs.append(out)
             attns.append(attn)

@@ -38,7 +38,7 @@ class LSHSelfAttention(nn.Module):
         rotary_emb: rotate the sequence's shared query/key vectors by position (RoPE).
         qk_logit_scale: scale of the logits ``q . k / |k|`` (default ``dim_head ** -0.5``).
         out_bias: bias in the output projection.
-        pad_bucket, n_buckets_first_major, self_value, exp_lse: as in :class:`LSHAttention`.
+        pad_bucket, n_buckets_first_major, self_value, exp_lse, backend: as in :class:`LSHAttention`.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class LSHSelfAttention(nn.Module):
         n_buckets_first_major: bool = True,
         self_value: float = SELF_ATTN_VALUE,
         exp_lse: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
         dim_head = resolve_dim_head(dim, heads, dim_head)
@@ -121,6 +122,7 @@ class LSHSelfAttention(nn.Module):
             n_buckets_first_major=n_buckets_first_major,
             self_value=self_value,
             exp_lse=exp_lse,
+            backend=backend,
         )
         #: Optional ``callback(attn, buckets)`` called after each forward (used by Recorder).
         self.callback: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None

@@ -1,0 +1,123 @@
+"""Which implementation computes LSH attention: the one place where the backend is chosen.
+
+* ``"chunked"`` (:mod:`.chunked`): every option, any device; the CPU path.
+* ``"triton"`` (:mod:`.triton_lsh`): fused kernel, CUDA (or CPU under ``TRITON_INTERPRET=1``).
+* ``"flex"`` (:mod:`.flex`): ``torch.nn.attention.flex_attention`` with a sparse block mask;
+  compiled on CUDA, eager (forward only) on CPU.
+* ``"auto"``: chunked on CPU; on CUDA the first of triton, flex that supports the options,
+  dtype and head dim, else chunked. (The order is provisional until the GPU benchmarks of
+  ``benchmarks/gpu.py`` have run.)
+
+The fused backends cover the common subset: no ``return_attn``, ``allow_duplicate_attention``
+True, no attention dropout in training, ``exp_lse`` False. ``auto`` falls back to chunked
+outside it; forcing a fused backend there raises an error that names the option.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable
+
+import torch
+
+from .chunked import lsh_attention_chunked
+from .slots import SlotInputs, SlotLayout, WindowRules, combine_rounds, sort_into_slots
+
+BACKENDS = ("auto", "chunked", "flex", "triton")
+#: Head dims the fused backends are built for (powers of two: tl.dot tiles, flex kernels).
+FUSED_HEAD_DIMS = (16, 32, 64, 128)
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+WindowKernel = Callable[[SlotInputs, SlotLayout, WindowRules], tuple[torch.Tensor, torch.Tensor]]
+
+
+def check_backend(backend: object) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def unsupported_option(options: dict) -> str | None:
+    """The first option (as ``name=value``) outside the fused backends' subset, or None."""
+    if options["return_attn"]:
+        return "return_attn=True"
+    if not options["allow_duplicate_attention"]:
+        return "allow_duplicate_attention=False"
+    if options["dropout"] > 0 and options["training"]:
+        return f"dropout={options['dropout']} (attention dropout in training)"
+    if options["exp_lse"]:
+        return "exp_lse=True"
+    return None
+
+
+def unavailable_reason(backend: str, qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
+    """Why ``backend`` cannot run on these inputs here (library, device, dtype, sizes), or None."""
+    if qk.dtype not in FUSED_DTYPES:
+        return f"dtype {qk.dtype} (needs float16, bfloat16 or float32)"
+    if qk.shape[-1] not in FUSED_HEAD_DIMS or v.shape[-1] not in FUSED_HEAD_DIMS:
+        return f"head dims {qk.shape[-1]}, {v.shape[-1]} (each must be one of {FUSED_HEAD_DIMS})"
+    cuda = qk.device.type == "cuda"
+    if backend == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install 'reformer-torch[gpu]')"
+        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            return f"device {qk.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
+        return None
+    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return f"torch {torch.__version__} has no flex_attention (needs torch >= 2.5)"
+    if cuda and bucket_size % 16:
+        return f"bucket_size={bucket_size} (flex_attention blocks need a multiple of 16)"
+    if not cuda and torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
+        return f"device {qk.device} with gradients (flex_attention has no CPU backward)"
+    return None
+
+
+def resolve_backend(requested: str, qk: torch.Tensor, v: torch.Tensor, options: dict) -> str:
+    """The backend that computes this call: ``requested``, or for ``"auto"`` the first usable one."""
+    if requested == "chunked":
+        return requested
+    blocker = unsupported_option(options)
+    if requested == "auto":
+        if qk.device.type != "cuda" or blocker is not None:
+            return "chunked"
+        usable = [b for b in ("triton", "flex") if unavailable_reason(b, qk, v, options["bucket_size"]) is None]
+        return usable[0] if usable else "chunked"
+    if blocker is not None:
+        raise ValueError(
+            f"backend={requested!r} does not support {blocker}; use backend='chunked' (or 'auto', which falls back)"
+        )
+    reason = unavailable_reason(requested, qk, v, options["bucket_size"])
+    if reason is not None:
+        raise RuntimeError(f"backend={requested!r} cannot run here: {reason}")
+    return requested
+
+
+def _window_kernel(backend: str) -> WindowKernel:
+    """The fused per-slot window attention of ``backend`` (imported on first use: optional deps)."""
+    if backend == "triton":
+        from .triton_lsh import triton_window_attention
+
+        return triton_window_attention
+    from .flex import flex_window_attention
+
+    return flex_window_attention
+
+
+def lsh_attention(
+    qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *, backend: str = "auto", **options
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by ``backend``."""
+    bound = inspect.signature(lsh_attention_chunked).bind(qk, v, buckets, **options)
+    bound.apply_defaults()
+    opts = bound.arguments
+    name = resolve_backend(check_backend(backend), qk, v, opts)
+    if name == "chunked":
+        return lsh_attention_chunked(qk, v, buckets, **options)
+    causal = opts["causal"]
+    rules = WindowRules(causal, causal and opts["strict_causal"], opts["attend_across_buckets"], opts["self_value"])
+    inputs, layout = sort_into_slots(qk, v, buckets, opts["key_mask"], opts["bucket_size"], opts["n_buckets"])
+    slot_out, slot_lse = _window_kernel(name)(inputs, layout, rules)
+    out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
+    return out, None

@@ -1,0 +1,130 @@
+"""The sorted-slot layout every LSH attention backend works in (DESIGN.md section 3).
+
+The sequence is padded to a multiple of ``bucket_size`` with pad positions in an extra bucket
+that sorts last, so every round occupies whole chunks and pads are never attended. Each
+round's positions are stably sorted by ``(bucket, position)``; the rounds are concatenated
+(``n_hashes * padded_len`` slots per batch row) and split into chunks of ``bucket_size``.
+A backend computes, for every slot, the attention of its query over the window of its chunk
+and the previous one (``out`` and ``lse`` per slot); :func:`combine_rounds` then unsorts the
+slots back to positions and mixes the rounds by their log-sum-exp.
+
+Sorting is one batched ``sort`` over all ``(batch, head, round)`` rows at once.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .common import normalize_keys
+
+
+def padded_length(length: int, bucket_size: int) -> int:
+    return -(-length // bucket_size) * bucket_size
+
+
+class SlotLayout(NamedTuple):
+    """Where every position of every round sits after sorting; ``b`` batch rows, ``h`` rounds."""
+
+    c: int  # chunk (bucket) size
+    lp: int  # padded length (slots per round)
+    n: int  # chunks per batch row (h * lp // c)
+    buckets: torch.Tensor  # (b, h, lp) bucket ids, pads in the extra last bucket
+    perm: torch.Tensor  # (b, h, lp) position at each slot of a round
+    inv: torch.Tensor  # (b, h, lp) slot of each position in a round
+    slot_row: torch.Tensor  # (b, h * lp) row of each slot in the flattened (b * lp) inputs
+    slot_bucket: torch.Tensor  # (b, h * lp) bucket of each slot
+    key_valid: torch.Tensor | None  # (b * lp,) bool, True = attendable
+
+    @property
+    def total(self) -> int:
+        """Slots per batch row."""
+        return self.slot_row.shape[1]
+
+
+class WindowRules(NamedTuple):
+    """Which keys of a window a query sees (the masks of DESIGN.md section 3)."""
+
+    causal: bool  # classic causal: no key at a later position
+    strict: bool  # strict causal: own bucket, at most ``c`` earlier slots of the round
+    attend_across_buckets: bool  # False: keys of other buckets or rounds are hidden
+    self_value: float  # logit of a query's own key
+
+
+class SlotInputs(NamedTuple):
+    """Flattened ``(b * lp, .)`` scaled queries, unit keys and values, in position order."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+
+
+def sort_into_slots(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    buckets: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    bucket_size: int,
+    n_buckets: int,
+) -> tuple[SlotInputs, SlotLayout]:
+    """Pad ``qk``/``v`` ``(b, len, .)`` and sort ``buckets`` ``(b, h, len)``; see the module doc."""
+    b, length, d = qk.shape
+    h = buckets.shape[1]
+    c = bucket_size
+    lp = padded_length(length, c)
+    pad = lp - length
+    if pad:
+        qk = F.pad(qk, (0, 0, 0, pad))
+        v = F.pad(v, (0, 0, 0, pad))
+        buckets = F.pad(buckets, (0, pad), value=n_buckets)  # pads sort after every bucket
+        if key_mask is None:
+            key_mask = torch.ones(b, length, dtype=torch.bool, device=qk.device)
+        key_mask = F.pad(key_mask, (0, pad), value=False)
+
+    # Sort each round by (bucket, position); keys are unique, so the order is deterministic.
+    positions = torch.arange(lp, device=qk.device)
+    sort_keys, perm = (buckets * lp + positions).sort(dim=-1)  # (b, h, lp)
+    inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
+    row_offset = torch.arange(b, device=qk.device)[:, None] * lp
+    layout = SlotLayout(
+        c=c,
+        lp=lp,
+        n=h * lp // c,
+        buckets=buckets,
+        perm=perm,
+        inv=inv,
+        slot_row=perm.reshape(b, h * lp) + row_offset,
+        slot_bucket=(sort_keys // lp).reshape(b, h * lp),
+        key_valid=None if key_mask is None else key_mask.reshape(-1),
+    )
+    inputs = SlotInputs(
+        q=(qk * d**-0.5).reshape(b * lp, d),  # scaled here: cheaper than scaling logits
+        k=normalize_keys(qk).reshape(b * lp, d),
+        v=v.to(qk.dtype).reshape(b * lp, v.shape[-1]),
+    )
+    return inputs, layout
+
+
+def combine_rounds(
+    slot_out: torch.Tensor, slot_lse: torch.Tensor, layout: SlotLayout, length: int, exp_lse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unsort every round back to positions, then combine rounds by their log-sum-exp.
+
+    ``slot_out`` ``(b, h * lp, dv)`` and ``slot_lse`` ``(b, h * lp)`` in slot order. Returns
+    ``out`` ``(b, length, dv)`` and the round weights ``(b, h, lp)``.
+    """
+    b, h, lp = layout.inv.shape
+    dv = slot_out.shape[-1]
+    o = slot_out.view(b, h, lp, dv).gather(2, layout.inv[..., None].expand(-1, -1, -1, dv))  # (b, h, lp, dv)
+    round_lse = slot_lse.view(b, h, lp).gather(2, layout.inv)  # (b, h, lp)
+    if h == 1:
+        return o[:, 0, :length], torch.ones_like(round_lse)
+    acc = torch.promote_types(round_lse.dtype, torch.float32)  # fp32 or better for the weights
+    lse = round_lse.to(acc)
+    if exp_lse:
+        weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True)).to(o.dtype)  # (b, h, lp)
+    else:
+        weights = torch.softmax(lse, dim=1).to(o.dtype)
+    return (o * weights[..., None]).sum(dim=1)[:, :length], weights
