@@ -36,7 +36,7 @@ test: $(VENV)/.stamp-test,interop,gpu
 test-gpu: $(VENV)/.stamp-test,gpu
 	$(BIN)/python -m pytest -q -m gpu
 
-# Heavier checks (none yet; exit code 5 = no test selected is fine).
+# Heavier checks (the 200-step bf16-vs-fp32 run, a stopped torchrun rank; exit code 5 = none selected is fine).
 test-slow: $(VENV)/.stamp-test
 	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
 
