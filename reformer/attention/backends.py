@@ -65,13 +65,22 @@ def unavailable_reason(backend: str, qk: torch.Tensor, v: torch.Tensor, bucket_s
         if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
             return f"device {qk.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
         return None
-    if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-        return f"torch {torch.__version__} has no flex_attention (needs torch >= 2.5)"
+    if not _flex_has_aux_lse():
+        return f"torch {torch.__version__} has no flex_attention with AuxRequest(lse=True) (a newer torch has)"
     if cuda and bucket_size % 16:
         return f"bucket_size={bucket_size} (flex_attention blocks need a multiple of 16)"
     if not cuda and torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
         return f"device {qk.device} with gradients (flex_attention has no CPU backward)"
     return None
+
+
+def _flex_has_aux_lse() -> bool:
+    """flex.py asks for the log-sum-exp with ``return_aux=AuxRequest(lse=True)``, newer than torch 2.5."""
+    try:
+        from torch.nn.attention.flex_attention import AuxRequest  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def resolve_backend(requested: str, qk: torch.Tensor, v: torch.Tensor, options: dict) -> str:
