@@ -30,20 +30,12 @@ from typing import NamedTuple
 
 import torch
 
-from .common import SELF_ATTN_VALUE, fill_masked_, self_logit
+from .common import SELF_ATTN_VALUE, fill_masked_
 from .slots import combine_rounds, sort_into_slots
 
 #: Logits computed at once per block of windows (``windows * c * 2c``): small enough to stay
 #: in cache, large enough that per-block overhead does not matter.
 WINDOW_BLOCK_ELEMENTS = 2**20
-
-#: torch's fused CPU attention kernel (masked online softmax + both matmuls in one pass, with
-#: its backward), which the chunked path runs each block of windows through on CPU: about 2x
-#: faster than separate matmul / mask / softmax ops. Set to None to use those ops instead.
-CPU_FLASH_KERNELS = (
-    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-    getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None),
-)
 
 
 def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tensor:
@@ -166,41 +158,6 @@ class _WindowPlan:
             count = count + (k_chunk.roll(1, dims=-1) == q_prev).sum(-1)
         return count
 
-    def additive_mask(self, idx: _BlockIndex, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The masks as an additive logit bias ``(blk, 1, c, 2c)`` for the fused kernel (0 or
-        -inf), and which queries see only themselves ``(blk, c)``.
-
-        A query's own key is the fallback for when nothing else is visible. The other paths
-        give it a logit of -5e4, which is exact for their outputs but not for a kernel that
-        recomputes weights as ``exp(s - lse)``: at |lse| ~ 5e4 fp32 is good to 4e-3. So here
-        the own key is hidden where anything else is visible, and otherwise kept with its
-        ordinary logit (weight 1, output = its value, the same). Only the round weights must
-        still see the -5e4: the caller adds it to those queries' lse.
-        """
-        hidden, is_self, _ = self.mask(idx)
-        others = ~is_self if hidden is None else ~(hidden | is_self)  # (blk, c, 2c) visible, not the query's own
-        self_only = ~others.any(dim=-1)  # (blk, c)
-        mask = torch.where(others, 0.0, float("-inf")).to(dtype)
-        lonely = self_only.nonzero(as_tuple=True)  # rare: give them their own key back
-        if lonely[0].numel():
-            own = is_self.expand_as(others)[lonely]  # (lonely, 2c)
-            mask[lonely] = torch.where(own, 0.0, float("-inf")).to(dtype)
-        return mask[:, None], self_only
-
-    def fused_kernel_applies(self, q: torch.Tensor, v: torch.Tensor, dropout: float, keep_probs: bool) -> bool:
-        """Whether :class:`_FusedRounds` computes this plan: on CPU, values as wide as keys, and
-        without the options the kernel has no room for (dropout, returned weights, the ``-log N``
-        bias, trax's unnormalised ``exp(x - lse)`` weights)."""
-        return (
-            CPU_FLASH_KERNELS[0] is not None
-            and q.device.type == "cpu"
-            and v.shape[-1] == q.shape[-1]
-            and dropout == 0
-            and not keep_probs
-            and self.dup_info is None
-            and not self.exp_lse
-        )
-
 
 def _per_row(table: torch.Tensor, batch: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
     """``table[batch, slots]`` for ``table`` ``(b, total, ...)``, ``batch`` ``(blk, 1)``, ``slots``
@@ -304,83 +261,6 @@ class _WindowAttention(torch.autograd.Function):
         return grad_q, grad_k, grad_v, None, None, None
 
 
-def _rows_of(index: torch.Tensor, h_stride: int = 1) -> torch.Tensor:
-    """``index`` ``(b, h, lp)`` of positions or slots within its (row, round) -> flat row numbers
-    into a ``(b, h, lp)`` layout, or into a ``(b, lp)`` one with ``h_stride=0``."""
-    b, h, lp = index.shape
-    rows = torch.arange(b, device=index.device)[:, None, None] * (h if h_stride else 1) * lp
-    rounds = torch.arange(h, device=index.device)[None, :, None] * h_stride * lp
-    return (index + rows + rounds).flatten()
-
-
-class _FusedRounds(torch.autograd.Function):
-    """All rounds' windows through the fused kernel, unsorted and combined: ``(b, lp, dv)``.
-
-    The combination ``sum_r softmax_r(lse_r) o_r`` is one softmax over every entry of every
-    round, so the gradient of a logit is ``w_r p (dO . v - dO . out)`` with the *combined*
-    output: the kernel's backward computes exactly that when given ``w_r dO`` as the output
-    gradient and the combined output in place of its own (it uses it only for ``rowsum(dO * O)``).
-    So no gradient has to flow through the lse.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, plan: _WindowPlan, perm: torch.Tensor, inv: torch.Tensor):
-        b, h, lp = perm.shape
-        dv = v.shape[-1]
-        window_out = v.new_empty(plan.n_windows, 1, plan.c, dv)
-        window_lse = round_lse = None  # the kernel's lse; the lse that weighs the rounds
-        for start, end in plan.blocks():
-            idx = plan.index(start, end)
-            mask, self_only = plan.additive_mask(idx, q.dtype)
-            out_b, lse_b = CPU_FLASH_KERNELS[0](
-                _take(q, idx.q_rows)[:, None], _take(k, idx.k_rows)[:, None], _take(v, idx.k_rows)[:, None],
-                0.0, False, attn_mask=mask, scale=1.0,
-            )  # fmt: skip
-            if window_lse is None:  # fp32 for 16-bit inputs
-                window_lse, round_lse = (
-                    lse_b.new_empty(plan.n_windows, 1, plan.c),
-                    lse_b.new_empty(plan.n_windows, plan.c),
-                )
-            window_out[start:end], window_lse[start:end] = out_b, lse_b
-            round_lse[start:end] = lse_b[:, 0] + self_only * self_logit(q.dtype, plan.self_value)
-        slot_of = _rows_of(inv)  # (b * h * lp,) the slot of each (row, round, position)
-        o = window_out.view(-1, dv).index_select(0, slot_of).view(b, h, lp, dv)
-        weights = round_lse.view(-1).index_select(0, slot_of).view(b, h, lp).softmax(dim=1)  # (b, h, lp)
-        out = (o * weights[..., None].to(o.dtype)).sum(dim=1)  # (b, lp, dv)
-        ctx.save_for_backward(q, k, v, out, window_lse, weights, perm)
-        ctx.plan = plan
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        q, k, v, out, window_lse, weights, perm = ctx.saved_tensors
-        plan = ctx.plan
-        b, h, lp = perm.shape
-        dv = v.shape[-1]
-        grad_out = grad_out.to(v.dtype)
-
-        position_of = _rows_of(perm, h_stride=0)  # (b * h * lp,) the row of (b, lp) at each slot
-
-        def slots(x: torch.Tensor) -> torch.Tensor:  # (b, lp, dv) by position -> (windows, 1, c, dv) by slot
-            return x.reshape(-1, dv).index_select(0, position_of).view(-1, 1, plan.c, dv)
-
-        slot_weights = weights.reshape(-1).index_select(0, _rows_of(perm)).to(v.dtype).view(-1, 1, plan.c, 1)
-        grad_slots, out_slots = slots(grad_out) * slot_weights, slots(out)
-        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for start, end in plan.blocks():
-            idx = plan.index(start, end)
-            gq, gk, gv = CPU_FLASH_KERNELS[1](
-                grad_slots[start:end], _take(q, idx.q_rows)[:, None], _take(k, idx.k_rows)[:, None],
-                _take(v, idx.k_rows)[:, None], out_slots[start:end], window_lse[start:end], 0.0, False,
-                attn_mask=plan.additive_mask(idx, q.dtype)[0], scale=1.0,
-            )  # fmt: skip
-            _add_rows(grad_q, idx.q_rows, gq[:, 0])
-            _add_rows(grad_k, idx.k_rows, gk[:, 0])
-            _add_rows(grad_v, idx.k_rows, gv[:, 0])
-        return grad_q, grad_k, grad_v, None, None, None
-
-
 def lsh_attention_chunked(
     qk: torch.Tensor,
     v: torch.Tensor,
@@ -435,9 +315,6 @@ def lsh_attention_chunked(
         exp_lse=exp_lse,
     )
     dropout = dropout if training else 0.0
-    if plan.fused_kernel_applies(inputs.q, inputs.v, dropout, return_attn):
-        out = _FusedRounds.apply(inputs.q, inputs.k, inputs.v, plan, perm, inv)
-        return out[:, :length], None
     window_out, window_lse, probs = _WindowAttention.apply(inputs.q, inputs.k, inputs.v, plan, dropout, return_attn)
     out, weights = combine_rounds(window_out.view(b, total, -1), window_lse.view(b, total), layout, length, exp_lse)
 
