@@ -61,6 +61,20 @@ def check_mask(name: str, mask: torch.Tensor | None, shape: tuple[int, ...]) -> 
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
 
 
+def check_extra_keys(keys: torch.Tensor | None, context_mask: torch.Tensor | None, batch: int, dim: int) -> int:
+    """Extra keys every query may see, ``(batch, c, dim)``, and their ``context_mask``
+    ``(batch, c)`` (bool, True = real); returns ``c`` (0 without keys)."""
+    if keys is None:
+        if context_mask is not None:
+            raise ValueError("context_mask was given without keys")
+        return 0
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[0] != batch or keys.shape[2] != dim:
+        got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise ValueError(f"keys must have shape ({batch}, n_keys, {dim}), got {got}")
+    check_mask("context_mask", context_mask, (batch, keys.shape[1]))
+    return keys.shape[1]
+
+
 def self_logit(dtype: torch.dtype, self_value: float = SELF_ATTN_VALUE) -> float:
     """Logit of a query's own key in ``dtype``: fp16 always uses :data:`SELF_ATTN_VALUE`,
     the value it can represent."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_features, check_mask, check_prob, resolve_dim_head
+from .common import check_extra_keys, check_features, check_mask, check_prob, resolve_dim_head
 
 
 class DenseSelfAttention(nn.Module):
@@ -47,14 +47,7 @@ class DenseSelfAttention(nn.Module):
         check_features("x", x, self.dim)
         b, t, _ = x.shape
         check_mask("input_mask", input_mask, (b, t))
-        if keys is None and context_mask is not None:
-            raise ValueError("context_mask was given without keys")
-        if keys is not None:
-            check_features("keys", keys, self.dim)
-            if keys.shape[0] != b:
-                raise ValueError(f"keys batch ({keys.shape[0]}) must match the input batch ({b})")
-        c = 0 if keys is None else keys.shape[1]
-        check_mask("context_mask", context_mask, (b, c))
+        c = check_extra_keys(keys, context_mask, b, self.dim)
         seq = x if keys is None else torch.cat([keys.to(x.dtype), x], dim=1)  # (b, c + t, dim)
         h, dh = self.heads, self.dim_head
         q = self.to_q(x).view(b, t, h, dh).transpose(1, 2)  # (b, h, t, dh)

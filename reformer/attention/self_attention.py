@@ -9,7 +9,15 @@ from torch import nn
 
 from ..hashing import BucketSpec, total_buckets
 from ..positions import apply_rotary, rotary_angles
-from .common import SELF_ATTN_VALUE, check_features, check_int, check_mask, check_prob, resolve_dim_head
+from .common import (
+    SELF_ATTN_VALUE,
+    check_extra_keys,
+    check_features,
+    check_int,
+    check_mask,
+    check_prob,
+    resolve_dim_head,
+)
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
 from .full import full_qk_attention
 from .local import local_attention_chunked
@@ -171,15 +179,9 @@ class LSHSelfAttention(nn.Module):
         prefix = []
         if self.mem_kv is not None:
             prefix.append(self.mem_kv.expand(b, -1, -1).to(x.dtype))
+        n_ctx = check_extra_keys(keys, context_mask, b, self.dim)
         if keys is not None:
-            if not isinstance(keys, torch.Tensor) or keys.dim() != 3 or keys.shape[0] != b or keys.shape[2] != self.dim:
-                got = tuple(keys.shape) if isinstance(keys, torch.Tensor) else type(keys).__name__
-                raise ValueError(f"keys must have shape ({b}, n_keys, {self.dim}), got {got}")
             prefix.append(keys.to(x.dtype))
-        elif context_mask is not None:
-            raise ValueError("context_mask was given without keys")
-        n_ctx = 0 if keys is None else keys.shape[1]
-        check_mask("context_mask", context_mask, (b, n_ctx))
         n_prefix = sum(p.shape[1] for p in prefix)
         seq = torch.cat([*prefix, x], dim=1) if prefix else x
         length = n_prefix + t
