@@ -30,6 +30,9 @@ BACKENDS = ("auto", "chunked", "flex", "triton")
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+#: The options every backend takes (read once: ``inspect.signature`` is slow for a per-layer call).
+_CHUNKED_SIGNATURE = inspect.signature(lsh_attention_chunked)
+
 WindowKernel = Callable[[SlotInputs, SlotLayout, WindowRules], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -118,7 +121,7 @@ def lsh_attention(
     qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *, backend: str = "auto", **options
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by ``backend``."""
-    bound = inspect.signature(lsh_attention_chunked).bind(qk, v, buckets, **options)
+    bound = _CHUNKED_SIGNATURE.bind(qk, v, buckets, **options)
     bound.apply_defaults()
     opts = bound.arguments
     name = resolve_backend(check_backend(backend), qk, v, opts)
