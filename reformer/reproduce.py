@@ -333,7 +333,8 @@ def run_lm(cfg: LMConfig, out: Path, device: str = "cpu", progress: Progress | N
 def lm_table(results: dict) -> str:
     """Markdown: final held-out bits per byte of each variant and its gap to full attention."""
     cfg, curves = results["config"], results["curves"]
-    full = curves["full"][-1][1] if "full" in curves else None
+    final = {label: curve[-1][1] for label, curve in curves.items()}  # the last point of each curve
+    full = final.get("full")
     lines = [
         f"Language modelling on {cfg['data']}, {cfg['depth']} layers of width {cfg['dim']}, "
         f"windows of {cfg['seq_len']}, {cfg['steps']:,} steps of {cfg['batch_size']}; held-out bits per byte",
@@ -341,10 +342,9 @@ def lm_table(results: dict) -> str:
         "| attention | bits/byte | vs full | training s |",
         "|---|---|---|---|",
     ]
-    for label, curve in curves.items():
-        gap = "-" if full is None else f"{curve[-1][1] - full:+.3f}"
-        lines.append(f"| {_display(label)} | {curve[-1][1]:.3f} | {gap} | {results['train_seconds'][label]:.0f} |")
-    final = {label: curve[-1][1] for label, curve in curves.items()}
+    for label, bpc in final.items():
+        gap = "-" if full is None else f"{bpc - full:+.3f}"
+        lines.append(f"| {_display(label)} | {bpc:.3f} | {gap} | {results['train_seconds'][label]:.0f} |")
     comparisons = [  # (what, variant, reference): the paper's Fig. 3 pairs, one change each
         ("shared QK vs separate QK (standard Transformer, dense attention)", "transformer-shared-qk", "transformer"),
         ("reversible vs standard residual stack (shared QK, dense attention)", "full", "transformer-shared-qk"),
@@ -353,7 +353,7 @@ def lm_table(results: dict) -> str:
                  for what, a, b in comparisons if a in final and b in final]  # fmt: skip
     if ablations:
         lines += ["", "Fig. 3 analogue, final bits per byte:", "", *ablations]
-    if full is not None and "lsh-8" in curves:
+    if full is not None and "lsh-8" in final:
         gap = final["lsh-8"] - full
         verdict = "met" if gap <= 0.03 else "not met"
         lines += ["", f"Target: LSH-8 within 0.03 bits/byte of full attention: {gap:+.3f} ({verdict})."]
