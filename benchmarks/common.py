@@ -98,3 +98,30 @@ def write_atomic(path: Path, text: str) -> None:
 
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def hf_reformer_lm(
+    *, dim: int, heads: int, depth: int, bucket_size: int, n_hashes: int, num_buckets: int, **config: object
+):
+    """Hugging Face's causal ``ReformerModelWithLMHead`` with every layer LSH, built from a config
+    (no download), byte vocabulary and no dropout; ``config`` adds or overrides fields
+    (positions, activation, hash seed)."""
+    from transformers import ReformerConfig, ReformerModelWithLMHead
+
+    fields = dict(
+        vocab_size=256,
+        hidden_size=dim,
+        num_attention_heads=heads,
+        attention_head_size=dim // heads,
+        attn_layers=["lsh"] * depth,
+        feed_forward_size=4 * dim,
+        lsh_attn_chunk_length=bucket_size,
+        num_hashes=n_hashes,
+        num_buckets=num_buckets,
+        is_decoder=True,
+        hidden_dropout_prob=0.0,
+        lsh_attention_probs_dropout_prob=0.0,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    return ReformerModelWithLMHead(ReformerConfig(**{**fields, **config}))

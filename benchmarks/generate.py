@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import importable, machine_line, markdown_table, peak_rss_bytes, rss_bytes, run_isolated
+from common import hf_reformer_lm, importable, machine_line, markdown_table, peak_rss_bytes, rss_bytes, run_isolated
 
 SYSTEMS = ("ours-cached", "ours-recompute", "reformer_pytorch", "transformers")
 NEEDS = {"reformer_pytorch": "reformer_pytorch", "transformers": "transformers"}
@@ -64,29 +64,14 @@ def _stepper(system: str):
             return times
 
         return run_peer
-    from transformers import ReformerConfig, ReformerModelWithLMHead
-
-    config = ReformerConfig(
-        vocab_size=256,
-        hidden_size=SIZE["dim"],
-        num_attention_heads=SIZE["heads"],
-        attention_head_size=SIZE["dim"] // SIZE["heads"],
-        attn_layers=["lsh"] * SIZE["depth"],
-        feed_forward_size=4 * SIZE["dim"],
-        lsh_attn_chunk_length=SIZE["bucket_size"],
-        num_hashes=SIZE["n_hashes"],
+    model = hf_reformer_lm(
+        **SIZE,
         num_buckets=MAX_POSITIONS // SIZE["bucket_size"],
-        is_decoder=True,
         axial_pos_shape=(128, 256),
         axial_pos_embds_dim=(64, 448),
         max_position_embeddings=MAX_POSITIONS,
-        hidden_dropout_prob=0.0,
-        lsh_attention_probs_dropout_prob=0.0,
         hash_seed=0,
-        pad_token_id=0,
-        eos_token_id=None,
-    )
-    model = ReformerModelWithLMHead(config).eval()
+    ).eval()
 
     class Clock:  # a transformers streamer: put() gets the prompt first, then each new token
         def __init__(self):

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import json
 import math
 import os
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from common import (
     atomic_path,
     gemm_gflops,
+    hf_reformer_lm,
     importable,
     machine_line,
     markdown_table,
@@ -130,13 +130,6 @@ def system_flops(system: str, length: int, depth: int) -> float:
 # --- the measuring process ------------------------------------------------------------------
 
 
-def dense_pending() -> bool:
-    """The dense system needs ``ReformerConfig.residual`` / ``shared_qk``; true while they are absent."""
-    from reformer import ReformerConfig
-
-    return not {"residual", "shared_qk"} <= {f.name for f in dataclasses.fields(ReformerConfig)}
-
-
 def build(system: str, length: int, depth: int) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """The model (training mode) and its ``tokens (1, L) -> logits (1, L, 256)`` function."""
     kw = dict(SIZE, depth=depth, max_seq_len=length, causal=True)
@@ -159,31 +152,19 @@ def build(system: str, length: int, depth: int) -> tuple[nn.Module, Callable[[to
 def _transformers_lm(length: int, depth: int) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
     """Hugging Face's causal Reformer of the same size, from a config (no download). Learned
     positions: their axial ones must factor the training length exactly."""
-    from transformers import ReformerConfig, ReformerModelWithLMHead
-
     from reformer.hashing import buckets_for_length
 
-    dim, heads, bucket = SIZE["dim"], SIZE["heads"], SIZE["bucket_size"]
-    config = ReformerConfig(
+    size = {k: v for k, v in SIZE.items() if k != "num_tokens"}
+    model = hf_reformer_lm(
+        **size,
+        depth=depth,
+        num_buckets=buckets_for_length(length, SIZE["bucket_size"]),
         vocab_size=SIZE["num_tokens"],
-        hidden_size=dim,
-        num_attention_heads=heads,
-        attention_head_size=dim // heads,
-        attn_layers=["lsh"] * depth,
-        feed_forward_size=FF_MULT * dim,
+        feed_forward_size=FF_MULT * SIZE["dim"],
         hidden_act="gelu",
-        lsh_attn_chunk_length=bucket,
-        num_hashes=SIZE["n_hashes"],
-        num_buckets=buckets_for_length(length, bucket),
-        is_decoder=True,
         axial_pos_embds=False,
         max_position_embeddings=length,
-        hidden_dropout_prob=0.0,
-        lsh_attention_probs_dropout_prob=0.0,
-        pad_token_id=0,
-        eos_token_id=None,
     )
-    model = ReformerModelWithLMHead(config)
     return model, lambda tokens: model(tokens).logits
 
 
@@ -273,9 +254,6 @@ def runnable_systems(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     """The systems that can run here, and why the others cannot."""
     missing = [s for s in requested if s in NEEDS and not importable(NEEDS[s])]
     not_run = {s: f"not installed (`pip install {NEEDS[s]}`)" for s in missing}
-    if "dense" in requested and dense_pending():
-        not_run["dense"] = "needs ReformerConfig.residual/shared_qk (pending)"
-        print("dense: needs residual/shared_qk (pending)", file=sys.stderr)
     return [s for s in requested if s not in not_run], not_run
 
 
