@@ -4,23 +4,37 @@ This is the fast path on CPU (and the fallback everywhere). It computes exactly 
 function of :func:`reformer.attention.reference.lsh_attention_reference`; see that module
 and DESIGN.md section 3 for the contract.
 
-Memory: the windows are processed in blocks (:data:`WINDOW_BLOCK_ELEMENTS` logits at a
-time) by a custom autograd function that keeps only its inputs, outputs and per-query
-log-sum-exp, and recomputes a block's logits in the backward pass (as flash attention
-does). So beyond O(n_hashes * len * d) index and output tensors, nothing grows with the
-length: no ``len x len`` and not even an ``n_hashes * len * 2 * bucket_size`` buffer exists,
-unless ``return_attn=True``.
+Layout: the sorted slots of :mod:`reformer.attention.slots` (shared with the GPU backends).
+Window ``j`` of a batch row holds the ``s`` query slots ``[j*s, j*s + s)`` and the ``c + s``
+key slots ``[j*s - c, j*s + s)``: the ``c`` slots before its queries and its own, the first
+window wrapping to the row's last ``c`` slots (trax / HF). With ``s = c`` that is the classic
+(previous chunk, own chunk) window. Strict causal attention only ever looks ``c`` slots
+back, so it uses ``s = c / 2`` (:func:`queries_per_window`): windows of ``3c/2`` keys
+instead of ``2c``, a quarter fewer logits for the same result.
 
-Layout: the sorted slots of :mod:`reformer.attention.slots` (shared with the GPU backends);
-a query chunk sees its own chunk and the previous one, the first chunk wrapping to the last
-(trax / HF).
+Work is done in blocks of consecutive windows (:data:`WINDOW_BLOCK_ELEMENTS` logits at a
+time, small enough to stay in cache). A block gathers one contiguous run of packed
+``[q | k | v]`` rows (``ext`` order: the ``c`` slots before its queries, then its own); its
+queries are the run's tail and its windows strided views of it, not copies. Gradients are
+summed over the run with ``(c + s) / s`` strided adds, then added back with one
+``index_add_`` per block. Nothing of the size of the sorted sequence is
+built except the per-slot outputs and log-sum-exps, so temporaries stay small (on CPU, large
+fresh allocations cost page faults that can take longer than the arithmetic).
+
+Memory: one custom autograd function does the windows and the combination of rounds. When a
+gradient is needed it keeps the attention probabilities (``n_hashes * len * (c + s)`` per
+head: linear in the length), so the backward needs neither a second ``q k^T`` nor the masks
+and softmax again; the gathered inputs are rebuilt there rather than kept. Nothing of size
+``len x len`` exists unless ``return_attn=True``.
 
 Modes:
 * non-causal, and ``causal`` with ``strict_causal=False`` (classic, trax / HF): every key
   in the two-chunk window, minus future keys when causal.
 * ``causal`` with ``strict_causal=True``: a query sees the at most ``bucket_size`` keys of
   its own bucket that precede it in sorted order in the same round (plus itself). That set
-  depends on earlier positions only, so no future token can change an earlier output.
+  depends on earlier positions only, so no future token can change an earlier output. In
+  slot terms it is one interval per query, ``[slot - span, slot]``, so its mask is a single
+  comparison with a fixed table.
 """
 
 from __future__ import annotations
@@ -30,128 +44,180 @@ from typing import NamedTuple
 
 import torch
 
-from .common import SELF_ATTN_VALUE, fill_masked_
-from .slots import combine_rounds, sort_into_slots
+from .common import SELF_ATTN_VALUE, masked_value, self_logit
+from .slots import round_weights, sort_into_slots
 
-#: Logits computed at once per block of windows (``windows * c * 2c``): small enough to stay
-#: in cache, large enough that per-block overhead does not matter.
-WINDOW_BLOCK_ELEMENTS = 2**20
-
-
-def window_slots(n_chunks: int, chunk: int, device: torch.device) -> torch.Tensor:
-    """``(n_chunks, 2 * chunk)`` slot indices of each chunk's keys: its own slots, then those of
-    the previous chunk (chunk 0 wraps to the last one)."""
-    own = torch.arange(n_chunks * chunk, device=device).view(n_chunks, chunk)
-    return torch.cat([own, own.roll(1, dims=0)], dim=1)
+#: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
+#: that a block's logits and keys stay in cache, large enough that per-block overhead does
+#: not matter.
+WINDOW_BLOCK_ELEMENTS = 2**17
 
 
-class _BlockIndex(NamedTuple):
-    batch: torch.Tensor  # (blk, 1) batch row of each window
-    q_slots: torch.Tensor  # (blk, c) query slots within the batch row
-    k_slots: torch.Tensor  # (blk, 2c) key slots
-    q_rows: torch.Tensor  # (blk, c) rows of the flattened (b * lp) inputs
-    k_rows: torch.Tensor  # (blk, 2c)
+def queries_per_window(bucket_size: int, strict: bool) -> int:
+    """``s``: queries per window. Strict causal windows need only the ``c`` slots before each
+    query, so half-chunk windows (``3c/2`` keys) cover them; other modes see whole chunks."""
+    return bucket_size // 2 if strict and bucket_size % 2 == 0 else bucket_size
+
+
+def with_wrap(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(b, total, ...)`` -> ``(b, c + total, ...)``: each row's last ``c`` slots in front, so
+    the first chunk's predecessor (the last chunk, as in trax / HF) precedes it."""
+    return torch.cat([x[:, -c:], x], dim=1)
+
+
+def key_windows(ext: torch.Tensor, s: int, width: int) -> torch.Tensor:
+    """Strided view ``(b, n, width, ...)`` of ``ext`` ``(b, rows, ...)``: window ``j`` is rows
+    ``[j*s, j*s + width)`` (overlapping, no copy)."""
+    b, rows = ext.shape[:2]
+    n = (rows - width) // s + 1
+    st = ext.stride()
+    return ext.as_strided((b, n, width, *ext.shape[2:]), (st[0], s * st[1], st[1], *st[2:]))
+
+
+class _Block(NamedTuple):
+    """Windows ``start:end`` (flat index): batch rows ``rows``, windows ``j0:j1`` of each row.
+    A block lies within one row, or is made of whole rows (``j0 = 0, j1 = n``)."""
+
+    start: int
+    end: int
+    rows: slice
+    j0: int
+    j1: int
 
 
 @dataclass
 class _WindowPlan:
-    """Everything that decides which key a window entry is and whether it is visible.
+    """Which keys each window holds and which of them each of its queries sees.
 
-    Windows are ordered ``(batch, chunk)``; window ``w`` holds the ``c`` query slots of chunk
-    ``w % n`` of batch row ``w // n`` and the ``2c`` key slots of that chunk and its predecessor.
-    All tensors are per slot or per position, so a block's masks cost O(block) to build.
+    Windows are ordered ``(batch row, j)``. Per-slot tables are ``(b, total)`` in query
+    order or ``(b, c + total)`` in ``ext`` order (the row's last ``c`` slots first); a block's
+    masks are built from contiguous views of them, O(block) work.
     """
 
-    n: int  # chunks per batch row
     c: int  # chunk (bucket) size
+    s: int  # queries per window
     lp: int  # padded length (slots per round)
-    total: int  # slots per batch row (n_hashes * lp)
-    win: torch.Tensor  # (n, 2c) key slots of each chunk
     slot_row: torch.Tensor  # (b, total) row of each slot in the flattened (b * lp) inputs
-    slot_bucket: torch.Tensor  # (b, total) bucket of each slot
-    key_valid: torch.Tensor | None  # (b * lp,) bool
-    causal: bool
+    ext_row: torch.Tensor  # (b, c + total) the same in ext order
+    round_slot: torch.Tensor  # (b, h, lp) flat (b * total) index of each position's slot per round
     strict: bool
-    attend_across_buckets: bool
-    dup_info: torch.Tensor | None  # (b, total, h, 2) per-round rank/chunk and bucket, for -log N
+    span: torch.Tensor | None  # strict: (b, total) visible keys before each query slot (<= c)
+    slot_pos: torch.Tensor | None  # classic: (b, c + total) position of each ext slot
+    slot_group: torch.Tensor | None  # attend_across_buckets=False: (b, c + total) round * buckets + bucket
+    causal: bool
+    key_valid: torch.Tensor | None  # (b, c + total) bool, True = attendable
+    dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
     self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
     exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
 
     @property
+    def width(self) -> int:
+        return self.c + self.s
+
+    @property
+    def rows(self) -> int:
+        return self.slot_row.shape[0]
+
+    @property
+    def n(self) -> int:
+        """Windows per batch row."""
+        return self.slot_row.shape[1] // self.s
+
+    @property
     def n_windows(self) -> int:
-        return self.slot_row.shape[0] * self.n
+        return self.rows * self.n
 
-    def blocks(self) -> list[tuple[int, int]]:
-        size = max(1, WINDOW_BLOCK_ELEMENTS // (2 * self.c * self.c))
-        return [(s, min(s + size, self.n_windows)) for s in range(0, self.n_windows, size)]
+    def blocks(self) -> list[_Block]:
+        size = max(1, WINDOW_BLOCK_ELEMENTS // (self.s * self.width))
+        n = self.n
+        if size >= n:  # whole rows
+            step = size // n
+            return [
+                _Block(r * n, min(r + step, self.rows) * n, slice(r, min(r + step, self.rows)), 0, n)
+                for r in range(0, self.rows, step)
+            ]
+        return [
+            _Block(r * n + j, r * n + min(j + size, n), slice(r, r + 1), j, min(j + size, n))
+            for r in range(self.rows)
+            for j in range(0, n, size)
+        ]
 
-    def index(self, start: int, end: int) -> _BlockIndex:
-        """Slots and input rows of the windows ``start:end``."""
-        w = torch.arange(start, end, device=self.win.device)
-        chunk = w % self.n
-        batch = (w // self.n)[:, None]
-        q_slots = chunk[:, None] * self.c + torch.arange(self.c, device=w.device)
-        k_slots = self.win.index_select(0, chunk)
-        return _BlockIndex(
-            batch, q_slots, k_slots, _per_row(self.slot_row, batch, q_slots), _per_row(self.slot_row, batch, k_slots)
-        )
+    def query_rows(self, blk: _Block) -> torch.Tensor:
+        """``(rows, m * s)`` input rows of the block's query slots."""
+        return self.slot_row[blk.rows, blk.j0 * self.s : blk.j1 * self.s]
 
-    def mask(self, idx: _BlockIndex) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-        """``hidden`` and ``is_self`` masks and the ``-log N`` bias, each ``(blk, c, 2c)``."""
-        b, q_slots, k_slots, q_rows, k_rows = idx
-        hidden = (
-            None
-            if self.key_valid is None
-            else ~self.key_valid.index_select(0, k_rows.flatten()).view(k_rows.shape)[:, None, :]
-        )
+    def key_rows(self, blk: _Block) -> torch.Tensor:
+        """``(rows, m * s + c)`` input rows of the block's key run in ext order."""
+        return self.ext_row[blk.rows, blk.j0 * self.s : blk.j1 * self.s + self.c]
+
+    def windows(self, run: torch.Tensor) -> torch.Tensor:
+        """``(rows, m * s + c, ...)`` key run -> ``(m * rows, c + s, ...)`` windows (a view for one
+        row, a copy for several)."""
+        return key_windows(run, self.s, self.width).flatten(0, 1)
+
+    def take(self, table: torch.Tensor, blk: _Block) -> torch.Tensor:
+        """The block's windows ``(blk, c + s, ...)`` of a ``(b, c + total, ...)`` ext table."""
+        return self.windows(table[blk.rows, blk.j0 * self.s : blk.j1 * self.s + self.c])
+
+    def self_mask(self, blk: _Block) -> torch.Tensor | None:
+        """``(blk, s, c + s)`` True at each query's own key; None in strict mode, where it is the
+        fixed entry ``(i, c + i)``."""
+        if self.strict:
+            return None
+        k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
+        return k_pos[:, :, self.c :].transpose(1, 2) == k_pos  # a window's queries are its last s keys
+
+    def fill_self_(self, x: torch.Tensor, value: float, is_self: torch.Tensor | None) -> None:
+        """Set each query's own-key entry of ``x`` ``(blk, s, c + s)`` to ``value`` (strict mode: the
+        strided diagonal ``(i, c + i)``)."""
+        if is_self is None:
+            x.view(x.shape[0], -1)[:, self.c :: self.width + 1].fill_(value)
+        else:
+            x.masked_fill_(is_self, value)
+
+    def mask_(self, dots: torch.Tensor, blk: _Block) -> None:
+        """Apply the masks and self logits to a block's ``dots`` ``(blk, s, c + s)`` in place."""
+        hidden = None
 
         def hide(extra: torch.Tensor) -> None:
             nonlocal hidden
             hidden = extra if hidden is None else hidden | extra
 
-        c, device = self.c, q_slots.device
+        if self.key_valid is not None:
+            hide(~self.take(self.key_valid, blk)[:, None, :])
         if self.strict:
-            # Within a round, "at most c earlier in sorted order" is a fixed pattern of the
-            # window: own-chunk keys j <= i, previous-chunk keys j >= i. A round's first chunk
-            # has no previous chunk in its round.
-            ones = torch.ones(c, c, dtype=torch.bool, device=device)
-            reach = torch.cat([ones.tril(), ones.triu()], dim=1)  # (c, 2c)
-            q_bucket, k_bucket = _per_row(self.slot_bucket, b, q_slots), _per_row(self.slot_bucket, b, k_slots)
-            visible = (q_bucket[:, :, None] == k_bucket[:, None, :]) & reach
-            round_start = (q_slots[:, 0] % self.lp) == 0
-            visible[:, :, c:] &= ~round_start[:, None, None]
-            hide(~visible)
-            is_self = torch.cat([torch.eye(c, dtype=torch.bool, device=device), ~ones], dim=1)[None]
+            span = self.span[blk.rows, blk.j0 * self.s : blk.j1 * self.s].reshape(-1, self.s, 1)  # (blk, s, 1)
+            hide(_strict_gap(self.c, self.s, dots.device) >= span)
         else:
-            is_self = q_rows[:, :, None] == k_rows[:, None, :]
+            k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
             if self.causal:
-                hide(k_rows[:, None, :] > q_rows[:, :, None])  # same batch row: rows order like positions
-            if not self.attend_across_buckets:
-                q_bucket, k_bucket = _per_row(self.slot_bucket, b, q_slots), _per_row(self.slot_bucket, b, k_slots)
-                same_bucket = q_bucket[:, :, None] == k_bucket[:, None, :]
-                same_round = (q_slots // self.lp)[:, :, None] == (k_slots // self.lp)[:, None, :]
-                hide(~(same_bucket & same_round))
-        bias = None
+                hide(k_pos > k_pos[:, :, self.c :].transpose(1, 2))
+            if self.slot_group is not None:
+                k_group = self.take(self.slot_group, blk)[:, None, :]
+                hide(k_group[:, :, self.c :].transpose(1, 2) != k_group)
         if self.dup_info is not None:
-            counts = self._duplicate_counts(_per_row(self.dup_info, b, q_slots), _per_row(self.dup_info, b, k_slots))
-            bias = -counts.clamp_min(1).double().log()  # (exact in fp64; an int tensor would log in fp32)
-        return hidden, is_self, bias
+            k_info = self.take(self.dup_info, blk)  # (blk, c + s, h, 2)
+            dots -= self._duplicate_counts(k_info[:, self.c :], k_info).clamp_min(1).double().log().to(dots.dtype)
+        if hidden is not None:
+            dots.masked_fill_(hidden, masked_value(dots.dtype))
+        self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
 
     def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """How often each entry's key occurs, visibly, in all of its query's windows.
 
-        ``q`` ``(blk, c, h, 2)``, ``k`` ``(blk, 2c, h, 2)``: per round, the rank (strict) or
+        ``q`` ``(blk, s, h, 2)``, ``k`` ``(blk, c + s, h, 2)``: per round, the rank (strict) or
         global chunk id (classic) of the position, and its bucket.
         """
-        q, k = q[:, :, None], k[:, None]  # (blk, c, 1, h, 2), (blk, 1, 2c, h, 2)
-        same_bucket = q[..., 1] == k[..., 1]  # (blk, c, 2c, h)
+        q, k = q[:, :, None], k[:, None]  # (blk, s, 1, h, 2), (blk, 1, c + s, h, 2)
+        same_bucket = q[..., 1] == k[..., 1]  # (blk, s, c + s, h)
         if self.strict:
             gap = q[..., 0] - k[..., 0]
             return (same_bucket & (gap >= 0) & (gap <= self.c)).sum(-1)
+        n_chunks = self.n  # classic windows are whole chunks
         q_chunk, k_chunk = q[..., 0], k[..., 0]
-        q_prev = (q_chunk - 1) % self.n
+        q_prev = (q_chunk - 1) % n_chunks
         seen = (k_chunk == q_chunk).int() + (k_chunk == q_prev).int()
-        if not self.attend_across_buckets:
+        if self.slot_group is not None:
             return (seen * same_bucket).sum(-1)
         count = seen.sum(-1)
         if k_chunk.shape[-1] > 1:  # a round's first chunk looks back into the previous round
@@ -159,106 +225,168 @@ class _WindowPlan:
         return count
 
 
-def _per_row(table: torch.Tensor, batch: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``table[batch, slots]`` for ``table`` ``(b, total, ...)``, ``batch`` ``(blk, 1)``, ``slots``
-    ``(blk, k)`` -> ``(blk, k, ...)``, as one ``index_select`` of whole rows of the flattened
-    table (much faster on CPU than advanced indexing with two index tensors)."""
-    flat = table.reshape(table.shape[0] * table.shape[1], *table.shape[2:])
-    return flat.index_select(0, (batch * table.shape[1] + slots).flatten()).view(*slots.shape, *table.shape[2:])
+_GAPS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
-def _take(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Rows of ``x`` ``(r, e)`` at ``rows`` ``(blk, k)`` -> ``(blk, k, e)``."""
+def _strict_gap(c: int, s: int, device: torch.device) -> torch.Tensor:
+    """``(s, c + s)`` table: for query ``i`` and key ``t`` of a window, how many slots back the key
+    is, minus one (``c + i - t - 1``); the query itself and later keys get ``c + 1``. A key is
+    visible iff its gap is below the query's span, which never exceeds ``c``."""
+    key = (c, s, device)
+    if key not in _GAPS:
+        back = c + torch.arange(s, device=device)[:, None] - torch.arange(c + s, device=device)  # (s, c + s)
+        _GAPS[key] = torch.where(back >= 1, back - 1, c + 1)
+    return _GAPS[key]
+
+
+def _strict_span(slot_bucket: torch.Tensor, lp: int, c: int) -> torch.Tensor:
+    """``(b, total)``: how many slots before each slot share its bucket within its round, at most
+    ``c`` (buckets are contiguous runs of a sorted round)."""
+    total = slot_bucket.shape[1]
+    t = torch.arange(total, device=slot_bucket.device)
+    run_start = torch.ones_like(slot_bucket, dtype=torch.bool)
+    run_start[:, 1:] = slot_bucket[:, 1:] != slot_bucket[:, :-1]
+    run_start |= (t % lp == 0)[None]
+    first = torch.where(run_start, t, 0).cummax(dim=1).values  # (b, total) first slot of each run
+    return (t - first).clamp_max(c)
+
+
+def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torch.Tensor) -> torch.Tensor:
+    """Masks ``dots`` ``(blk, s, c + s)``, writes the attention weights into ``probs`` (same
+    shape, may be ``dots``) and returns the per-query log-sum-exp ``(blk, s)``."""
+    plan.mask_(dots, blk)
+    if plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
+        lse = torch.logsumexp(dots, dim=-1)
+        torch.exp(dots - lse[..., None], out=probs)
+        return lse
+    # Normalise by the sum (exact for self-only queries, where an fp32 lse near -5e4 is only
+    # good to ~4e-3); lse = max(x) - log(max(p)) needs no second exponential.
+    top = dots.amax(dim=-1)
+    torch.softmax(dots, dim=-1, out=probs)
+    return top - probs.amax(dim=-1).log()
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(r, e)`` at ``rows`` ``(a, k)`` -> ``(a, k, e)``."""
     return x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[-1])
 
 
-def _add_rows(x: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> None:
-    """``x[rows] += values`` for ``rows`` ``(blk, k)`` and ``values`` ``(blk, k, e)``, repeated rows
-    summed."""
-    x.index_add_(0, rows.flatten(), values.flatten(0, 1))
+class _BlockInputs(NamedTuple):
+    run: torch.Tensor  # (rows, m * s + c, 2d + dv) the block's key run of packed [q | k | v] rows
+    q: torch.Tensor  # (blk, s, d) scaled queries (the run's last m * s rows)
+    k: torch.Tensor  # (blk, c + s, d) unit keys of each window (strided views of the run)
+    v: torch.Tensor  # (blk, c + s, dv)
 
 
-def _block_probs(
-    plan: _WindowPlan, start: int, end: int, q: torch.Tensor, k: torch.Tensor
-) -> tuple[_BlockIndex, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Index, gathered queries and keys, probabilities, lse and fixed-logit mask of a block."""
-    idx = plan.index(start, end)
-    bq, bk = _take(q, idx.q_rows), _take(k, idx.k_rows)  # (blk, c, d), (blk, 2c, d)
-    dots = torch.bmm(bq, bk.transpose(1, 2))  # (blk, c, 2c)
-    hidden, is_self, bias = plan.mask(idx)
-    if bias is not None:
-        dots += bias.to(dots.dtype)
-    fixed = is_self if hidden is None else hidden | is_self  # logits replaced by constants
-    fill_masked_(dots, hidden, is_self, plan.self_value)
-    if plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
-        lse = torch.logsumexp(dots, dim=-1)
-        return idx, bq, bk, torch.exp(dots - lse[..., None]), lse, fixed
-    # Normalise by the sum (exact for self-only queries, where an fp32 lse near -5e4 is only
-    # good to ~4e-3); lse = max(x) - log(max(p)) needs no second exponential.
-    probs = torch.softmax(dots, dim=-1)
-    lse = dots.amax(dim=-1) - probs.amax(dim=-1).log()
-    return idx, bq, bk, probs, lse, fixed
+def _block_inputs(plan: _WindowPlan, qkv: torch.Tensor, blk: _Block, d: int) -> _BlockInputs:
+    """One gather per block: queries are the last ``m * s`` rows of the key run."""
+    run = _gather(qkv, plan.key_rows(blk))
+    q = run[:, plan.c :, :d].reshape(-1, plan.s, d)
+    return _BlockInputs(run, q, plan.windows(run[..., d : 2 * d]), plan.windows(run[..., 2 * d :]))
 
 
-class _WindowAttention(torch.autograd.Function):
-    """Attention of every window, block by block; the backward recomputes each block.
+def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: _WindowPlan) -> None:
+    """``acc`` ``(rows, m * s + c, e)`` (a block's key run) += ``grad`` ``(blk, c + s, e)`` of its
+    windows: a window's keys are ``(c + s) / s`` consecutive groups of ``s`` run rows, so this is
+    one strided add per group, not a scatter."""
+    s, groups = plan.s, plan.width // plan.s
+    rows, run, e = acc.shape
+    m = (run - plan.c) // s
+    per_group = acc.view(rows, run // s, s, e)
+    grad = grad.view(rows, m, groups, s, e)
+    for g in range(groups):  # window j's group g is run group j + g
+        per_group[:, g : g + m] += grad[:, :, g]
 
-    Inputs are flattened ``(b * lp, d)`` scaled queries, unit keys and values ``(b * lp, dv)``.
-    Outputs: ``out`` ``(windows, c, dv)``, ``lse`` ``(windows, c)`` and, when asked for,
-    the probabilities ``(windows, c, 2c)`` (no gradient; for ``return_attn``).
+
+def _combine_rounds(plan: _WindowPlan, slot_out: torch.Tensor, slot_lse: torch.Tensor, out: torch.Tensor):
+    """Write into ``out`` ``(b, lp, dv)`` the rounds of each position combined by their
+    log-sum-exp; returns every slot's round weight ``(b, total)``. ``slot_out`` ``(b * total, dv)``,
+    ``slot_lse`` ``(b * total,)``; done a few rows at a time (small temporaries)."""
+    b, h, lp = plan.round_slot.shape
+    slot_weight = torch.empty_like(slot_lse)
+    step = max(1, WINDOW_BLOCK_ELEMENTS // (h * lp))
+    for r in range(0, b, step):
+        index = plan.round_slot[r : r + step]  # (rows, h, lp)
+        weights = round_weights(slot_lse[index], plan.exp_lse)  # (rows, h, lp)
+        slot_weight[index] = weights
+        o = _gather(slot_out, index.flatten(1)).view(*index.shape, -1)  # (rows, h, lp, dv)
+        torch.sum(o * weights[..., None], dim=1, out=out[r : r + step])
+    return slot_weight
+
+
+class _LSHWindows(torch.autograd.Function):
+    """Attention of every window, block by block, and the combination of rounds.
+
+    Inputs are flattened ``(b * lp, d)`` scaled queries, unit keys and values ``(b * lp, dv)``
+    in position order. Outputs: ``out`` ``(b, lp, dv)`` in position order; when asked for,
+    the probabilities ``(windows, s, c + s)`` and the slots' round weights ``(b, total)``
+    (no gradient; for ``return_attn``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _WindowPlan, dropout: float, keep_probs: bool):
-        c, dv = plan.c, v.shape[-1]
-        out = v.new_empty(plan.n_windows, c, dv)
-        lse = q.new_empty(plan.n_windows, c)
-        kept, drop_masks = [], []
-        for start, end in plan.blocks():
-            idx, _, _, probs, lse[start:end], _ = _block_probs(plan, start, end, q, k)
-            if keep_probs:
-                kept.append(probs)
+    def forward(ctx, q, k, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
+        s, dv, total = plan.s, v.shape[-1], plan.slot_row.shape[1]
+        slot_out = v.new_empty(plan.n_windows, s, dv)
+        slot_lse = q.new_empty(plan.n_windows, s)
+        all_probs = q.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
+        drop_masks = []
+        d = q.shape[-1]
+        qkv = torch.cat([q, k, v], dim=1)  # (b * lp, 2d + dv): one gather per block
+        for blk in plan.blocks():
+            x = _block_inputs(plan, qkv, blk, d)
+            dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
+            probs = dots if all_probs is None else all_probs[blk.start : blk.end]
+            slot_lse[blk.start : blk.end] = _block_probs(plan, dots, blk, probs)
             if dropout > 0:
                 keep = torch.empty_like(probs).bernoulli_(1 - dropout).bool()
                 drop_masks.append(keep)
                 probs = probs * keep / (1 - dropout)
-            torch.bmm(probs, _take(v, idx.k_rows), out=out[start:end])
-        ctx.save_for_backward(q, k, v, out)
-        ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
-        all_probs = torch.cat(kept) if keep_probs else q.new_empty(0)
-        ctx.mark_non_differentiable(all_probs)
-        return out, lse, all_probs
+            torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+        out = v.new_empty(plan.rows, plan.lp, dv)
+        slot_weight = _combine_rounds(plan, slot_out.view(-1, dv), slot_lse.view(-1), out)
+        if save:
+            ctx.save_for_backward(qkv, out, all_probs, slot_weight)
+            ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
+        kept = all_probs if keep_probs else q.new_empty(0)
+        ctx.mark_non_differentiable(kept, slot_weight)
+        return out, kept, slot_weight.view(plan.rows, total)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse, _grad_probs):
-        q, k, v, out = ctx.saved_tensors
-        plan, dropout = ctx.plan, ctx.dropout
-        grad_out = grad_out.to(v.dtype)
-        grad_lse = None if grad_lse is None else grad_lse.to(q.dtype)
-        grad_q, grad_k, grad_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for i, (start, end) in enumerate(plan.blocks()):
-            idx, bq, bk, probs, _, fixed = _block_probs(plan, start, end, q, k)
-            q_rows, k_rows = idx.q_rows, idx.k_rows
-            bv = _take(v, k_rows)
-            go = grad_out[start:end]  # (blk, c, dv)
-            used = probs
-            if dropout > 0:
-                keep = ctx.drop_masks[i].to(probs.dtype) / (1 - dropout)
-                used = probs * keep
-            _add_rows(grad_v, k_rows, torch.bmm(used.transpose(1, 2), go))
-            grad_probs = torch.bmm(go, bv.transpose(1, 2))  # (blk, c, 2c)
-            if dropout > 0:
-                grad_probs *= keep
-            # softmax backward: p * (g - sum(g * p)); sum(g * p) == sum(grad_out * out) per query.
-            shift = (go * out[start:end]).sum(-1, keepdim=True)
-            if grad_lse is not None:
-                shift = shift - grad_lse[start:end, :, None]
-            grad_dots = probs * (grad_probs - shift)
-            grad_dots.masked_fill_(fixed, 0)
-            _add_rows(grad_q, q_rows, torch.bmm(grad_dots, bk))
-            _add_rows(grad_k, k_rows, torch.bmm(grad_dots.transpose(1, 2), bq))
-        return grad_q, grad_k, grad_v, None, None, None
+    def backward(ctx, grad_out, _grad_probs, _grad_weight):
+        qkv, out, all_probs, slot_weight = ctx.saved_tensors
+        plan, dropout, s, c = ctx.plan, ctx.dropout, ctx.plan.s, ctx.plan.c
+        dv = out.shape[-1]
+        d = (qkv.shape[-1] - dv) // 2
+        grad_out = grad_out.to(out.dtype)
+        # Through the round combination out = sum_r w_r o_r, a slot of round r gets the output
+        # gradient w_r * g; its softmax backward p * (dp - sum(dp * p)) then has
+        # sum(dp * p) - dlse_r = w_r * (g . out): the rounds' lse gradient folds into one shift.
+        grad_flat = grad_out.reshape(-1, dv)  # (b * lp, dv)
+        g_dot_out = (grad_out * out).sum(-1).flatten()  # (b * lp,)
+        weight = slot_weight.view(plan.rows, -1)  # (b, total)
+        grad = torch.zeros_like(qkv)
+        for i, blk in enumerate(plan.blocks()):
+            query_rows, key_rows = plan.query_rows(blk), plan.key_rows(blk)
+            x = _block_inputs(plan, qkv, blk, d)
+            w = weight[blk.rows, blk.j0 * s : blk.j1 * s].reshape(-1, s, 1)  # (blk, s, 1)
+            go = _gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
+            shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
+            probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
+            keep = ctx.drop_masks[i].to(probs.dtype) / (1 - dropout) if dropout > 0 else None
+            used = probs if keep is None else probs * keep
+            acc = torch.zeros_like(x.run)  # gradients of the run's rows, [q | k | v]
+            _add_window_grads(acc[..., 2 * d :], torch.bmm(used.transpose(1, 2), go), plan)
+            grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
+            if keep is not None:
+                grad_dots *= keep
+            grad_dots.sub_(shift).mul_(probs)
+            # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
+            plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
+            acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
+            _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
+            grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
+        return grad[:, :d], grad[:, d : 2 * d], grad[:, 2 * d :], None, None, None, None
 
 
 def lsh_attention_chunked(
@@ -290,41 +418,53 @@ def lsh_attention_chunked(
     b, length, _ = qk.shape
     h = buckets.shape[1]
     inputs, layout = sort_into_slots(qk, v, buckets, key_mask, bucket_size, n_buckets)
-    c, lp, n, perm, inv = layout.c, layout.lp, layout.n, layout.perm, layout.inv
+    c, lp, perm, inv = layout.c, layout.lp, layout.perm, layout.inv
     total = h * lp
     strict = causal and strict_causal
+    slot_pos = perm.reshape(b, total)  # position of each slot
     dup_info = None
     if not allow_duplicate_attention:
         rank_or_chunk = inv if strict else (torch.arange(h, device=qk.device)[:, None] * lp + inv) // c
         per_position = torch.stack([rank_or_chunk, layout.buckets], dim=-1).transpose(1, 2)  # (b, lp, h, 2)
-        dup_info = per_position.gather(1, perm.reshape(b, total, 1, 1).expand(-1, -1, h, 2))
+        dup_info = with_wrap(per_position.gather(1, perm.reshape(b, total, 1, 1).expand(-1, -1, h, 2)), c)
+    slot_group = None
+    if not attend_across_buckets and not strict:  # (strict windows hold their own bucket only)
+        rounds = torch.arange(total, device=qk.device) // lp
+        slot_group = with_wrap(layout.slot_bucket + rounds * (n_buckets + 1), c)
+    key_valid = None
+    if layout.key_valid is not None:
+        key_valid = with_wrap(layout.key_valid[layout.slot_row], c)
+    round_offset = torch.arange(b, device=qk.device)[:, None, None] * total + torch.arange(h, device=qk.device)[:, None] * lp
     plan = _WindowPlan(
-        n=n,
         c=c,
+        s=queries_per_window(c, strict),
         lp=lp,
-        total=total,
-        win=window_slots(n, c, qk.device),
         slot_row=layout.slot_row,
-        slot_bucket=layout.slot_bucket,
-        key_valid=layout.key_valid,
-        causal=causal,
+        ext_row=with_wrap(layout.slot_row, c),
+        round_slot=round_offset + inv,
         strict=strict,
-        attend_across_buckets=attend_across_buckets,
+        span=_strict_span(layout.slot_bucket, lp, c) if strict else None,
+        slot_pos=None if strict else with_wrap(slot_pos, c),
+        slot_group=slot_group,
+        causal=causal,
+        key_valid=key_valid,
         dup_info=dup_info,
         self_value=self_value,
         exp_lse=exp_lse,
     )
     dropout = dropout if training else 0.0
-    window_out, window_lse, probs = _WindowAttention.apply(inputs.q, inputs.k, inputs.v, plan, dropout, return_attn)
-    out, weights = combine_rounds(window_out.view(b, total, -1), window_lse.view(b, total), layout, length, exp_lse)
+    save = torch.is_grad_enabled() and (inputs.q.requires_grad or inputs.v.requires_grad)
+    out, probs, slot_weight = _LSHWindows.apply(inputs.q, inputs.k, inputs.v, plan, dropout, return_attn, save)
+    out = out[:, :length]
 
     attn = None
     if return_attn:
         with torch.no_grad():
-            slot_weights = weights.gather(2, perm).view(b * n, c, 1)
-            _, _, _, q_rows, k_rows = plan.index(0, plan.n_windows)
-            flat_index = (q_rows[:, :, None] % lp) * lp + (k_rows[:, None, :] % lp)  # (b*n, c, 2c)
+            s = plan.s
+            q_pos = slot_pos.view(-1, s)  # (windows, s)
+            k_pos = key_windows(with_wrap(slot_pos, c), s, plan.width).flatten(0, 1)  # (windows, c + s)
+            flat_index = q_pos[:, :, None] * lp + k_pos[:, None, :]  # (windows, s, c + s)
             attn = probs.new_zeros(b, lp * lp)
-            attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weights).view(b, -1))
+            attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weight.view(-1, s, 1)).view(b, -1))
             attn = attn.view(b, lp, lp)[:, :length, :length]
     return out, attn

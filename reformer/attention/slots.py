@@ -107,6 +107,17 @@ def sort_into_slots(
     return inputs, layout
 
 
+def round_weights(round_lse: torch.Tensor, exp_lse: bool = False) -> torch.Tensor:
+    """Weights of the rounds ``softmax_r(lse_r)`` from their log-sum-exps ``(..., h, lp)`` (rounds
+    on dim -2), computed in fp32 or better; ``exp_lse``: ``exp(lse - logsumexp(lse))`` (trax / HF)."""
+    if round_lse.shape[-2] == 1:
+        return torch.ones_like(round_lse)
+    lse = round_lse.to(torch.promote_types(round_lse.dtype, torch.float32))
+    if exp_lse:
+        return torch.exp(lse - torch.logsumexp(lse, dim=-2, keepdim=True)).to(round_lse.dtype)
+    return torch.softmax(lse, dim=-2).to(round_lse.dtype)
+
+
 def combine_rounds(
     slot_out: torch.Tensor, slot_lse: torch.Tensor, layout: SlotLayout, length: int, exp_lse: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,13 +129,7 @@ def combine_rounds(
     b, h, lp = layout.inv.shape
     dv = slot_out.shape[-1]
     o = slot_out.view(b, h, lp, dv).gather(2, layout.inv[..., None].expand(-1, -1, -1, dv))  # (b, h, lp, dv)
-    round_lse = slot_lse.view(b, h, lp).gather(2, layout.inv)  # (b, h, lp)
+    weights = round_weights(slot_lse.view(b, h, lp).gather(2, layout.inv), exp_lse).to(o.dtype)  # (b, h, lp)
     if h == 1:
-        return o[:, 0, :length], torch.ones_like(round_lse)
-    acc = torch.promote_types(round_lse.dtype, torch.float32)  # fp32 or better for the weights
-    lse = round_lse.to(acc)
-    if exp_lse:
-        weights = torch.exp(lse - torch.logsumexp(lse, dim=1, keepdim=True)).to(o.dtype)  # (b, h, lp)
-    else:
-        weights = torch.softmax(lse, dim=1).to(o.dtype)
+        return o[:, 0, :length], weights
     return (o * weights[..., None]).sum(dim=1)[:, :length], weights
