@@ -4,6 +4,7 @@ peak resident memory, machine facts, Markdown tables, atomic output files."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib.metadata
 import importlib.util
 import multiprocessing as mp
@@ -43,6 +44,22 @@ def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
     proc.start()
     proc.join()
     return queue.get() if not queue.empty() else {"error": f"killed (exit code {proc.exitcode})"}
+
+
+#: Set in the environment of the measuring processes: glibc hands every block above 64 KiB
+#: straight back to the OS, so that the peak resident set of the first step is live memory,
+#: not the allocator's high-water mark.
+MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def keep_freed_memory() -> None:
+    """Undo ``MALLOC_MMAP_THRESHOLD_`` for the timed steps: blocks up to glibc's 32 MiB maximum
+    come from the heap again, and freed heap memory is kept for the next step (fresh pages for
+    every tensor would time the kernel's page faults, for every system alike)."""
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
 
 
 def importable(name: str) -> bool:

@@ -37,7 +37,6 @@ Never asserts.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -53,10 +52,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
+    MEASURE_MEMORY_ENV,
     atomic_path,
     gemm_gflops,
     hf_reformer_lm,
     importable,
+    keep_freed_memory,
     machine_line,
     markdown_table,
     peak_rss_bytes,
@@ -168,15 +169,6 @@ def _transformers_lm(length: int, depth: int) -> tuple[nn.Module, Callable[[torc
     return model, lambda tokens: model(tokens).logits
 
 
-def _keep_freed_memory() -> None:
-    """Undo ``MALLOC_MMAP_THRESHOLD_`` for the timed steps: blocks up to glibc's 32 MiB maximum
-    come from the heap again, and freed heap memory is kept for the next step."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
-
-
 def measure(system: str, length: int, depth: int, threads: int, repeats: int, memory_limit: int) -> dict:
     """One case, in a fresh process: the memory step, then the timed steps (see the module doc)."""
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
@@ -195,7 +187,7 @@ def measure(system: str, length: int, depth: int, threads: int, repeats: int, me
     before = rss_bytes()
     first_s = step()
     mb = max(peak_rss_bytes() - before, 0) / 2**20
-    _keep_freed_memory()
+    keep_freed_memory()
     times = [step() for _ in range(repeats if first_s < FAST_STEP_S else 1)]
     return {"s": statistics.median(times), "steps": len(times), "first_s": first_s, "mb": mb}
 
@@ -261,7 +253,8 @@ def run_sweep(args: argparse.Namespace, command: str, json_path: Path) -> dict:
     """Measure every case; the raw results are saved after each one, so a stopped run can
     still be rendered with ``--replot``."""
     # Large blocks straight from and back to the OS in the children (glibc reads this at start-up).
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    for key, value in MEASURE_MEMORY_ENV.items():
+        os.environ.setdefault(key, value)
     systems, not_run = runnable_systems(args.systems)
     gflops_before = gemm_gflops(args.threads)
     report = {

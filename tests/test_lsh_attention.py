@@ -92,6 +92,52 @@ def test_real_buckets_large_sweep_chunked_vs_reference():
             torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("bucket_size", [16, 32, 7])
+@pytest.mark.parametrize("n_hashes", [1, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_strict_half_chunk_windows_equal_reference_with_gradients(bucket_size, n_hashes, masked):
+    # Strict causal attention runs in windows of s = c / 2 queries and 3c/2 keys (c even), the
+    # other modes in whole chunks; both against the dense reference, outputs and gradients, with
+    # few buckets so that bucket runs cross window and chunk boundaries.
+    assert chunked.queries_per_window(bucket_size, strict=True) == (bucket_size // 2 if bucket_size % 2 == 0 else 7)
+    assert chunked.queries_per_window(bucket_size, strict=False) == bucket_size
+    qk, v = _inputs(2, 150, d=16, dv=8, dtype=torch.float64)
+    qk.requires_grad_()
+    v.requires_grad_()
+    buckets = torch.randint(0, 3, (2, n_hashes, 150))
+    kw = dict(bucket_size=bucket_size, n_buckets=3, causal=True, key_mask=torch.rand(2, 150) > 0.2 if masked else None)
+    out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
+    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shared_qk_gradient_through_scaling_and_norm_equals_autograd(dtype):
+    # The chunked path folds the gradients of q = qk / sqrt(d) and k = qk / |qk| into one by hand;
+    # zero vectors (norm under the floor) and tiny ones included.
+    qk, v = _inputs(2, 40, d=8, dv=4, dtype=dtype)
+    qk[0, 3] = 0.0
+    qk[1, 7] = 1e-30
+    qk.requires_grad_()
+    v.requires_grad_()
+    buckets = torch.randint(0, 4, (2, 2, 40))
+    kw = dict(bucket_size=8, n_buckets=4, causal=True)
+    out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
+    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for a, b in zip(grads, ref_grads, strict=True):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("n_hashes", [1, 3])
 @pytest.mark.parametrize("length", [16, 11])

@@ -44,8 +44,8 @@ from typing import NamedTuple
 
 import torch
 
-from .common import SELF_ATTN_VALUE, masked_value, self_logit
-from .slots import round_weights, sort_into_slots
+from .common import SELF_ATTN_VALUE, masked_value, norm_floor, normalize_keys, self_logit
+from .slots import pad_and_sort, round_weights
 
 #: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
 #: that a block's logits and keys stay in cache, large enough that per-block overhead does
@@ -298,40 +298,52 @@ def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: _WindowPlan) 
         per_group[:, g : g + m] += grad[:, :, g]
 
 
+#: Elements of the per-round outputs combined at once (a few rows, or part of one row).
+COMBINE_BLOCK_ELEMENTS = 2**16
+
+
 def _combine_rounds(plan: _WindowPlan, slot_out: torch.Tensor, slot_lse: torch.Tensor, out: torch.Tensor):
     """Write into ``out`` ``(b, lp, dv)`` the rounds of each position combined by their
-    log-sum-exp; returns every slot's round weight ``(b, total)``. ``slot_out`` ``(b * total, dv)``,
-    ``slot_lse`` ``(b * total,)``; done a few rows at a time (small temporaries)."""
+    log-sum-exp; returns every slot's round weight ``(b * total,)``. ``slot_out`` ``(b * total, dv)``,
+    ``slot_lse`` ``(b * total,)``; done in tiles of rows x positions (small temporaries)."""
     b, h, lp = plan.round_slot.shape
+    per_position = h * slot_out.shape[-1]
+    span = min(lp, max(1, COMBINE_BLOCK_ELEMENTS // per_position))  # positions per tile
+    rows = max(1, COMBINE_BLOCK_ELEMENTS // (span * per_position)) if span == lp else 1
     slot_weight = torch.empty_like(slot_lse)
-    step = max(1, WINDOW_BLOCK_ELEMENTS // (h * lp))
-    for r in range(0, b, step):
-        index = plan.round_slot[r : r + step]  # (rows, h, lp)
-        weights = round_weights(slot_lse[index], plan.exp_lse)  # (rows, h, lp)
-        slot_weight[index] = weights
-        o = _gather(slot_out, index.flatten(1)).view(*index.shape, -1)  # (rows, h, lp, dv)
-        torch.sum(o * weights[..., None], dim=1, out=out[r : r + step])
+    for r in range(0, b, rows):
+        for p in range(0, lp, span):
+            index = plan.round_slot[r : r + rows, :, p : p + span]  # (rows, h, span) slot of each round
+            weights = round_weights(slot_lse[index], plan.exp_lse)
+            slot_weight[index] = weights
+            o = _gather(slot_out, index.flatten(1)).view(*index.shape, -1)  # (rows, h, span, dv)
+            torch.sum(o * weights[..., None], dim=1, out=out[r : r + rows, p : p + span])
     return slot_weight
 
 
 class _LSHWindows(torch.autograd.Function):
     """Attention of every window, block by block, and the combination of rounds.
 
-    Inputs are flattened ``(b * lp, d)`` scaled queries, unit keys and values ``(b * lp, dv)``
-    in position order. Outputs: ``out`` ``(b, lp, dv)`` in position order; when asked for,
-    the probabilities ``(windows, s, c + s)`` and the slots' round weights ``(b, total)``
-    (no gradient; for ``return_attn``).
+    Inputs are the flattened, padded shared query/keys ``(b * lp, d)`` and values ``(b * lp, dv)``
+    in position order; the scaled queries and unit keys are made here, packed with the values
+    as ``[q | k | v]`` rows (one gather per block), and their gradients folded back into one for
+    ``qk`` by hand (fewer full-size passes than autograd through the scaling and norm).
+    Outputs: ``out`` ``(b, lp, dv)`` in position order; when asked for, the probabilities
+    ``(windows, s, c + s)`` and the slots' round weights ``(b, total)`` (no gradient; for
+    ``return_attn``).
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
-        s, dv, total = plan.s, v.shape[-1], plan.slot_row.shape[1]
+    def forward(ctx, qk, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
+        s, d, dv, total = plan.s, qk.shape[-1], v.shape[-1], plan.slot_row.shape[1]
+        qkv = qk.new_empty(qk.shape[0], 2 * d + dv)  # (b * lp, 2d + dv)
+        torch.mul(qk, d**-0.5, out=qkv[:, :d])  # scaled here: cheaper than scaling logits
+        qkv[:, d : 2 * d] = normalize_keys(qk)
+        qkv[:, 2 * d :] = v
         slot_out = v.new_empty(plan.n_windows, s, dv)
-        slot_lse = q.new_empty(plan.n_windows, s)
-        all_probs = q.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
+        slot_lse = qk.new_empty(plan.n_windows, s)
+        all_probs = qk.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
         drop_masks = []
-        d = q.shape[-1]
-        qkv = torch.cat([q, k, v], dim=1)  # (b * lp, 2d + dv): one gather per block
         for blk in plan.blocks():
             x = _block_inputs(plan, qkv, blk, d)
             dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
@@ -347,7 +359,7 @@ class _LSHWindows(torch.autograd.Function):
         if save:
             ctx.save_for_backward(qkv, out, all_probs, slot_weight)
             ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
-        kept = all_probs if keep_probs else q.new_empty(0)
+        kept = all_probs if keep_probs else qk.new_empty(0)
         ctx.mark_non_differentiable(kept, slot_weight)
         return out, kept, slot_weight.view(plan.rows, total)
 
@@ -386,7 +398,18 @@ class _LSHWindows(torch.autograd.Function):
             acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
             _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
             grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
-        return grad[:, :d], grad[:, d : 2 * d], grad[:, 2 * d :], None, None, None, None
+        return _shared_qk_grad(qkv, grad, d), grad[:, 2 * d :], None, None, None, None
+
+
+def _shared_qk_grad(qkv: torch.Tensor, grad: torch.Tensor, d: int) -> torch.Tensor:
+    """Gradient for ``qk`` from those of ``q = qk / sqrt(d)`` and ``k = qk / max(|qk|, floor)``
+    (``qkv``, ``grad`` ``(r, 2d + dv)``): ``g_q / sqrt(d) + (g_k - k (k . g_k)) / |qk|``, where a
+    norm under the floor passes ``g_k / floor`` (the clamp is flat there)."""
+    q, k, grad_k = qkv[:, :d], qkv[:, d : 2 * d], grad[:, d : 2 * d]
+    norm = q.to(torch.promote_types(q.dtype, torch.float32)).norm(dim=-1, keepdim=True) * d**0.5  # |qk| from q
+    floor = norm_floor(norm.dtype)
+    along_k = torch.where(norm > floor, (k * grad_k).sum(-1, keepdim=True), 0)
+    return grad[:, :d] * d**-0.5 + ((grad_k - k * along_k) / norm.clamp_min(floor)).to(qkv.dtype)
 
 
 def lsh_attention_chunked(
@@ -417,7 +440,7 @@ def lsh_attention_chunked(
     """
     b, length, _ = qk.shape
     h = buckets.shape[1]
-    inputs, layout = sort_into_slots(qk, v, buckets, key_mask, bucket_size, n_buckets)
+    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets)
     c, lp, perm, inv = layout.c, layout.lp, layout.perm, layout.inv
     total = h * lp
     strict = causal and strict_causal
@@ -429,12 +452,13 @@ def lsh_attention_chunked(
         dup_info = with_wrap(per_position.gather(1, perm.reshape(b, total, 1, 1).expand(-1, -1, h, 2)), c)
     slot_group = None
     if not attend_across_buckets and not strict:  # (strict windows hold their own bucket only)
-        rounds = torch.arange(total, device=qk.device) // lp
-        slot_group = with_wrap(layout.slot_bucket + rounds * (n_buckets + 1), c)
+        slot_round = torch.arange(total, device=qk.device) // lp
+        slot_group = with_wrap(layout.slot_bucket + slot_round * (n_buckets + 1), c)
     key_valid = None
     if layout.key_valid is not None:
         key_valid = with_wrap(layout.key_valid[layout.slot_row], c)
-    round_offset = torch.arange(b, device=qk.device)[:, None, None] * total + torch.arange(h, device=qk.device)[:, None] * lp
+    rows, rounds = torch.arange(b, device=qk.device), torch.arange(h, device=qk.device)
+    round_offset = rows[:, None, None] * total + rounds[:, None] * lp  # (b, h, 1) first slot of each round
     plan = _WindowPlan(
         c=c,
         s=queries_per_window(c, strict),
@@ -453,8 +477,9 @@ def lsh_attention_chunked(
         exp_lse=exp_lse,
     )
     dropout = dropout if training else 0.0
-    save = torch.is_grad_enabled() and (inputs.q.requires_grad or inputs.v.requires_grad)
-    out, probs, slot_weight = _LSHWindows.apply(inputs.q, inputs.k, inputs.v, plan, dropout, return_attn, save)
+    save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
+    qk, v = qk.reshape(b * lp, -1), v.to(qk.dtype).reshape(b * lp, -1)
+    out, probs, slot_weight = _LSHWindows.apply(qk, v, plan, dropout, return_attn, save)
     out = out[:, :length]
 
     attn = None

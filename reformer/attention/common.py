@@ -19,8 +19,13 @@ def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
     """Shared-QK keys: ``qk / ||qk||`` along the last dim; a zero vector (e.g. padding) stays zero."""
     # (autocast computes the norm in fp32; keep the keys in the dtype of the queries)
     norm = qk.norm(dim=-1, keepdim=True)
-    eps = max(1e-12, torch.finfo(norm.dtype).tiny)  # 1e-12 is 0 in fp16, and 0 / 0 is NaN
-    return (qk / norm.clamp_min(eps)).to(qk.dtype)
+    return (qk / norm.clamp_min(norm_floor(norm.dtype))).to(qk.dtype)
+
+
+def norm_floor(dtype: torch.dtype) -> float:
+    """Smallest norm :func:`normalize_keys` divides by: 1e-12, or the dtype's smallest normal
+    number where 1e-12 is 0 (fp16; 0 / 0 would be NaN)."""
+    return max(1e-12, torch.finfo(dtype).tiny)
 
 
 def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) -> None:

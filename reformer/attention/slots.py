@@ -70,6 +70,25 @@ def sort_into_slots(
     n_buckets: int,
 ) -> tuple[SlotInputs, SlotLayout]:
     """Pad ``qk``/``v`` ``(b, len, .)`` and sort ``buckets`` ``(b, h, len)``; see the module doc."""
+    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets)
+    b, lp, d = qk.shape
+    inputs = SlotInputs(
+        q=(qk * d**-0.5).reshape(b * lp, d),  # scaled here: cheaper than scaling logits
+        k=normalize_keys(qk).reshape(b * lp, d),
+        v=v.to(qk.dtype).reshape(b * lp, v.shape[-1]),
+    )
+    return inputs, layout
+
+
+def pad_and_sort(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    buckets: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    bucket_size: int,
+    n_buckets: int,
+) -> tuple[torch.Tensor, torch.Tensor, SlotLayout]:
+    """``qk``, ``v`` padded to ``(b, lp, .)`` and the sorted layout of ``buckets`` ``(b, h, len)``."""
     b, length, d = qk.shape
     h = buckets.shape[1]
     c = bucket_size
@@ -99,12 +118,7 @@ def sort_into_slots(
         slot_bucket=(sort_keys // lp).reshape(b, h * lp),
         key_valid=None if key_mask is None else key_mask.reshape(-1),
     )
-    inputs = SlotInputs(
-        q=(qk * d**-0.5).reshape(b * lp, d),  # scaled here: cheaper than scaling logits
-        k=normalize_keys(qk).reshape(b * lp, d),
-        v=v.to(qk.dtype).reshape(b * lp, v.shape[-1]),
-    )
-    return inputs, layout
+    return qk, v, layout
 
 
 def round_weights(round_lse: torch.Tensor, exp_lse: bool = False) -> torch.Tensor:
