@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import torch
 
-from .common import SELF_ATTN_VALUE, masked_value, norm_floor, normalize_keys, self_logit
+from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
 
 #: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
@@ -338,7 +338,7 @@ class _LSHWindows(torch.autograd.Function):
         s, d, dv, total = plan.s, qk.shape[-1], v.shape[-1], plan.slot_row.shape[1]
         qkv = qk.new_empty(qk.shape[0], 2 * d + dv)  # (b * lp, 2d + dv)
         torch.mul(qk, d**-0.5, out=qkv[:, :d])  # scaled here: cheaper than scaling logits
-        qkv[:, d : 2 * d] = normalize_keys(qk)
+        qkv[:, d : 2 * d], norm = unit_keys_and_norms(qk)
         qkv[:, 2 * d :] = v
         slot_out = v.new_empty(plan.n_windows, s, dv)
         slot_lse = qk.new_empty(plan.n_windows, s)
@@ -357,7 +357,7 @@ class _LSHWindows(torch.autograd.Function):
         out = v.new_empty(plan.rows, plan.lp, dv)
         slot_weight = _combine_rounds(plan, slot_out.view(-1, dv), slot_lse.view(-1), out)
         if save:
-            ctx.save_for_backward(qkv, out, all_probs, slot_weight)
+            ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
             ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
         kept = all_probs if keep_probs else qk.new_empty(0)
         ctx.mark_non_differentiable(kept, slot_weight)
@@ -366,7 +366,7 @@ class _LSHWindows(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_probs, _grad_weight):
-        qkv, out, all_probs, slot_weight = ctx.saved_tensors
+        qkv, norm, out, all_probs, slot_weight = ctx.saved_tensors
         plan, dropout, s, c = ctx.plan, ctx.dropout, ctx.plan.s, ctx.plan.c
         dv = out.shape[-1]
         d = (qkv.shape[-1] - dv) // 2
@@ -398,18 +398,20 @@ class _LSHWindows(torch.autograd.Function):
             acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
             _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
             grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
-        return _shared_qk_grad(qkv, grad, d), grad[:, 2 * d :], None, None, None, None
+        return _shared_qk_grad(qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
 
 
-def _shared_qk_grad(qkv: torch.Tensor, grad: torch.Tensor, d: int) -> torch.Tensor:
+def _shared_qk_grad(qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, d: int) -> torch.Tensor:
     """Gradient for ``qk`` from those of ``q = qk / sqrt(d)`` and ``k = qk / max(|qk|, floor)``
-    (``qkv``, ``grad`` ``(r, 2d + dv)``): ``g_q / sqrt(d) + (g_k - k (k . g_k)) / |qk|``, where a
-    norm under the floor passes ``g_k / floor`` (the clamp is flat there)."""
-    q, k, grad_k = qkv[:, :d], qkv[:, d : 2 * d], grad[:, d : 2 * d]
-    norm = q.to(torch.promote_types(q.dtype, torch.float32)).norm(dim=-1, keepdim=True) * d**0.5  # |qk| from q
+    (``qkv``, ``grad`` ``(r, 2d + dv)``, ``norm`` ``(r, 1)``, as the forward computed it):
+    ``g_q / sqrt(d) + (g_k - k (k . g_k)) / |qk|``, where a norm under the floor passes
+    ``g_k / floor`` (the clamp is flat there). Computed in place in ``grad``'s columns (no
+    full-size temporaries); returns a view of them."""
+    k, grad_q, grad_k = qkv[:, d : 2 * d], grad[:, :d], grad[:, d : 2 * d]
     floor = norm_floor(norm.dtype)
-    along_k = torch.where(norm > floor, (k * grad_k).sum(-1, keepdim=True), 0)
-    return grad[:, :d] * d**-0.5 + ((grad_k - k * along_k) / norm.clamp_min(floor)).to(qkv.dtype)
+    along_k = torch.where(norm > floor, (k * grad_k).sum(-1, keepdim=True), 0).to(grad.dtype)
+    grad_k.addcmul_(k, along_k, value=-1).mul_((1 / norm.clamp_min(floor)).to(grad.dtype))
+    return grad_q.mul_(d**-0.5).add_(grad_k)
 
 
 def lsh_attention_chunked(

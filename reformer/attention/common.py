@@ -17,9 +17,14 @@ def masked_value(dtype: torch.dtype) -> float:
 
 def normalize_keys(qk: torch.Tensor) -> torch.Tensor:
     """Shared-QK keys: ``qk / ||qk||`` along the last dim; a zero vector (e.g. padding) stays zero."""
+    return unit_keys_and_norms(qk)[0]
+
+
+def unit_keys_and_norms(qk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`normalize_keys` and the norms ``(..., 1)`` it divided by (before the floor)."""
     # (autocast computes the norm in fp32; keep the keys in the dtype of the queries)
     norm = qk.norm(dim=-1, keepdim=True)
-    return (qk / norm.clamp_min(norm_floor(norm.dtype))).to(qk.dtype)
+    return (qk / norm.clamp_min(norm_floor(norm.dtype))).to(qk.dtype), norm
 
 
 def norm_floor(dtype: torch.dtype) -> float:
