@@ -5,13 +5,17 @@ rebuilt from its outputs (``x2 = y2 - g(y1)``, ``x1 = y1 - f(x2)``), so training
 the last block's output, whatever the depth. In the backward pass each block is re-run to
 get its gradients; the RNG state of its forward (dropout masks, training-mode LSH
 rotations) and the autocast state are replayed, so the gradients are those of the same
-network run non-reversibly.
+network run non-reversibly. Results a block marks with :func:`remember` (LSH bucket ids) are
+kept from its forward and handed back in its re-run instead of being computed again: cheaper,
+and they are exactly the forward's, where inputs rebuilt by subtraction could round a
+near-tie the other way.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from functools import partial
 from typing import Any
 
@@ -35,6 +39,48 @@ class _RNGState:
             if self.device is not None:
                 torch.cuda.set_rng_state(self.cuda, self.device)
             yield
+
+
+class _Remembered:
+    """What one half-block's forward marked with :func:`remember`, in call order."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self.replayed = 0
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        token = _REMEMBERED.set(self)
+        try:
+            yield
+        finally:
+            _REMEMBERED.reset(token)
+
+    @contextmanager
+    def replaying(self) -> Iterator[None]:
+        self.replayed = 0
+        with self.recording():
+            yield
+
+    def take(self, compute: Callable[[], Any]) -> Any:
+        if self.replayed < len(self.values):  # the re-run: the forward's value
+            self.replayed += 1
+            return self.values[self.replayed - 1]
+        value = compute()
+        self.values.append(value)
+        self.replayed = len(self.values)
+        return value
+
+
+_REMEMBERED: ContextVar[_Remembered | None] = ContextVar("reversible_remembered", default=None)
+
+
+def remember(compute: Callable[[], Any]) -> Any:
+    """``compute()``, except in the backward re-run of a reversible block, which gets the value
+    its forward computed at the same call. Only for results that need no gradient and that
+    consume no random numbers (draws must still happen in the re-run, to keep the RNG in step)."""
+    record = _REMEMBERED.get()
+    return compute() if record is None else record.take(compute)
 
 
 class ReversibleBlock(nn.Module):
@@ -68,12 +114,13 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _undo_half_residual(fn, wrt, state: _RNGState, autocast, inp, out, grad_out, grad_inp):
-    """For ``out = x + fn(inp)``: re-run ``fn`` as in the forward (same RNG and autocast),
+def _undo_half_residual(fn, wrt, state: _RNGState, remembered, autocast, inp, out, grad_out, grad_inp):
+    """For ``out = x + fn(inp)``: re-run ``fn`` as in the forward (same RNG, autocast and
+    remembered results),
     backpropagate ``grad_out`` through it and return ``x``, the total gradient reaching ``inp``
     (``grad_inp`` plus the one through ``fn``) and the gradients of the tensors ``wrt`` (None
     for those ``fn`` does not use)."""
-    with torch.enable_grad(), state.replay(), autocast:
+    with torch.enable_grad(), state.replay(), remembered.replaying(), autocast:
         inp = inp.detach().requires_grad_()
         fx = fn(inp)
     d_inp, *d_wrt = torch.autograd.grad(fx, (inp, *wrt), grad_out, allow_unused=True)
@@ -98,11 +145,13 @@ class _ReversibleFunction(torch.autograd.Function):
         states = []
         with torch.no_grad():
             for block in blocks:
-                f_state = _RNGState(x1.device)
-                x1 = x1 + block.run_f(x2, kwargs)
-                g_state = _RNGState(x1.device)
-                x2 = x2 + block.run_g(x1, kwargs)
-                states.append((f_state, g_state))
+                f_state, f_kept = _RNGState(x1.device), _Remembered()
+                with f_kept.recording():
+                    x1 = x1 + block.run_f(x2, kwargs)
+                g_state, g_kept = _RNGState(x1.device), _Remembered()
+                with g_kept.recording():
+                    x2 = x2 + block.run_g(x1, kwargs)
+                states.append((f_state, f_kept, g_state, g_kept))
         ctx.blocks, ctx.kwargs, ctx.states, ctx.grad_names = blocks, kwargs, states, grad_names
         ctx.params = wrt[len(grad_names) :]
         ctx.autocast = (device_type, *_autocast_state(device_type))
@@ -118,11 +167,11 @@ class _ReversibleFunction(torch.autograd.Function):
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
         wrt = (*leaves, *ctx.params)
         grads = [None] * len(wrt)
-        for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
+        for block, (f_state, f_kept, g_state, g_kept) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             # y2 = x2 + g(y1), then y1 = x1 + f(x2): undo g, then f.
             run_g, run_f = partial(block.run_g, kwargs=kwargs), partial(block.run_f, kwargs=kwargs)
-            x2, dy1, d_g = _undo_half_residual(run_g, wrt, g_state, autocast, y1, y2, dy2, dy1)
-            x1, dy2, d_f = _undo_half_residual(run_f, wrt, f_state, autocast, x2, y1, dy1, dy2)
+            x2, dy1, d_g = _undo_half_residual(run_g, wrt, g_state, g_kept, autocast, y1, y2, dy2, dy1)
+            x1, dy2, d_f = _undo_half_residual(run_f, wrt, f_state, f_kept, autocast, x2, y1, dy1, dy2)
             grads = [_add(a, _add(b, c)) for a, b, c in zip(grads, d_g, d_f, strict=True)]
             y1, y2 = x1, x2
         return (dy1, dy2, None, None, None, *grads)

@@ -51,6 +51,30 @@ def test_reversible_gradients_equal_plain_gradients_with_dropout(case):
         assert (a - b).norm() <= 1e-5 * b.norm() + 1e-8
 
 
+def test_reversible_backward_reuses_the_forward_buckets(monkeypatch):
+    # Each LSH layer hashes once per training step: the backward's re-run of a reversible block
+    # takes the buckets its forward computed (the rotations are still drawn, keeping the RNG in
+    # step, so the gradients stay those of the plain network: see the test above).
+    import reformer.attention.lsh as lsh
+
+    calls = []
+    original = lsh.hash_vectors
+    monkeypatch.setattr(lsh, "hash_vectors", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = Reformer(dim=32, depth=3, heads=2, bucket_size=8, max_seq_len=64, lsh_dropout=0.1).train()
+    x = torch.randn(2, 50, 32)
+    for reversible, hashes in ((True, 3), (False, 3)):
+        calls.clear()
+        _grads(model, x, 0, reversible)
+        assert len(calls) == hashes
+    model.eval()
+    with torch.no_grad():  # a forward with no backward keeps nothing and hashes as usual
+        calls.clear()
+        model.config.reverse_thres = 0
+        model(x)
+        model(x)
+        assert len(calls) == 6
+
+
 def test_reversible_gradients_float64_and_keys_gradient():
     model = Reformer(dim=16, depth=2, heads=2, bucket_size=4, n_hashes=2, max_seq_len=32, causal=True).double()
     x = torch.randn(1, 23, 16, dtype=torch.float64)

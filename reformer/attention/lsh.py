@@ -13,6 +13,7 @@ from ..hashing import (
     total_buckets,
     validate_n_buckets,
 )
+from ..reversible import remember
 from .backends import check_backend, lsh_attention
 from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
 from .full import full_qk_attention
@@ -129,8 +130,10 @@ class LSHAttention(nn.Module):
                 )
                 self._eval_rotations = (key, drawn)
             rotations = self._eval_rotations[1]
-        with torch.no_grad():
-            return hash_vectors(qk.detach(), rotations, n_buckets, first_major=self.n_buckets_first_major)
+        with torch.no_grad():  # (a reversible block's re-run reuses its forward's buckets: see remember)
+            return remember(
+                lambda: hash_vectors(qk.detach(), rotations, n_buckets, first_major=self.n_buckets_first_major)
+            )
 
     def forward(
         self,
