@@ -2,6 +2,8 @@
 report writer on made-up results (nothing is measured)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,3 +127,27 @@ def test_replot_of_a_stopped_sweep_marks_missing_cases(training, tmp_path, capsy
     (tmp_path / "benchmarks.json").write_text(json.dumps(report))
     training.main(["--replot", "--out-dir", str(tmp_path)])
     assert "| 4,096 | 8.00 s | not run | skipped (est. 200 s) | - | - |" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_profile_attention_accounts_for_the_step(tmp_path):
+    # Run as a script (it instruments modules in its own process); its parts add up to the step.
+    out = tmp_path / "profile.md"
+    script = str(BENCHMARKS / "profile_attention.py")
+    done = subprocess.run(
+        [sys.executable, script, "--length", "300", "--threads", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {
+        line.split("|")[1].strip(): float(line.split("|")[2].replace(",", ""))
+        for line in out.read_text().splitlines()
+        if line.startswith("| ") and not line.startswith("| part")
+    }
+    total = rows["whole step"]
+    top = ["hashing", "window attention forward", "window attention backward", "projections, head reshapes, autograd"]
+    assert all(rows[name] >= 0 for name in rows)
+    assert abs(sum(rows[name] for name in top) - total) <= 0.02 * total + 1
+    assert rows["window attention forward"] > 0 and rows["window attention backward"] > 0 and rows["hashing"] > 0
+    assert 0 < rows["batched matmuls"] <= rows["window attention forward"] + rows["window attention backward"]
