@@ -142,13 +142,13 @@ class _WindowPlan:
             for j in range(0, n, size)
         ]
 
-    def query_rows(self, blk: _Block) -> torch.Tensor:
-        """``(rows, m * s)`` input rows of the block's query slots."""
-        return self.slot_row[blk.rows, blk.j0 * self.s : blk.j1 * self.s]
+    def query_slots(self, table: torch.Tensor, blk: _Block) -> torch.Tensor:
+        """The block's query slots ``(rows, m * s, ...)`` of a ``(b, total, ...)`` per-slot table."""
+        return table[blk.rows, blk.j0 * self.s : blk.j1 * self.s]
 
-    def key_rows(self, blk: _Block) -> torch.Tensor:
-        """``(rows, m * s + c)`` input rows of the block's key run in ext order."""
-        return self.ext_row[blk.rows, blk.j0 * self.s : blk.j1 * self.s + self.c]
+    def key_run(self, table: torch.Tensor, blk: _Block) -> torch.Tensor:
+        """The block's key run ``(rows, m * s + c, ...)`` of a ``(b, c + total, ...)`` ext table."""
+        return table[blk.rows, blk.j0 * self.s : blk.j1 * self.s + self.c]
 
     def windows(self, run: torch.Tensor) -> torch.Tensor:
         """``(rows, m * s + c, ...)`` key run -> ``(m * rows, c + s, ...)`` windows (a view for one
@@ -157,7 +157,7 @@ class _WindowPlan:
 
     def take(self, table: torch.Tensor, blk: _Block) -> torch.Tensor:
         """The block's windows ``(blk, c + s, ...)`` of a ``(b, c + total, ...)`` ext table."""
-        return self.windows(table[blk.rows, blk.j0 * self.s : blk.j1 * self.s + self.c])
+        return self.windows(self.key_run(table, blk))
 
     def self_mask(self, blk: _Block) -> torch.Tensor | None:
         """``(blk, s, c + s)`` True at each query's own key; None in strict mode, where it is the
@@ -186,7 +186,7 @@ class _WindowPlan:
         if self.key_valid is not None:
             hide(~self.take(self.key_valid, blk)[:, None, :])
         if self.strict:
-            span = self.span[blk.rows, blk.j0 * self.s : blk.j1 * self.s].reshape(-1, self.s, 1)  # (blk, s, 1)
+            span = self.query_slots(self.span, blk).reshape(-1, self.s, 1)  # (blk, s, 1)
             hide(_strict_gap(self.c, self.s, dots.device) >= span)
         else:
             k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
@@ -280,7 +280,7 @@ class _BlockInputs(NamedTuple):
 
 def _block_inputs(plan: _WindowPlan, qkv: torch.Tensor, blk: _Block, d: int) -> _BlockInputs:
     """One gather per block: queries are the last ``m * s`` rows of the key run."""
-    run = _gather(qkv, plan.key_rows(blk))
+    run = _gather(qkv, plan.key_run(plan.ext_row, blk))
     q = run[:, plan.c :, :d].reshape(-1, plan.s, d)
     return _BlockInputs(run, q, plan.windows(run[..., d : 2 * d]), plan.windows(run[..., 2 * d :]))
 
@@ -379,9 +379,9 @@ class _LSHWindows(torch.autograd.Function):
         weight = slot_weight.view(plan.rows, -1)  # (b, total)
         grad = torch.zeros_like(qkv)
         for i, blk in enumerate(plan.blocks()):
-            query_rows, key_rows = plan.query_rows(blk), plan.key_rows(blk)
+            query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
             x = _block_inputs(plan, qkv, blk, d)
-            w = weight[blk.rows, blk.j0 * s : blk.j1 * s].reshape(-1, s, 1)  # (blk, s, 1)
+            w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
             go = _gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
             shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
             probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
@@ -447,6 +447,7 @@ def lsh_attention_chunked(
     total = h * lp
     strict = causal and strict_causal
     slot_pos = perm.reshape(b, total)  # position of each slot
+    ext_pos = with_wrap(slot_pos, c) if not strict or return_attn else None  # (b, c + total)
     dup_info = None
     if not allow_duplicate_attention:
         rank_or_chunk = inv if strict else (torch.arange(h, device=qk.device)[:, None] * lp + inv) // c
@@ -470,7 +471,7 @@ def lsh_attention_chunked(
         round_slot=round_offset + inv,
         strict=strict,
         span=_strict_span(layout.slot_bucket, lp, c) if strict else None,
-        slot_pos=None if strict else with_wrap(slot_pos, c),
+        slot_pos=None if strict else ext_pos,
         slot_group=slot_group,
         causal=causal,
         key_valid=key_valid,
@@ -489,7 +490,7 @@ def lsh_attention_chunked(
         with torch.no_grad():
             s = plan.s
             q_pos = slot_pos.view(-1, s)  # (windows, s)
-            k_pos = key_windows(with_wrap(slot_pos, c), s, plan.width).flatten(0, 1)  # (windows, c + s)
+            k_pos = key_windows(ext_pos, s, plan.width).flatten(0, 1)  # (windows, c + s)
             flat_index = q_pos[:, :, None] * lp + k_pos[:, None, :]  # (windows, s, c + s)
             attn = probs.new_zeros(b, lp * lp)
             attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weight.view(-1, s, 1)).view(b, -1))
