@@ -23,33 +23,20 @@ import torch
 from torch import nn
 
 
-class _RNGState:
-    """The CPU and (if used) CUDA generator states at one point of the forward."""
+class _HalfBlockState:
+    """What one half-block's forward leaves for its re-run: the CPU and (if used) CUDA generator
+    states at its start, and the results it marked with :func:`remember`, in call order."""
 
     def __init__(self, device: torch.device):
         self.cpu = torch.get_rng_state()
         self.device = device if device.type == "cuda" else None
         self.cuda = torch.cuda.get_rng_state(device) if self.device is not None else None
-
-    @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Context in which torch's RNG continues exactly from the recorded point."""
-        with torch.random.fork_rng(devices=[self.device] if self.device is not None else []):
-            torch.set_rng_state(self.cpu)
-            if self.device is not None:
-                torch.cuda.set_rng_state(self.cuda, self.device)
-            yield
-
-
-class _Remembered:
-    """What one half-block's forward marked with :func:`remember`, in call order."""
-
-    def __init__(self) -> None:
         self.values: list[Any] = []
         self.replayed = 0
 
     @contextmanager
     def recording(self) -> Iterator[None]:
+        """Context of the forward: :func:`remember` keeps its results here."""
         token = _REMEMBERED.set(self)
         try:
             yield
@@ -57,10 +44,16 @@ class _Remembered:
             _REMEMBERED.reset(token)
 
     @contextmanager
-    def replaying(self) -> Iterator[None]:
-        self.replayed = 0
-        with self.recording():
-            yield
+    def replay(self) -> Iterator[None]:
+        """Context of the re-run: torch's RNG continues exactly from the recorded point, and
+        :func:`remember` hands back the recorded results."""
+        with torch.random.fork_rng(devices=[self.device] if self.device is not None else []):
+            torch.set_rng_state(self.cpu)
+            if self.device is not None:
+                torch.cuda.set_rng_state(self.cuda, self.device)
+            self.replayed = 0
+            with self.recording():
+                yield
 
     def take(self, compute: Callable[[], Any]) -> Any:
         if self.replayed < len(self.values):  # the re-run: the forward's value
@@ -72,7 +65,7 @@ class _Remembered:
         return value
 
 
-_REMEMBERED: ContextVar[_Remembered | None] = ContextVar("reversible_remembered", default=None)
+_REMEMBERED: ContextVar[_HalfBlockState | None] = ContextVar("reversible_remembered", default=None)
 
 
 def remember(compute: Callable[[], Any]) -> Any:
@@ -114,13 +107,13 @@ def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _undo_half_residual(fn, wrt, state: _RNGState, remembered, autocast, inp, out, grad_out, grad_inp):
+def _undo_half_residual(fn, wrt, state: _HalfBlockState, autocast, inp, out, grad_out, grad_inp):
     """For ``out = x + fn(inp)``: re-run ``fn`` as in the forward (same RNG, autocast and
     remembered results),
     backpropagate ``grad_out`` through it and return ``x``, the total gradient reaching ``inp``
     (``grad_inp`` plus the one through ``fn``) and the gradients of the tensors ``wrt`` (None
     for those ``fn`` does not use)."""
-    with torch.enable_grad(), state.replay(), remembered.replaying(), autocast:
+    with torch.enable_grad(), state.replay(), autocast:
         inp = inp.detach().requires_grad_()
         fx = fn(inp)
     d_inp, *d_wrt = torch.autograd.grad(fx, (inp, *wrt), grad_out, allow_unused=True)
@@ -145,13 +138,13 @@ class _ReversibleFunction(torch.autograd.Function):
         states = []
         with torch.no_grad():
             for block in blocks:
-                f_state, f_kept = _RNGState(x1.device), _Remembered()
-                with f_kept.recording():
+                f_state = _HalfBlockState(x1.device)
+                with f_state.recording():
                     x1 = x1 + block.run_f(x2, kwargs)
-                g_state, g_kept = _RNGState(x1.device), _Remembered()
-                with g_kept.recording():
+                g_state = _HalfBlockState(x1.device)
+                with g_state.recording():
                     x2 = x2 + block.run_g(x1, kwargs)
-                states.append((f_state, f_kept, g_state, g_kept))
+                states.append((f_state, g_state))
         ctx.blocks, ctx.kwargs, ctx.states, ctx.grad_names = blocks, kwargs, states, grad_names
         ctx.params = wrt[len(grad_names) :]
         ctx.autocast = (device_type, *_autocast_state(device_type))
@@ -167,11 +160,11 @@ class _ReversibleFunction(torch.autograd.Function):
         autocast = torch.autocast(device_type, dtype=autocast_dtype) if autocast_on else nullcontext()
         wrt = (*leaves, *ctx.params)
         grads = [None] * len(wrt)
-        for block, (f_state, f_kept, g_state, g_kept) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
+        for block, (f_state, g_state) in zip(reversed(ctx.blocks), reversed(ctx.states), strict=True):
             # y2 = x2 + g(y1), then y1 = x1 + f(x2): undo g, then f.
             run_g, run_f = partial(block.run_g, kwargs=kwargs), partial(block.run_f, kwargs=kwargs)
-            x2, dy1, d_g = _undo_half_residual(run_g, wrt, g_state, g_kept, autocast, y1, y2, dy2, dy1)
-            x1, dy2, d_f = _undo_half_residual(run_f, wrt, f_state, f_kept, autocast, x2, y1, dy1, dy2)
+            x2, dy1, d_g = _undo_half_residual(run_g, wrt, g_state, autocast, y1, y2, dy2, dy1)
+            x1, dy2, d_f = _undo_half_residual(run_f, wrt, f_state, autocast, x2, y1, dy1, dy2)
             grads = [_add(a, _add(b, c)) for a, b, c in zip(grads, d_g, d_f, strict=True)]
             y1, y2 = x1, x2
         return (dy1, dy2, None, None, None, *grads)
