@@ -88,3 +88,22 @@ def test_blockwise_hashing_equals_one_shot(monkeypatch):
     first = torch.cat([proj[..., :2], -proj[..., :2]], -1).argmax(-1)
     second = torch.cat([proj[..., 2:], -proj[..., 2:]], -1).argmax(-1)
     assert torch.equal(whole, first * 8 + second)
+
+
+def test_cpu_matching_argmax_equals_argmax_with_ties_zeros_and_nan():
+    from reformer.hashing import _argmax_of_both_signs_by_matching
+
+    torch.manual_seed(0)
+    part = torch.randn(300, 8)
+    part[:20] = 0  # zero vectors: every entry ties
+    part[20:40, 5] = part[20:40, 2]  # exact tie between two top candidates
+    part[40:60, 3] = -part[40:60].abs().amax(-1)  # bottom ties with the top's magnitude
+    part[60:70, 1] = float("nan")
+    expected = torch.cat([part, -part], dim=-1).argmax(dim=-1)
+    got = _argmax_of_both_signs_by_matching(part)
+    finite = ~part.isnan().any(-1)
+    assert torch.equal(got[finite], expected[finite])
+    assert got.min() >= 0 and got.max() < 16
+    for dtype in (torch.float64, torch.bfloat16):
+        p = part[finite].to(dtype)
+        assert torch.equal(_argmax_of_both_signs_by_matching(p), torch.cat([p, -p], dim=-1).argmax(dim=-1))
