@@ -94,6 +94,7 @@ def hash_vectors(
     A factorised id has the first factor as its most significant digit, or with
     ``first_major=False`` as its least significant one (Hugging Face's order).
     """
+    x = x.detach()  # ids are discrete: no gradient (and the out= matmul below refuses one)
     rows, length, d = x.shape
     n_sets, _, n_hashes, width = rotations.shape
     if rows % n_sets:
@@ -108,13 +109,15 @@ def hash_vectors(
     group_step = max(1, HASH_BLOCK_ELEMENTS // (step * per_position))
     # One projection buffer and one match buffer for every block: fresh ones per block would
     # each pay page faults on CPU.
-    scratch = Scratch(x.new_empty(group_step * step * per_position), x.new_empty(group_step * step * per_position, dtype=torch.float32))
+    block = group_step * step * per_position
+    scratch = Scratch(x.new_empty(block), x.new_empty(block, dtype=torch.float32))
     for g in range(0, groups, group_step):
         for start in range(0, length, step):
             x_block = xs[g : g + group_step, :, start : start + step]  # (gb, s, lb, d)
             gb, _, lb, _ = x_block.shape
             # (gb, s, lb, d) @ (s, d, h * r) -> (gb, s, lb, h, r): the matmul's own layout, no permute
-            rotated = torch.matmul(x_block, rotations, out=scratch.projections[: gb * lb * per_position].view(gb, n_sets, lb, -1))
+            rotated = scratch.projections[: gb * lb * per_position].view(gb, n_sets, lb, -1)
+            torch.matmul(x_block, rotations, out=rotated)
             ids = _bucket_ids(rotated.view(gb, n_sets, lb, n_hashes, width), factors, first_major, scratch.matches)
             out[g : g + group_step, :, :, start : start + step] = ids.transpose(-1, -2)
     return out.view(rows, n_hashes, length)
@@ -125,7 +128,9 @@ class Scratch(NamedTuple):
     matches: torch.Tensor  # flat float32, at least as large
 
 
-def _bucket_ids(rotated: torch.Tensor, factors: tuple[int, ...], first_major: bool, matches: torch.Tensor) -> torch.Tensor:
+def _bucket_ids(
+    rotated: torch.Tensor, factors: tuple[int, ...], first_major: bool, matches: torch.Tensor
+) -> torch.Tensor:
     """Bucket ids from the projections ``(..., sum(factors) // 2)`` of each vector (``matches``:
     flat float32 scratch space of at least as many elements)."""
     buckets = None
@@ -158,7 +163,7 @@ def _argmax_of_both_signs_by_max_min(part: torch.Tensor) -> torch.Tensor:
     return torch.where(top >= -bottom, top_idx, bottom_idx + part.shape[-1])
 
 
-def _argmax_of_both_signs_by_matching(part: torch.Tensor, matches: torch.Tensor | None = None) -> torch.Tensor:
+def _argmax_of_both_signs_by_matching(part: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
     """The same on CPU, where ``max(dim)`` with indices is a scalar loop: find the winning value
     with vectorised ``amax``/``amin``, then its index by matching it - a 0/1 float match times
     ``[arange, 1]`` gives the index and the number of matches in one small matmul (exact
@@ -167,7 +172,7 @@ def _argmax_of_both_signs_by_matching(part: torch.Tensor, matches: torch.Tensor 
     r = part.shape[-1]
     top, bottom = part.amax(dim=-1, keepdim=True), part.amin(dim=-1, keepdim=True)
     positive = top >= -bottom
-    match = part.new_empty(part.shape, dtype=torch.float32) if matches is None else matches[: part.numel()].view(part.shape)
+    match = matches[: part.numel()].view(part.shape)
     torch.eq(part, torch.where(positive, top, bottom), out=match)
     if r not in _INDEX_AND_COUNT:
         _INDEX_AND_COUNT[r] = torch.stack([torch.arange(r, dtype=torch.float32), torch.ones(r)])

@@ -100,10 +100,12 @@ def test_cpu_matching_argmax_equals_argmax_with_ties_zeros_and_nan():
     part[40:60, 3] = -part[40:60].abs().amax(-1)  # bottom ties with the top's magnitude
     part[60:70, 1] = float("nan")
     expected = torch.cat([part, -part], dim=-1).argmax(dim=-1)
-    got = _argmax_of_both_signs_by_matching(part)
+    got = _argmax_of_both_signs_by_matching(part, torch.empty(part.numel()))
     finite = ~part.isnan().any(-1)
     assert torch.equal(got[finite], expected[finite])
     assert got.min() >= 0 and got.max() < 16
     for dtype in (torch.float64, torch.bfloat16):
         p = part[finite].to(dtype)
-        assert torch.equal(_argmax_of_both_signs_by_matching(p), torch.cat([p, -p], dim=-1).argmax(dim=-1))
+        assert torch.equal(
+            _argmax_of_both_signs_by_matching(p, torch.empty(p.numel())), torch.cat([p, -p], dim=-1).argmax(dim=-1)
+        )
