@@ -225,6 +225,25 @@ def test_block_size_does_not_change_results_or_gradients(monkeypatch):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_cpu_worker_split_gives_the_same_bits_as_one_thread(monkeypatch, dropout):
+    qk, v = _inputs(5, 70, d=8)  # 5 rows: uneven parts
+    buckets = torch.randint(0, 4, (5, 3, 70))
+    results = []
+    for workers in (1, 2, 3):
+        monkeypatch.setattr(chunked, "worker_count", lambda workers=workers: workers)
+        a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
+        torch.manual_seed(3)
+        out, _ = lsh_attention_chunked(
+            a, b, buckets, bucket_size=8, n_buckets=4, causal=True, dropout=dropout, training=True
+        )
+        out.square().sum().backward()
+        results.append((out, a.grad, b.grad))
+    for other in results[1:]:
+        for x, y in zip(results[0], other, strict=True):
+            assert torch.equal(x, y)
+
+
 def _first_change(layer, length, d=16):
     """Largest change of outputs at positions <= i when positions > i change (over several i)."""
     qk, v = _inputs(2, length, d=d)

@@ -40,10 +40,12 @@ Modes:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
 
+from ..cpu_workers import run_parts, split_evenly, worker_count
 from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
 
@@ -127,18 +129,25 @@ class _WindowPlan:
     def n_windows(self) -> int:
         return self.rows * self.n
 
-    def blocks(self) -> list[_Block]:
+    def parts(self, device: torch.device, serial: bool) -> list[range]:
+        """Batch rows split among the CPU workers (:mod:`reformer.cpu_workers`): blocks of
+        different rows read and write different rows of the inputs and their gradients."""
+        if serial or device.type != "cpu":
+            return [range(self.rows)]
+        return split_evenly(self.rows, worker_count())
+
+    def blocks(self, rows: range) -> list[_Block]:
         size = max(1, WINDOW_BLOCK_ELEMENTS // (self.s * self.width))
         n = self.n
         if size >= n:  # whole rows
             step = size // n
             return [
-                _Block(r * n, min(r + step, self.rows) * n, slice(r, min(r + step, self.rows)), 0, n)
-                for r in range(0, self.rows, step)
+                _Block(r * n, min(r + step, rows.stop) * n, slice(r, min(r + step, rows.stop)), 0, n)
+                for r in range(rows.start, rows.stop, step)
             ]
         return [
             _Block(r * n + j, r * n + min(j + size, n), slice(r, r + 1), j, min(j + size, n))
-            for r in range(self.rows)
+            for r in rows
             for j in range(0, n, size)
         ]
 
@@ -302,23 +311,30 @@ def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: _WindowPlan) 
 COMBINE_BLOCK_ELEMENTS = 2**16
 
 
-def _combine_rounds(plan: _WindowPlan, slot_out: torch.Tensor, slot_lse: torch.Tensor, out: torch.Tensor):
-    """Write into ``out`` ``(b, lp, dv)`` the rounds of each position combined by their
-    log-sum-exp; returns every slot's round weight ``(b * total,)``. ``slot_out`` ``(b * total, dv)``,
-    ``slot_lse`` ``(b * total,)``; done in tiles of rows x positions (small temporaries)."""
-    b, h, lp = plan.round_slot.shape
+def _combine_rounds(
+    plan: _WindowPlan,
+    slot_out: torch.Tensor,
+    slot_lse: torch.Tensor,
+    out: torch.Tensor,
+    slot_weight: torch.Tensor,
+    rows: range,
+) -> None:
+    """Write into ``out`` ``(b, lp, dv)`` the rounds of each position of batch ``rows`` combined by
+    their log-sum-exp, and into ``slot_weight`` ``(b * total,)`` every slot's round weight.
+    ``slot_out`` ``(b * total, dv)``, ``slot_lse`` ``(b * total,)``; done in tiles of rows x
+    positions (small temporaries)."""
+    _, h, lp = plan.round_slot.shape
     per_position = h * slot_out.shape[-1]
     span = min(lp, max(1, COMBINE_BLOCK_ELEMENTS // per_position))  # positions per tile
-    rows = max(1, COMBINE_BLOCK_ELEMENTS // (span * per_position)) if span == lp else 1
-    slot_weight = torch.empty_like(slot_lse)
-    for r in range(0, b, rows):
+    step = max(1, COMBINE_BLOCK_ELEMENTS // (span * per_position)) if span == lp else 1
+    for r in range(rows.start, rows.stop, step):
+        r_end = min(r + step, rows.stop)
         for p in range(0, lp, span):
-            index = plan.round_slot[r : r + rows, :, p : p + span]  # (rows, h, span) slot of each round
+            index = plan.round_slot[r:r_end, :, p : p + span]  # (rows, h, span) slot of each round
             weights = round_weights(slot_lse[index], plan.exp_lse)
             slot_weight[index] = weights
             o = _gather(slot_out, index.flatten(1)).view(*index.shape, -1)  # (rows, h, span, dv)
-            torch.sum(o * weights[..., None], dim=1, out=out[r : r + rows, p : p + span])
-    return slot_weight
+            torch.sum(o * weights[..., None], dim=1, out=out[r:r_end, p : p + span])
 
 
 class _LSHWindows(torch.autograd.Function):
@@ -343,22 +359,32 @@ class _LSHWindows(torch.autograd.Function):
         slot_out = v.new_empty(plan.n_windows, s, dv)
         slot_lse = qk.new_empty(plan.n_windows, s)
         all_probs = qk.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
-        drop_masks = []
-        for blk in plan.blocks():
-            x = _block_inputs(plan, qkv, blk, d)
-            dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
-            probs = dots if all_probs is None else all_probs[blk.start : blk.end]
-            slot_lse[blk.start : blk.end] = _block_probs(plan, dots, blk, probs)
-            if dropout > 0:
-                keep = torch.empty_like(probs).bernoulli_(1 - dropout).bool()
-                drop_masks.append(keep)
-                probs = probs * keep / (1 - dropout)
-            torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+        kept_by_dropout = qk.new_empty(plan.n_windows, s, plan.width, dtype=torch.bool) if dropout > 0 else None
+
+        def attend(rows: range) -> None:
+            for blk in plan.blocks(rows):
+                x = _block_inputs(plan, qkv, blk, d)
+                dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
+                probs = dots if all_probs is None else all_probs[blk.start : blk.end]
+                slot_lse[blk.start : blk.end] = _block_probs(plan, dots, blk, probs)
+                if kept_by_dropout is not None:
+                    keep = kept_by_dropout[blk.start : blk.end].bernoulli_(1 - dropout)
+                    probs = probs * keep / (1 - dropout)
+                torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+
+        parts = plan.parts(qk.device, serial=dropout > 0)  # dropout draws random numbers: in order
+        run_parts([partial(attend, rows) for rows in parts])
         out = v.new_empty(plan.rows, plan.lp, dv)
-        slot_weight = _combine_rounds(plan, slot_out.view(-1, dv), slot_lse.view(-1), out)
+        slot_weight = slot_lse.new_empty(slot_lse.numel())
+        run_parts(
+            [
+                partial(_combine_rounds, plan, slot_out.view(-1, dv), slot_lse.view(-1), out, slot_weight, rows)
+                for rows in parts
+            ]
+        )
         if save:
             ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
-            ctx.plan, ctx.dropout, ctx.drop_masks = plan, dropout, drop_masks
+            ctx.plan, ctx.dropout, ctx.kept_by_dropout = plan, dropout, kept_by_dropout
         kept = all_probs if keep_probs else qk.new_empty(0)
         ctx.mark_non_differentiable(kept, slot_weight)
         return out, kept, slot_weight.view(plan.rows, total)
@@ -378,26 +404,32 @@ class _LSHWindows(torch.autograd.Function):
         g_dot_out = (grad_out * out).sum(-1).flatten()  # (b * lp,)
         weight = slot_weight.view(plan.rows, -1)  # (b, total)
         grad = torch.zeros_like(qkv)
-        for i, blk in enumerate(plan.blocks()):
-            query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
-            x = _block_inputs(plan, qkv, blk, d)
-            w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
-            go = _gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
-            shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
-            probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
-            keep = ctx.drop_masks[i].to(probs.dtype) / (1 - dropout) if dropout > 0 else None
-            used = probs if keep is None else probs * keep
-            acc = torch.zeros_like(x.run)  # gradients of the run's rows, [q | k | v]
-            _add_window_grads(acc[..., 2 * d :], torch.bmm(used.transpose(1, 2), go), plan)
-            grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
-            if keep is not None:
-                grad_dots *= keep
-            grad_dots.sub_(shift).mul_(probs)
-            # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
-            plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
-            acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
-            _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
-            grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
+
+        def attend_backward(rows: range) -> None:
+            for blk in plan.blocks(rows):
+                query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
+                x = _block_inputs(plan, qkv, blk, d)
+                w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
+                go = _gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
+                shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
+                probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
+                keep = (
+                    None if dropout == 0 else ctx.kept_by_dropout[blk.start : blk.end].to(probs.dtype) / (1 - dropout)
+                )
+                used = probs if keep is None else probs * keep
+                acc = torch.zeros_like(x.run)  # gradients of the run's rows, [q | k | v]
+                _add_window_grads(acc[..., 2 * d :], torch.bmm(used.transpose(1, 2), go), plan)
+                grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
+                if keep is not None:
+                    grad_dots *= keep
+                grad_dots.sub_(shift).mul_(probs)
+                # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
+                plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
+                acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
+                _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
+                grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
+
+        run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
         return _shared_qk_grad(qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
 
 
