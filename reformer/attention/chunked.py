@@ -33,8 +33,8 @@ Modes:
 * ``causal`` with ``strict_causal=True``: a query sees the at most ``bucket_size`` keys of
   its own bucket that precede it in sorted order in the same round (plus itself). That set
   depends on earlier positions only, so no future token can change an earlier output. In
-  slot terms it is one interval per query, ``[slot - span, slot]``, so its mask is a single
-  comparison with a fixed table.
+  slot terms it is one interval per query, ``[slot - span, slot]``, so its mask is a row of a
+  fixed table of additive masks, one per (span, place in the window).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ class _WindowPlan:
     ext_row: torch.Tensor  # (b, c + total) the same in ext order
     round_slot: torch.Tensor  # (b, h, lp) flat (b * total) index of each position's slot per round
     strict: bool
-    span: torch.Tensor | None  # strict: (b, total) visible keys before each query slot (<= c)
+    span_row: torch.Tensor | None  # strict: (b, total) each query slot's row of the strict mask table
     slot_pos: torch.Tensor | None  # classic: (b, c + total) position of each ext slot
     slot_group: torch.Tensor | None  # attend_across_buckets=False: (b, c + total) round * buckets + bucket
     causal: bool
@@ -194,9 +194,10 @@ class _WindowPlan:
 
         if self.key_valid is not None:
             hide(~self.take(self.key_valid, blk)[:, None, :])
-        if self.strict:
-            span = self.query_slots(self.span, blk).reshape(-1, self.s, 1)  # (blk, s, 1)
-            hide(_strict_gap(self.c, self.s, dots.device) >= span)
+        if self.strict:  # adding rows of a fixed table is much cheaper than a masked fill here
+            rows = self.query_slots(self.span_row, blk).flatten()
+            table = _strict_mask_table(self.c, self.s, dots.dtype, dots.device)
+            dots += table.index_select(0, rows).view_as(dots)
         else:
             k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
             if self.causal:
@@ -234,30 +235,35 @@ class _WindowPlan:
         return count
 
 
-_GAPS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+_MASK_TABLES: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def _strict_gap(c: int, s: int, device: torch.device) -> torch.Tensor:
-    """``(s, c + s)`` table: for query ``i`` and key ``t`` of a window, how many slots back the key
-    is, minus one (``c + i - t - 1``); the query itself and later keys get ``c + 1``. A key is
-    visible iff its gap is below the query's span, which never exceeds ``c``."""
-    key = (c, s, device)
-    if key not in _GAPS:
+def _strict_mask_table(c: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``((c + 1) * s, c + s)`` additive masks of strict windows: row ``span * s + i`` is 0 at the
+    keys query ``i`` sees when ``span`` keys before it share its bucket - the ``span`` slots just
+    before it, ``[c + i - span, c + i)`` - and the most negative finite value elsewhere (adding
+    it to a logit leaves that value). The own key ``c + i`` is set separately."""
+    key = (c, s, dtype, device)
+    if key not in _MASK_TABLES:
         back = c + torch.arange(s, device=device)[:, None] - torch.arange(c + s, device=device)  # (s, c + s)
-        _GAPS[key] = torch.where(back >= 1, back - 1, c + 1)
-    return _GAPS[key]
+        span = torch.arange(c + 1, device=device)[:, None, None]
+        visible = (back >= 1) & (back <= span)  # (c + 1, s, c + s)
+        table = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, masked_value(dtype))
+        _MASK_TABLES[key] = table.view(-1, c + s)
+    return _MASK_TABLES[key]
 
 
-def _strict_span(slot_bucket: torch.Tensor, lp: int, c: int) -> torch.Tensor:
-    """``(b, total)``: how many slots before each slot share its bucket within its round, at most
-    ``c`` (buckets are contiguous runs of a sorted round)."""
+def _strict_span_rows(slot_bucket: torch.Tensor, lp: int, c: int, s: int) -> torch.Tensor:
+    """``(b, total)``: each slot's row of :func:`_strict_mask_table`, from its span - how many slots
+    before it share its bucket within its round, at most ``c`` (buckets are contiguous runs of a
+    sorted round) - and its place among its window's ``s`` queries."""
     total = slot_bucket.shape[1]
     t = torch.arange(total, device=slot_bucket.device)
     run_start = torch.ones_like(slot_bucket, dtype=torch.bool)
     run_start[:, 1:] = slot_bucket[:, 1:] != slot_bucket[:, :-1]
     run_start |= (t % lp == 0)[None]
     first = torch.where(run_start, t, 0).cummax(dim=1).values  # (b, total) first slot of each run
-    return (t - first).clamp_max(c)
+    return (t - first).clamp_max(c) * s + t % s
 
 
 def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torch.Tensor) -> torch.Tensor:
@@ -502,7 +508,7 @@ def lsh_attention_chunked(
         ext_row=with_wrap(layout.slot_row, c),
         round_slot=round_offset + inv,
         strict=strict,
-        span=_strict_span(layout.slot_bucket, lp, c) if strict else None,
+        span_row=_strict_span_rows(layout.slot_bucket, lp, c, queries_per_window(c, strict)) if strict else None,
         slot_pos=None if strict else ext_pos,
         slot_group=slot_group,
         causal=causal,
