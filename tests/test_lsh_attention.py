@@ -225,9 +225,9 @@ def test_block_size_does_not_change_results_or_gradients(monkeypatch):
             torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_cpu_worker_split_gives_the_same_bits_as_one_thread(monkeypatch, dropout):
-    qk, v = _inputs(5, 70, d=8)  # 5 rows: uneven parts
+@pytest.mark.parametrize("dropout,dtype", [(0.0, torch.float32), (0.2, torch.float32), (0.0, torch.bfloat16)])
+def test_cpu_worker_split_gives_the_same_bits_as_one_thread(monkeypatch, dropout, dtype):
+    qk, v = _inputs(5, 70, d=8, dtype=dtype)  # 5 rows: uneven parts
     buckets = torch.randint(0, 4, (5, 3, 70))
     results = []
     for workers in (1, 2, 3):

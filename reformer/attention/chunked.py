@@ -313,10 +313,6 @@ def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: _WindowPlan) 
         per_group[:, g : g + m] += grad[:, :, g]
 
 
-#: Elements of the per-round outputs combined at once (a few rows, or part of one row).
-COMBINE_BLOCK_ELEMENTS = 2**16
-
-
 def _combine_rounds(
     plan: _WindowPlan,
     slot_out: torch.Tensor,
@@ -327,20 +323,17 @@ def _combine_rounds(
 ) -> None:
     """Write into ``out`` ``(b, lp, dv)`` the rounds of each position of batch ``rows`` combined by
     their log-sum-exp, and into ``slot_weight`` ``(b * total,)`` every slot's round weight.
-    ``slot_out`` ``(b * total, dv)``, ``slot_lse`` ``(b * total,)``; done in tiles of rows x
-    positions (small temporaries)."""
-    _, h, lp = plan.round_slot.shape
-    per_position = h * slot_out.shape[-1]
-    span = min(lp, max(1, COMBINE_BLOCK_ELEMENTS // per_position))  # positions per tile
-    step = max(1, COMBINE_BLOCK_ELEMENTS // (span * per_position)) if span == lp else 1
-    for r in range(rows.start, rows.stop, step):
-        r_end = min(r + step, rows.stop)
-        for p in range(0, lp, span):
-            index = plan.round_slot[r:r_end, :, p : p + span]  # (rows, h, span) slot of each round
-            weights = round_weights(slot_lse[index], plan.exp_lse)
-            slot_weight[index] = weights
-            o = _gather(slot_out, index.flatten(1)).view(*index.shape, -1)  # (rows, h, span, dv)
-            torch.sum(o * weights[..., None], dim=1, out=out[r:r_end, p : p + span])
+    ``slot_out`` ``(b * total, dv)`` (scaled by the weights in place), ``slot_lse`` ``(b * total,)``.
+    Each slot's weighted output is added to its position's row: no gather of the outputs."""
+    total = plan.slot_row.shape[1]
+    index = plan.round_slot[rows.start : rows.stop]  # (rows, h, lp) slot of each position's rounds
+    slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse)
+    mine = slice(rows.start * total, rows.stop * total)
+    weighted = slot_out[mine].mul_(slot_weight[mine, None].to(slot_out.dtype))
+    # only this part's rows, offset to them: other parts write the rest of ``out`` meanwhile
+    first = rows.start * plan.lp
+    part_out = out[rows.start : rows.stop].view(-1, out.shape[-1]).zero_()
+    part_out.index_add_(0, plan.slot_row[rows.start : rows.stop].flatten() - first, weighted)
 
 
 class _LSHWindows(torch.autograd.Function):
@@ -412,6 +405,9 @@ class _LSHWindows(torch.autograd.Function):
         grad = torch.zeros_like(qkv)
 
         def attend_backward(rows: range) -> None:
+            # only this part's rows of ``grad``, offset to them (index_add_ of reduced-precision
+            # types rewrites all of its target: parts running meanwhile must not share it)
+            part_grad, first = grad[rows.start * plan.lp : rows.stop * plan.lp], rows.start * plan.lp
             for blk in plan.blocks(rows):
                 query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
                 x = _block_inputs(plan, qkv, blk, d)
@@ -433,7 +429,7 @@ class _LSHWindows(torch.autograd.Function):
                 plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
                 acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
                 _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
-                grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
+                part_grad.index_add_(0, key_rows.flatten() - first, acc.flatten(0, 1))
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
         return _shared_qk_grad(qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
