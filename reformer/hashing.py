@@ -16,9 +16,12 @@ eval mode, which makes eval forwards deterministic.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
+
+from .cpu_workers import run_parts, split_evenly, worker_count
 
 BucketSpec = int | tuple[int, ...]
 
@@ -107,12 +110,14 @@ def hash_vectors(
     per_position = n_sets * n_hashes * width  # projections of one position of one row group
     step = min(length, max(1, HASH_BLOCK_ELEMENTS // per_position))
     group_step = max(1, HASH_BLOCK_ELEMENTS // (step * per_position))
-    # One projection buffer and one match buffer for every block: fresh ones per block would
-    # each pay page faults on CPU.
-    block = group_step * step * per_position
-    scratch = Scratch(x.new_empty(block), x.new_empty(block, dtype=torch.float32))
-    for g in range(0, groups, group_step):
-        for start in range(0, length, step):
+    blocks = [(g, start) for g in range(0, groups, group_step) for start in range(0, length, step)]
+
+    def hash_blocks(mine: range) -> None:
+        # One projection buffer and one match buffer for all of a part's blocks: fresh ones per
+        # block would each pay page faults on CPU.
+        size = group_step * step * per_position
+        scratch = Scratch(x.new_empty(size), x.new_empty(size, dtype=torch.float32))
+        for g, start in (blocks[i] for i in mine):
             x_block = xs[g : g + group_step, :, start : start + step]  # (gb, s, lb, d)
             gb, _, lb, _ = x_block.shape
             # (gb, s, lb, d) @ (s, d, h * r) -> (gb, s, lb, h, r): the matmul's own layout, no permute
@@ -120,6 +125,9 @@ def hash_vectors(
             torch.matmul(x_block, rotations, out=rotated)
             ids = _bucket_ids(rotated.view(gb, n_sets, lb, n_hashes, width), factors, first_major, scratch.matches)
             out[g : g + group_step, :, :, start : start + step] = ids.transpose(-1, -2)
+
+    parts = split_evenly(len(blocks), worker_count() if x.device.type == "cpu" else 1)
+    run_parts([partial(hash_blocks, mine) for mine in parts])  # blocks write disjoint ids
     return out.view(rows, n_hashes, length)
 
 

@@ -83,6 +83,9 @@ def test_blockwise_hashing_equals_one_shot(monkeypatch):
     whole = hash_vectors(x, rot, (4, 8))
     monkeypatch.setattr(hashing, "HASH_BLOCK_ELEMENTS", 1000)  # many small blocks
     assert torch.equal(hash_vectors(x, rot, (4, 8)), whole)
+    for workers in (1, 3):  # blocks split among CPU worker threads, or all in place
+        monkeypatch.setattr(hashing, "worker_count", lambda workers=workers: workers)
+        assert torch.equal(hash_vectors(x, rot, (4, 8)), whole)
     # and the definition: argmax over [xR, -xR] per factor
     proj = torch.einsum("bsld,sdhr->bshlr", x.view(2, 2, 300, 16), rot).reshape(4, 3, 300, 6)
     first = torch.cat([proj[..., :2], -proj[..., :2]], -1).argmax(-1)
