@@ -151,3 +151,22 @@ def test_profile_attention_accounts_for_the_step(tmp_path):
     assert abs(sum(rows[name] for name in top) - total) <= 0.02 * total + 1
     assert rows["window attention forward"] > 0 and rows["window attention backward"] > 0 and rows["hashing"] > 0
     assert 0 < rows["batched matmuls"] <= rows["window attention forward"] + rows["window attention backward"]
+
+
+def test_bucket_recall_compares_exact_and_factorised_buckets(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import bucket_recall
+
+    assert bucket_recall.factorised(256) == (16, 16)
+    first, second = bucket_recall.factorised(130)
+    assert first % 2 == 0 and second % 2 == 0 and first * second >= 130
+    out = tmp_path / "recall.md"
+    bucket_recall.main(["--length", "2048", "--clusters", "16", "--out", str(out)])
+    rows = [
+        line.split("|")[1:-1]
+        for line in out.read_text().splitlines()
+        if line.startswith("| exact") or line.startswith("| factorised")
+    ]
+    assert [r[0].strip() for r in rows] == ["exact 32", "factorised 6x6"]
+    assert [int(r[1]) for r in rows] == [16, 6]  # projections per round: n/2 exact, (6 + 6)/2 factorised
+    assert all(0 <= float(x) <= 1 for r in rows for x in r[2:5])
