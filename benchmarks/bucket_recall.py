@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import keep_freed_memory, machine_line, markdown_table, write_atomic
+from common import keep_freed_memory, machine_line, markdown_table, print_and_write
 
 from reformer.hashing import draw_rotations, hash_vectors
 
@@ -88,13 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         *markdown_table(
             ["buckets", "projections per round", *(f"recall, noise {s}" for s in NOISE), "hash 8 heads (ms)"], rows
         ),
-        "",
-        "Command: `python benchmarks/bucket_recall.py " + " ".join(sys.argv[1:]) + "`",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_atomic(args.out, text)
+    print_and_write(lines, "bucket_recall.py", sys.argv[1:] if argv is None else argv, args.out)
 
 
 if __name__ == "__main__":

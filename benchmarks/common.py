@@ -113,6 +113,14 @@ def write_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def print_and_write(lines: list[str], script: str, argv: list[str], out: Path | None) -> None:
+    """Print a Markdown report, ending in the command that made it, and write it to ``out``."""
+    text = "\n".join([*lines, "", f"Command: `python benchmarks/{script} " + " ".join(argv) + "`"]) + "\n"
+    print(text)
+    if out:
+        write_atomic(out, text)
+
+
 def markdown_table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *("| " + " | ".join(r) + " |" for r in rows)]
 

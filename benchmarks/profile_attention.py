@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import gemm_gflops, keep_freed_memory, machine_line, markdown_table, write_atomic
+from common import gemm_gflops, keep_freed_memory, machine_line, markdown_table, print_and_write
 
 from reformer import LSHSelfAttention, hashing
 from reformer.attention import chunked, lsh
@@ -118,13 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         machine_line(args.threads, gflops),
         "",
         *markdown_table(["part", "ms", "share", "notes"], rows),
-        "",
-        "Command: `python benchmarks/profile_attention.py " + " ".join(sys.argv[1:]) + "`",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        write_atomic(args.out, text)
+    print_and_write(lines, "profile_attention.py", sys.argv[1:] if argv is None else argv, args.out)
 
 
 if __name__ == "__main__":
