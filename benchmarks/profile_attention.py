@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import gemm_gflops, keep_freed_memory, machine_line, markdown_table, print_and_write
 
-from reformer import LSHSelfAttention, hashing
+from reformer import LSHSelfAttention, cpu_workers, hashing
 from reformer.attention import chunked, lsh
 
 SECONDS: dict[str, float] = defaultdict(float)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     as_run = time.perf_counter() - start
     # The breakdown runs the blocks on the calling thread (torch's threads inside each op), not
     # on the CPU worker threads, so that the timers measure wall time and add up to the step.
-    chunked.worker_count = hashing.worker_count = lambda: 1
+    cpu_workers.worker_count = lambda: 1
     instrument()
     index_select, index_add = torch.Tensor.index_select, torch.Tensor.index_add_
     torch.Tensor.index_select = timed("  gathers (index_select)", index_select)

@@ -69,6 +69,12 @@ def run_parts(parts: Sequence[Callable[[], T]]) -> list[T]:
     return [f.result() for f in futures]
 
 
+def split_among_workers(n: int, device: torch.device) -> list[range]:
+    """``range(n)`` in one piece per worker for work on CPU (:func:`split_evenly`); whole on
+    other devices, whose ops run asynchronously anyway."""
+    return split_evenly(n, worker_count() if device.type == "cpu" else 1)
+
+
 def split_evenly(n: int, parts: int) -> list[range]:
     """``range(n)`` in at most ``parts`` contiguous, non-empty pieces of near-equal length."""
     parts = max(1, min(parts, n))

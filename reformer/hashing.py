@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from .cpu_workers import run_parts, split_evenly, worker_count
+from .cpu_workers import run_parts, split_among_workers
 
 BucketSpec = int | tuple[int, ...]
 
@@ -126,8 +126,8 @@ def hash_vectors(
             ids = _bucket_ids(rotated.view(gb, n_sets, lb, n_hashes, width), factors, first_major, scratch.matches)
             out[g : g + group_step, :, :, start : start + step] = ids.transpose(-1, -2)
 
-    parts = split_evenly(len(blocks), worker_count() if x.device.type == "cpu" else 1)
-    run_parts([partial(hash_blocks, mine) for mine in parts])  # blocks write disjoint ids
+    # blocks write disjoint ids
+    run_parts([partial(hash_blocks, mine) for mine in split_among_workers(len(blocks), x.device)])
     return out.view(rows, n_hashes, length)
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from reformer import cpu_workers
 from reformer.hashing import buckets_for_length, draw_rotations, hash_vectors, validate_n_buckets
 
 
@@ -84,7 +85,7 @@ def test_blockwise_hashing_equals_one_shot(monkeypatch):
     monkeypatch.setattr(hashing, "HASH_BLOCK_ELEMENTS", 1000)  # many small blocks
     assert torch.equal(hash_vectors(x, rot, (4, 8)), whole)
     for workers in (1, 3):  # blocks split among CPU worker threads, or all in place
-        monkeypatch.setattr(hashing, "worker_count", lambda workers=workers: workers)
+        monkeypatch.setattr(cpu_workers, "worker_count", lambda workers=workers: workers)
         assert torch.equal(hash_vectors(x, rot, (4, 8)), whole)
     # and the definition: argmax over [xR, -xR] per factor
     proj = torch.einsum("bsld,sdhr->bshlr", x.view(2, 2, 300, 16), rot).reshape(4, 3, 300, 6)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from reformer import FullQKAttention, LSHAttention
+from reformer import FullQKAttention, LSHAttention, cpu_workers
 from reformer.attention import chunked
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
@@ -231,7 +231,7 @@ def test_cpu_worker_split_gives_the_same_bits_as_one_thread(monkeypatch, dropout
     buckets = torch.randint(0, 4, (5, 3, 70))
     results = []
     for workers in (1, 2, 3):
-        monkeypatch.setattr(chunked, "worker_count", lambda workers=workers: workers)
+        monkeypatch.setattr(cpu_workers, "worker_count", lambda workers=workers: workers)
         a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
         torch.manual_seed(3)
         out, _ = lsh_attention_chunked(

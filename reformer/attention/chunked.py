@@ -45,7 +45,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..cpu_workers import run_parts, split_evenly, worker_count
+from ..cpu_workers import run_parts, split_among_workers
 from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
 
@@ -132,9 +132,7 @@ class _WindowPlan:
     def parts(self, device: torch.device, serial: bool) -> list[range]:
         """Batch rows split among the CPU workers (:mod:`reformer.cpu_workers`): blocks of
         different rows read and write different rows of the inputs and their gradients."""
-        if serial or device.type != "cpu":
-            return [range(self.rows)]
-        return split_evenly(self.rows, worker_count())
+        return [range(self.rows)] if serial else split_among_workers(self.rows, device)
 
     def blocks(self, rows: range) -> list[_Block]:
         size = max(1, WINDOW_BLOCK_ELEMENTS // (self.s * self.width))
