@@ -46,6 +46,7 @@ from typing import NamedTuple
 import torch
 
 from ..cpu_workers import run_parts, split_among_workers
+from . import window_kernels
 from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
 
@@ -111,6 +112,7 @@ class _WindowPlan:
     dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
     self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
     exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
+    kernels: bool = False  # fp32 on CPU: the fused row kernels of window_kernels.c do the row work
 
     @property
     def width(self) -> int:
@@ -182,8 +184,10 @@ class _WindowPlan:
         else:
             x.masked_fill_(is_self, value)
 
-    def mask_(self, dots: torch.Tensor, blk: _Block) -> None:
-        """Apply the masks and self logits to a block's ``dots`` ``(blk, s, c + s)`` in place."""
+    def mask_(self, dots: torch.Tensor, blk: _Block, strict_part: bool = True) -> None:
+        """Apply the masks and self logits to a block's ``dots`` ``(blk, s, c + s)`` in place;
+        without ``strict_part``, leave out the strict window mask and the own-key logit (the
+        strict softmax kernel applies those)."""
         hidden = None
 
         def hide(extra: torch.Tensor) -> None:
@@ -192,11 +196,11 @@ class _WindowPlan:
 
         if self.key_valid is not None:
             hide(~self.take(self.key_valid, blk)[:, None, :])
-        if self.strict:  # adding rows of a fixed table is much cheaper than a masked fill here
+        if self.strict and strict_part:  # adding rows of a fixed table is much cheaper than a masked fill
             rows = self.query_slots(self.span_row, blk).flatten()
             table = _strict_mask_table(self.c, self.s, dots.dtype, dots.device)
             dots += table.index_select(0, rows).view_as(dots)
-        else:
+        elif not self.strict:
             k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
             if self.causal:
                 hide(k_pos > k_pos[:, :, self.c :].transpose(1, 2))
@@ -208,7 +212,8 @@ class _WindowPlan:
             dots -= self._duplicate_counts(k_info[:, self.c :], k_info).clamp_min(1).double().log().to(dots.dtype)
         if hidden is not None:
             dots.masked_fill_(hidden, masked_value(dots.dtype))
-        self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
+        if strict_part or not self.strict:
+            self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
 
     def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """How often each entry's key occurs, visibly, in all of its query's windows.
@@ -267,6 +272,13 @@ def _strict_span_rows(slot_bucket: torch.Tensor, lp: int, c: int, s: int) -> tor
 def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torch.Tensor) -> torch.Tensor:
     """Masks ``dots`` ``(blk, s, c + s)``, writes the attention weights into ``probs`` (same
     shape, may be ``dots``) and returns the per-query log-sum-exp ``(blk, s)``."""
+    if plan.kernels:
+        plan.mask_(dots, blk, strict_part=False)
+        if plan.strict:
+            span_row = plan.query_slots(plan.span_row, blk).flatten()
+            self_value = self_logit(dots.dtype, plan.self_value)
+            return window_kernels.strict_softmax(dots, probs, span_row, plan.s, plan.c, self_value, plan.exp_lse)
+        return window_kernels.softmax(dots, probs, plan.exp_lse)
     plan.mask_(dots, blk)
     if plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
         lse = torch.logsumexp(dots, dim=-1)
@@ -279,8 +291,10 @@ def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torc
     return top - probs.amax(dim=-1).log()
 
 
-def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _gather(plan: _WindowPlan, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` ``(r, e)`` at ``rows`` ``(a, k)`` -> ``(a, k, e)``."""
+    if plan.kernels:
+        return window_kernels.gather_rows(x, rows)
     return x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[-1])
 
 
@@ -293,7 +307,7 @@ class _BlockInputs(NamedTuple):
 
 def _block_inputs(plan: _WindowPlan, qkv: torch.Tensor, blk: _Block, d: int) -> _BlockInputs:
     """One gather per block: queries are the last ``m * s`` rows of the key run."""
-    run = _gather(qkv, plan.key_run(plan.ext_row, blk))
+    run = _gather(plan, qkv, plan.key_run(plan.ext_row, blk))
     q = run[:, plan.c :, :d].reshape(-1, plan.s, d)
     return _BlockInputs(run, q, plan.windows(run[..., d : 2 * d]), plan.windows(run[..., 2 * d :]))
 
@@ -311,6 +325,30 @@ def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: _WindowPlan) 
         per_group[:, g : g + m] += grad[:, :, g]
 
 
+def _add_block_grads(
+    plan: _WindowPlan,
+    grad: torch.Tensor,
+    key_rows: torch.Tensor,
+    run: torch.Tensor,
+    grad_q: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+) -> None:
+    """Adds a block's gradients to the ``[q | k | v]`` rows of ``grad`` ``(r, 2d + dv)`` at its key
+    runs' rows ``key_rows`` ``(rows, m * s + c)`` (``run``: the block's gathered inputs, for the
+    shape): ``grad_q`` ``(blk, s, d)`` of its queries (the runs' tails), ``grad_k`` and ``grad_v``
+    ``(blk, c + s, .)`` of each window's keys, summed over the windows that hold each key."""
+    if plan.kernels:  # in one pass, with no run-sized buffer
+        window_kernels.window_grads_to_rows_(grad, key_rows, grad_q, grad_k, grad_v, plan.s, plan.c)
+        return
+    d = grad_q.shape[-1]
+    acc = torch.zeros_like(run)
+    acc[:, plan.c :, :d] = grad_q.view(acc.shape[0], -1, d)
+    _add_window_grads(acc[..., d : 2 * d], grad_k, plan)
+    _add_window_grads(acc[..., 2 * d :], grad_v, plan)
+    grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
+
+
 def _combine_rounds(
     plan: _WindowPlan,
     slot_out: torch.Tensor,
@@ -321,10 +359,14 @@ def _combine_rounds(
 ) -> None:
     """Write into ``out`` ``(b, lp, dv)`` the rounds of each position of batch ``rows`` combined by
     their log-sum-exp, and into ``slot_weight`` ``(b * total,)`` every slot's round weight.
-    ``slot_out`` ``(b * total, dv)`` (scaled by the weights in place), ``slot_lse`` ``(b * total,)``.
-    Each slot's weighted output is added to its position's row: no gather of the outputs."""
-    total = plan.slot_row.shape[1]
+    ``slot_out`` ``(b * total, dv)``, ``slot_lse`` ``(b * total,)``. The torch ops scale each slot's
+    output by its weight in place and add it to its position's row (no gather of the outputs);
+    the kernel sums each position's rounds in the same order."""
     index = plan.round_slot[rows.start : rows.stop]  # (rows, h, lp) slot of each position's rounds
+    if plan.kernels:  # one pass per position, from the slots of its rounds
+        window_kernels.combine_rounds(slot_out, slot_lse, index, out[rows.start : rows.stop], slot_weight, plan.exp_lse)
+        return
+    total = plan.slot_row.shape[1]
     slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse)
     mine = slice(rows.start * total, rows.stop * total)
     weighted = slot_out[mine].mul_(slot_weight[mine, None].to(slot_out.dtype))
@@ -397,7 +439,7 @@ class _LSHWindows(torch.autograd.Function):
         # Through the round combination out = sum_r w_r o_r, a slot of round r gets the output
         # gradient w_r * g; its softmax backward p * (dp - sum(dp * p)) then has
         # sum(dp * p) - dlse_r = w_r * (g . out): the rounds' lse gradient folds into one shift.
-        grad_flat = grad_out.reshape(-1, dv)  # (b * lp, dv)
+        grad_flat = grad_out.reshape(-1, dv).contiguous()  # (b * lp, dv)
         g_dot_out = (grad_out * out).sum(-1).flatten()  # (b * lp,)
         weight = slot_weight.view(plan.rows, -1)  # (b, total)
         grad = torch.zeros_like(qkv)
@@ -410,24 +452,28 @@ class _LSHWindows(torch.autograd.Function):
                 query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
                 x = _block_inputs(plan, qkv, blk, d)
                 w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
-                go = _gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
+                go = _gather(plan, grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
                 shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
                 probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
                 keep = (
                     None if dropout == 0 else ctx.kept_by_dropout[blk.start : blk.end].to(probs.dtype) / (1 - dropout)
                 )
                 used = probs if keep is None else probs * keep
-                acc = torch.zeros_like(x.run)  # gradients of the run's rows, [q | k | v]
-                _add_window_grads(acc[..., 2 * d :], torch.bmm(used.transpose(1, 2), go), plan)
+                grad_v = torch.bmm(used.transpose(1, 2), go)  # (blk, c + s, dv) per window key
                 grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
                 if keep is not None:
                     grad_dots *= keep
-                grad_dots.sub_(shift).mul_(probs)
                 # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
-                plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
-                acc[:, c:, :d] += torch.bmm(grad_dots, x.k).view(acc.shape[0], -1, d)
-                _add_window_grads(acc[..., d : 2 * d], torch.bmm(grad_dots.transpose(1, 2), x.q), plan)
-                part_grad.index_add_(0, key_rows.flatten() - first, acc.flatten(0, 1))
+                if plan.kernels:
+                    window_kernels.softmax_backward_(grad_dots, probs, shift, c, plan.strict)
+                    if not plan.strict:
+                        plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
+                else:
+                    grad_dots.sub_(shift).mul_(probs)
+                    plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
+                grad_q = torch.bmm(grad_dots, x.k)  # (blk, s, d)
+                grad_k = torch.bmm(grad_dots.transpose(1, 2), x.q)  # (blk, c + s, d) per window key
+                _add_block_grads(plan, part_grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
         return _shared_qk_grad(qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
@@ -510,6 +556,7 @@ def lsh_attention_chunked(
         dup_info=dup_info,
         self_value=self_value,
         exp_lse=exp_lse,
+        kernels=window_kernels.available(qk, c + queries_per_window(c, strict), qk.shape[-1] + v.shape[-1]),
     )
     dropout = dropout if training else 0.0
     save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)

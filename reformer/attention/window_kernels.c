@@ -1,0 +1,235 @@
+/* Fused row kernels of the chunked LSH path on CPU (reformer/attention/window_kernels.py).
+ *
+ * Each replaces several full passes of torch ops over a block of window logits with one:
+ * the masks, softmax and log-sum-exp of the forward, and the softmax backward. The small
+ * matmuls around them stay with torch. Rows are independent; a call handles a block of
+ * contiguous fp32 rows and holds no state, so calls on different blocks may run at once.
+ *
+ * exp is a polynomial (Cephes' expf: Cody-Waite reduction, degree-6 minimax, about 1 ulp)
+ * written so that the compiler vectorises it; arguments under -87.3 (where fp32 exp
+ * becomes subnormal) give exactly 0, as a hidden key must.
+ */
+#include <math.h>
+#include <stdint.h>
+
+/* Widest window row (c + s) the kernels take; wider ones use the torch ops. */
+#define MAX_WIDTH 4096
+/* Most features of a key and value together (d + dv) reformer_window_grads_to_rows takes. */
+#define MAX_FEATURES 4096
+
+/* Eight lanes in GCC/Clang vector extensions: the code is vectorised by construction (AVX
+ * here; two halves on 128-bit machines), not left to the auto-vectoriser. */
+typedef float f8 __attribute__((vector_size(32)));
+typedef int32_t i8 __attribute__((vector_size(32)));
+#define LANES 8
+
+static inline f8 splat(float x) { return (f8){x, x, x, x, x, x, x, x}; }
+static inline f8 select8(i8 mask, f8 yes, f8 no) { return (f8)(((i8)yes & mask) | ((i8)no & ~mask)); }
+static inline f8 max8(f8 a, f8 b) { return select8(a > b, a, b); }
+
+/* Lanes [0, count) of x (count <= LANES; the rest 0) and their store: whole vectors move in one
+ * unaligned load or store, a row's last, partial one lane by lane. */
+static inline f8 load8(const float *x, int64_t count) {
+    f8 v = splat(0.0f);
+    if (count == LANES) {
+        __builtin_memcpy(&v, x, sizeof v);
+    } else {
+        for (int64_t l = 0; l < count; l++) v[l] = x[l];
+    }
+    return v;
+}
+
+static inline void store8(float *x, f8 v, int64_t count) {
+    if (count == LANES) {
+        __builtin_memcpy(x, &v, sizeof v);
+    } else {
+        for (int64_t l = 0; l < count; l++) x[l] = v[l];
+    }
+}
+
+/* exp(x) for x <= 0, exactly 0 below -87.3 (and for -inf) */
+static inline f8 exp8(f8 x) {
+    const f8 lowest = splat(-87.33654f), magic = splat(12582912.0f); /* 1.5 * 2^23: rounds to integers */
+    const i8 under = x < lowest;
+    const f8 clamped = select8(under, lowest, x);
+    const f8 n = (clamped * 1.44269504088896341f + magic) - magic;
+    f8 r = n * -0.693359375f + clamped;
+    r = n * 2.12194440e-4f + r;
+    f8 p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const f8 y = (p * r) * r + r + 1.0f;
+    const f8 scale = (f8)((__builtin_convertvector(n, i8) + 127) << 23);
+    return select8(under, splat(0.0f), y * scale);
+}
+
+/* Weights of one row of logits x[0:w]: keys outside [first, last] are hidden (p = 0), and the
+ * key own (if any) has the logit self_value. p = softmax, or exp(x - lse) with exp_lse.
+ * Returns the row's log-sum-exp. Only the vectors that hold visible keys are computed. x and
+ * p may be the same memory. */
+static float softmax_row(const float *x, float *p, int64_t w, int64_t first, int64_t last, int64_t own,
+                         float self_value, int exp_lse) {
+    f8 v[MAX_WIDTH / LANES], e[MAX_WIDTH / LANES];
+    const int64_t n = (w + LANES - 1) / LANES, k0 = first / LANES, k1 = last / LANES + 1;
+    const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    f8 top8 = splat(-INFINITY);
+    for (int64_t k = k0; k < k1; k++) {
+        f8 xk = load8(x + k * LANES, k + 1 < n ? LANES : w - k * LANES);
+        const i8 j = lane + (int32_t)(k * LANES);
+        xk = select8(j == (int32_t)own, splat(self_value), xk);
+        v[k] = select8((j < (int32_t)first) | (j > (int32_t)last), splat(-INFINITY), xk);
+        top8 = max8(top8, v[k]);
+    }
+    float top = top8[0];
+    for (int l = 1; l < LANES; l++) top = top8[l] > top ? top8[l] : top;
+    f8 sum8 = splat(0.0f);
+    for (int64_t k = k0; k < k1; k++) {
+        e[k] = exp8(v[k] - top);
+        sum8 += e[k];
+    }
+    float sum = 0.0f;
+    for (int l = 0; l < LANES; l++) sum += sum8[l];
+    const float lse = top + logf(sum);
+    if (exp_lse) {
+        for (int64_t k = k0; k < k1; k++) e[k] = exp8(v[k] - lse);
+    } else {
+        const float inv = 1.0f / sum;
+        for (int64_t k = k0; k < k1; k++) e[k] *= inv;
+    }
+    for (int64_t k = 0; k < n; k++)
+        store8(p + k * LANES, k < k0 || k >= k1 ? splat(0.0f) : e[k], k + 1 < n ? LANES : w - k * LANES);
+    return lse;
+}
+
+/* Strict causal windows of s queries over w = c + s keys: query i of a window (row r,
+ * i = r % s) with span_row[r] = span * s + i sees keys [c + i - span, c + i) and its own
+ * key c + i, whose logit is self_value. x and probs may be the same memory. */
+void reformer_strict_softmax(const float *x_all, float *probs, float *lse, const int64_t *span_row, int64_t rows,
+                             int64_t s, int64_t c, float self_value, int exp_lse) {
+    const int64_t w = c + s;
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t own = c + r % s, first = own - span_row[r] / s;
+        lse[r] = softmax_row(x_all + r * w, probs + r * w, w, first, own, own, self_value, exp_lse);
+    }
+}
+
+/* Rows already masked (hidden logits are the most negative finite float): softmax and lse. */
+void reformer_softmax(const float *x_all, float *probs, float *lse, int64_t rows, int64_t w, int exp_lse) {
+    for (int64_t r = 0; r < rows; r++)
+        lse[r] = softmax_row(x_all + r * w, probs + r * w, w, 0, w - 1, -1, 0.0f, exp_lse);
+}
+
+/* Softmax backward in place: g = (g - shift[r]) * p, and 0 at each query's own key when
+ * strict (row r's own key is c + r % s; its logit is a constant). */
+void reformer_softmax_backward(float *g_all, const float *probs, const float *shift, int64_t rows, int64_t s,
+                               int64_t c, int strict) {
+    const int64_t w = c + s;
+    for (int64_t r = 0; r < rows; r++) {
+        float *g = g_all + r * w;
+        const float *p = probs + r * w;
+        const float sh = shift[r];
+#pragma omp simd
+        for (int64_t j = 0; j < w; j++) g[j] = (g[j] - sh) * p[j];
+        if (strict) g[c + r % s] = 0.0f;
+    }
+}
+
+/* Rows that are many cache lines wide, at scattered places in a table much larger than the
+ * cache: a plain copy per row waits on memory for each. Prefetching the rows a few places
+ * ahead overlaps those waits. */
+#define ROWS_AHEAD 8
+
+static inline void prefetch_row(const float *row, int64_t width, int for_write) {
+    const char *bytes = (const char *)row;
+    for (int64_t off = 0; off < width * (int64_t)sizeof(float); off += 64) {
+        if (for_write)
+            __builtin_prefetch(bytes + off, 1, 3);
+        else
+            __builtin_prefetch(bytes + off, 0, 3);
+    }
+}
+
+/* dst[i] = src[index[i]] for n rows of width floats. */
+void reformer_gather_rows(const float *src, const int64_t *index, float *dst, int64_t n, int64_t width) {
+    for (int64_t i = 0; i < n; i++) {
+        if (i + ROWS_AHEAD < n) prefetch_row(src + index[i + ROWS_AHEAD] * width, width, 0);
+        __builtin_memcpy(dst + i * width, src + index[i] * width, width * sizeof(float));
+    }
+}
+
+/* The backward's per-window gradients of a block, summed into the rows of the block's key
+ * runs and added to grad (r, 2d + dv) at their rows: one pass instead of zeroing a run
+ * buffer, a strided add per group of s keys and an index_add_. The block holds nb batch rows
+ * of m windows; run row i of batch row b (rows[b * (m * s + c) + i]) is query (i - c) of the
+ * block when i >= c, and key g * s + i % s of window i / s - g for every group g of the
+ * (c + s) / s groups where that window exists. gq (nb * m, s, d), gk (nb * m, c + s, d),
+ * gv (nb * m, c + s, dv). Sums run in the order of the torch path (groups ascending, then
+ * added to grad), so the results have the same bits. Repeated rows add up. */
+void reformer_window_grads_to_rows(float *grad, const int64_t *rows, const float *gq, const float *gk,
+                                   const float *gv, int64_t nb, int64_t m, int64_t s, int64_t c, int64_t d,
+                                   int64_t dv) {
+    const int64_t e = 2 * d + dv, w = c + s, groups = w / s, run = m * s + c;
+    float kv[MAX_FEATURES];
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t *run_rows = rows + b * run;
+        for (int64_t i = 0; i < run; i++) {
+            if (i + ROWS_AHEAD < run) prefetch_row(grad + run_rows[i + ROWS_AHEAD] * e, e, 1);
+            float *target = grad + run_rows[i] * e;
+            const int64_t group = i / s, place = i % s;
+            for (int64_t j = 0; j < d + dv; j++) kv[j] = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                const int64_t window = group - g;
+                if (window < 0 || window >= m) continue;
+                const float *k = gk + ((b * m + window) * w + g * s + place) * d;
+                const float *v = gv + ((b * m + window) * w + g * s + place) * dv;
+#pragma omp simd
+                for (int64_t j = 0; j < d; j++) kv[j] += k[j];
+#pragma omp simd
+                for (int64_t j = 0; j < dv; j++) kv[d + j] += v[j];
+            }
+            if (i >= c) {
+                const float *q = gq + (b * m * s + i - c) * d;
+#pragma omp simd
+                for (int64_t j = 0; j < d; j++) target[j] += q[j];
+            }
+#pragma omp simd
+            for (int64_t j = 0; j < d + dv; j++) target[d + j] += kv[j];
+        }
+    }
+}
+
+/* The rounds of each position combined by their log-sum-exps, for the positions of a few batch
+ * rows: position p of batch row b has its round r in slot index[(b * h + r) * lp + p] (flat into
+ * slot_out (., dv) and slot_lse); its round weights softmax_r(lse_r) (exp(lse_r - logsumexp)
+ * with exp_lse) go to weight at those slots, and out[b * lp + p] = sum_r w_r o_r, the rounds
+ * added in order from 0. */
+void reformer_combine_rounds(const float *slot_out, const float *slot_lse, const int64_t *index, float *out,
+                             float *weight, int64_t nb, int64_t h, int64_t lp, int64_t dv, int exp_lse) {
+    for (int64_t b = 0; b < nb; b++) {
+        const int64_t *slots = index + b * h * lp;
+        for (int64_t p = 0; p < lp; p++) {
+            if (p + ROWS_AHEAD < lp)
+                for (int64_t r = 0; r < h; r++) prefetch_row(slot_out + slots[r * lp + p + ROWS_AHEAD] * dv, dv, 0);
+            float top = -INFINITY, sum = 0.0f;
+            for (int64_t r = 0; r < h; r++) {
+                const float lse = slot_lse[slots[r * lp + p]];
+                top = lse > top ? lse : top;
+            }
+            for (int64_t r = 0; r < h; r++) sum += expf(slot_lse[slots[r * lp + p]] - top);
+            const float shift = exp_lse ? top + logf(sum) : top, scale = exp_lse ? 1.0f : 1.0f / sum;
+            float *o = out + (b * lp + p) * dv;
+            for (int64_t j = 0; j < dv; j++) o[j] = 0.0f;
+            for (int64_t r = 0; r < h; r++) {
+                const int64_t slot = slots[r * lp + p];
+                const float w = h == 1 ? 1.0f : expf(slot_lse[slot] - shift) * scale;
+                const float *x = slot_out + slot * dv;
+                weight[slot] = w;
+#pragma omp simd
+                for (int64_t j = 0; j < dv; j++) o[j] += x[j] * w;
+            }
+        }
+    }
+}

@@ -1,0 +1,187 @@
+"""Fused CPU row kernels for the chunked LSH path, compiled from C on first use.
+
+:mod:`reformer.attention.chunked` spends more time in the elementwise passes around its
+small matmuls (masks, softmax, log-sum-exp, the softmax backward) than in the matmuls
+themselves: each torch op reads and writes a whole block of logits. ``window_kernels.c``
+does each of those sequences in one pass per row. It is compiled with the system's C
+compiler (``$CC``, else ``cc``) for this machine into ``~/.cache/reformer/kernels``
+(``$REFORMER_CACHE`` overrides ``~/.cache/reformer``), keyed by the source, the compiler and
+the CPU, and loaded with :mod:`ctypes` (whose calls release the GIL, so the CPU worker
+threads run them at once). Without a compiler, or with ``REFORMER_CPU_KERNELS=0``, the
+chunked path uses its torch ops instead; tests compare the two.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("window_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
+
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    "reformer_strict_softmax": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, ctypes.c_int],
+    "reformer_softmax": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int],
+    "reformer_softmax_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int],
+    "reformer_gather_rows": [_ptr, _ptr, _ptr, _i64, _i64],
+    "reformer_combine_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
+    "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
+}
+#: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
+MAX_WIDTH, MAX_FEATURES = 4096, 4096
+
+
+def available(x: torch.Tensor, width: int, features: int) -> bool:
+    """Whether the kernels serve windows of ``width`` keys with ``features`` key + value features
+    on tensors like ``x``: fp32 on CPU,
+    ``REFORMER_CPU_KERNELS`` is not ``0``, and the library builds and loads here. Their
+    arguments must be contiguous."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and width <= MAX_WIDTH
+        and features <= MAX_FEATURES
+        and os.environ.get("REFORMER_CPU_KERNELS", "1") != "0"
+        and _library() is not None
+    )
+
+
+def strict_softmax(
+    dots: torch.Tensor, probs: torch.Tensor, span_row: torch.Tensor, s: int, c: int, self_value: float, exp_lse: bool
+) -> torch.Tensor:
+    """Strict-causal window weights: ``dots`` ``(blk, s, c + s)`` raw logits, written as weights
+    into ``probs`` (may be ``dots``); ``span_row`` ``(blk * s,)`` int64, each query's
+    ``span * s + i`` (see ``chunked._strict_mask_table``). Returns the log-sum-exp ``(blk, s)``."""
+    lse = dots.new_empty(dots.shape[:2])
+    span_row = span_row.contiguous()
+    _library().reformer_strict_softmax(
+        dots.data_ptr(), probs.data_ptr(), lse.data_ptr(), span_row.data_ptr(), dots.shape[0] * s, s, c,
+        self_value, int(exp_lse),
+    )  # fmt: skip
+    return lse
+
+
+def softmax(dots: torch.Tensor, probs: torch.Tensor, exp_lse: bool) -> torch.Tensor:
+    """Weights of masked logits ``dots`` ``(blk, s, w)`` into ``probs``; returns the lse ``(blk, s)``."""
+    lse = dots.new_empty(dots.shape[:2])
+    _library().reformer_softmax(
+        dots.data_ptr(), probs.data_ptr(), lse.data_ptr(), lse.numel(), dots.shape[-1], int(exp_lse)
+    )
+    return lse
+
+
+def softmax_backward_(grad: torch.Tensor, probs: torch.Tensor, shift: torch.Tensor, c: int, strict: bool) -> None:
+    """``grad`` ``(blk, s, c + s)`` := ``(grad - shift) * probs`` in place (``shift`` ``(blk, s, 1)``),
+    and 0 at each query's own key ``c + i`` when ``strict``."""
+    shift = shift.contiguous()
+    _library().reformer_softmax_backward(
+        grad.data_ptr(), probs.data_ptr(), shift.data_ptr(), shift.numel(), grad.shape[1], c, int(strict)
+    )
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` ``(r, e)`` at ``rows`` (int64, any shape) -> ``(*rows.shape, e)``: as
+    ``index_select``, with the next rows prefetched while one is copied."""
+    rows = rows.contiguous()
+    out = x.new_empty(*rows.shape, x.shape[-1])
+    _library().reformer_gather_rows(x.data_ptr(), rows.data_ptr(), out.data_ptr(), rows.numel(), x.shape[-1])
+    return out
+
+
+def combine_rounds(
+    slot_out: torch.Tensor, slot_lse: torch.Tensor, index: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+    exp_lse: bool,
+) -> None:  # fmt: skip
+    """Rounds combined by their log-sum-exps: ``index`` ``(nb, h, lp)`` holds the flat slot of each
+    position's rounds in ``slot_out`` ``(slots, dv)`` and ``slot_lse`` ``(slots,)``; writes each
+    position's combination to ``out`` ``(nb, lp, dv)`` and each slot's round weight to ``weight``
+    ``(slots,)`` (see ``slots.round_weights``)."""
+    index = index.contiguous()
+    nb, h, lp = index.shape
+    _library().reformer_combine_rounds(
+        slot_out.data_ptr(), slot_lse.data_ptr(), index.data_ptr(), out.data_ptr(), weight.data_ptr(), nb, h, lp,
+        slot_out.shape[-1], int(exp_lse),
+    )  # fmt: skip
+
+
+def window_grads_to_rows_(
+    grad: torch.Tensor, rows: torch.Tensor, gq: torch.Tensor, gk: torch.Tensor, gv: torch.Tensor, s: int, c: int
+) -> None:
+    """Adds a backward block's window gradients to ``grad`` ``(r, 2d + dv)`` (``[q | k | v]``
+    rows) at the rows ``rows`` ``(nb, m * s + c)`` of its key runs: ``gq`` ``(nb * m, s, d)``
+    for the runs' last ``m * s`` rows (the queries), ``gk`` ``(nb * m, c + s, d)`` and ``gv``
+    ``(nb * m, c + s, dv)`` for each window's keys (see ``chunked._add_window_grads``)."""
+    rows, nb, d, dv = rows.contiguous(), rows.shape[0], gk.shape[-1], gv.shape[-1]
+    m = (rows.shape[1] - c) // s
+    _library().reformer_window_grads_to_rows(
+        grad.data_ptr(), rows.data_ptr(), gq.data_ptr(), gk.data_ptr(), gv.data_ptr(), nb, m, s, c, d, dv
+    )
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("REFORMER_CACHE") or Path.home() / ".cache" / "reformer"
+    return Path(root) / "kernels"
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the architecture and, on Linux, the CPU's flags."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = line
+                break
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags}"
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        logger.info("no C compiler (%s): the chunked LSH path uses torch ops for its softmax", compiler)
+        return None
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity().encode()]))
+        path = _cache_dir() / f"window_kernels-{key.hexdigest()[:16]}.so"
+        if not path.exists():
+            _compile(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        logger.warning("could not build the CPU window kernels (%s); using torch ops instead", detail)
+        return None
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = argtypes, None
+    return lib
+
+
+def _compile(compiler: str, path: Path) -> None:
+    """Builds into a temporary file next to ``path`` and renames it: a concurrent or interrupted
+    build never leaves a partial library under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

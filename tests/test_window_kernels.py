@@ -1,0 +1,199 @@
+"""The fused CPU row kernels (reformer/attention/window_kernels.c) against the torch ops they
+replace, and the chunked path with them against the reference and against itself without them."""
+
+import shutil
+
+import pytest
+import torch
+
+from reformer.attention import chunked, window_kernels
+from reformer.attention.chunked import _add_block_grads, _strict_mask_table, lsh_attention_chunked
+from reformer.attention.common import masked_value
+from reformer.attention.reference import lsh_attention_reference
+
+SELF = -5e4
+
+
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    monkeypatch.delenv("REFORMER_CPU_KERNELS", raising=False)
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler here: the chunked path runs its torch ops only")
+    assert window_kernels.available(torch.zeros(1), 96, 128), "the kernels must build where a compiler exists"
+
+
+def _strict_eager(dots, span_row, c, s, exp_lse):
+    """The torch path: table mask, own-key logit, softmax (or exp(x - lse)) and lse."""
+    x = dots + _strict_mask_table(c, s, dots.dtype, dots.device).index_select(0, span_row).view_as(dots)
+    x.view(x.shape[0], -1)[:, c :: c + s + 1] = SELF
+    lse = torch.logsumexp(x.double(), -1)
+    probs = torch.exp(x.double() - lse[..., None]) if exp_lse else torch.softmax(x.double(), -1)
+    return probs.float(), lse.float()
+
+
+@pytest.mark.parametrize("c,s", [(64, 32), (6, 3), (7, 7), (4, 2)])
+@pytest.mark.parametrize("exp_lse", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_strict_softmax_equals_table_mask_and_softmax(c, s, exp_lse, in_place):
+    blk = 5
+    dots = torch.randn(blk, s, c + s) * 4
+    span = torch.randint(0, c + 1, (blk * s,))
+    span[:3] = torch.tensor([0, c, 1])  # only its own key; the most keys; one more
+    span_row = span * s + torch.arange(blk * s) % s
+    probs = dots.clone() if in_place else torch.empty_like(dots)
+    lse = window_kernels.strict_softmax(probs if in_place else dots, probs, span_row, s, c, SELF, exp_lse)
+    ref_probs, ref_lse = _strict_eager(dots, span_row, c, s, exp_lse)
+    torch.testing.assert_close(probs, ref_probs, atol=3e-7, rtol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, atol=0, rtol=1e-6)
+    hidden = ref_probs == 0
+    assert (probs[hidden] == 0).all()  # hidden keys get exactly 0
+    assert probs.view(-1, c + s)[0, c] == 1 and lse.view(-1)[0] == SELF  # self only: weight 1, lse exact
+
+
+@pytest.mark.parametrize("exp_lse", [False, True])
+def test_softmax_of_masked_rows_equals_torch(exp_lse):
+    dots = torch.randn(3, 8, 21) * 10
+    dots[torch.rand(3, 8, 21) > 0.6] = masked_value(torch.float32)
+    dots[:, :, 4] = 30.0  # an entry every row sees
+    probs = torch.empty_like(dots)
+    lse = window_kernels.softmax(dots, probs, exp_lse)
+    torch.testing.assert_close(probs, torch.softmax(dots.double(), -1).float(), atol=3e-7, rtol=1e-6)
+    torch.testing.assert_close(lse, torch.logsumexp(dots.double(), -1).float(), atol=0, rtol=1e-6)
+
+
+def test_exp_is_accurate_over_the_range_where_fp32_is_normal():
+    # One visible row per value: softmax over (x, 0) is exp(x) / (1 + exp(x)); x spans [-87, 0].
+    x = torch.linspace(-87, 0, 4001)
+    dots = torch.stack([x, torch.zeros_like(x)], -1)[:, None]  # (4001, 1, 2)
+    probs = torch.empty_like(dots)
+    window_kernels.softmax(dots, probs, False)
+    exact = torch.sigmoid(x.double())
+    torch.testing.assert_close(probs[:, 0, 0].double(), exact, atol=0, rtol=4e-7)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_softmax_backward_equals_torch(strict):
+    c, s = 8, 4
+    grad, probs, shift = torch.randn(6, s, c + s), torch.rand(6, s, c + s), torch.randn(6, s, 1)
+    expected = (grad - shift) * probs
+    if strict:
+        expected.view(6, -1)[:, c :: c + s + 1] = 0
+    window_kernels.softmax_backward_(grad, probs, shift, c, strict)
+    torch.testing.assert_close(grad, expected, atol=0, rtol=0)
+
+
+def test_gather_rows_equals_index_select():
+    x = torch.randn(500, 37)
+    rows = torch.randint(0, 500, (3, 41))
+    assert torch.equal(window_kernels.gather_rows(x, rows), x.index_select(0, rows.flatten()).view(3, 41, 37))
+
+
+@pytest.mark.parametrize("nb,m,c,s", [(1, 7, 8, 4), (3, 2, 6, 6), (2, 5, 4, 2)])
+def test_window_grads_to_rows_equals_the_torch_path_bit_for_bit(monkeypatch, nb, m, c, s):
+    d, dv, rows_total = 5, 3, 40
+    plan = chunked._WindowPlan(
+        c=c, s=s, lp=0, slot_row=torch.zeros(1, 1), ext_row=torch.zeros(1, 1), round_slot=torch.zeros(1),
+        strict=False, span_row=None, slot_pos=None, slot_group=None, causal=False, key_valid=None, dup_info=None,
+    )  # fmt: skip
+    run = torch.empty(nb, m * s + c, 2 * d + dv)
+    key_rows = torch.randint(0, rows_total, (nb, m * s + c))  # repeats included
+    gq, gk, gv = torch.randn(nb * m, s, d), torch.randn(nb * m, c + s, d), torch.randn(nb * m, c + s, dv)
+    start = torch.randn(rows_total, 2 * d + dv)
+    torch_path, fused = start.clone(), start.clone()
+    _add_block_grads(plan, torch_path, key_rows, run, gq, gk, gv)
+    window_kernels.window_grads_to_rows_(fused, key_rows, gq, gk, gv, s, c)
+    assert torch.equal(fused, torch_path)
+
+
+MODES = [
+    dict(causal=True),
+    dict(causal=True, strict_causal=False),
+    dict(causal=False),
+    dict(causal=True, allow_duplicate_attention=False),
+    dict(causal=False, attend_across_buckets=False),
+    dict(causal=True, exp_lse=True, self_value=-1e5),
+]
+
+
+@pytest.mark.parametrize("kw", MODES)
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, masked):
+    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", 300)
+    qk, v = torch.randn(2, 77, 16), torch.randn(2, 77, 8)
+    buckets = torch.randint(0, 4, (2, 3, 77))
+    key_mask = torch.rand(2, 77) > 0.2 if masked else None
+    args = dict(bucket_size=8, n_buckets=4, key_mask=key_mask, **kw)
+
+    def run(fn, dtype):
+        a, b = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
+        out, _ = fn(a, b, buckets, **args)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
+
+    calls = []
+    gather = window_kernels.gather_rows
+    monkeypatch.setattr(window_kernels, "gather_rows", lambda *a: calls.append(1) or gather(*a))
+    fused = run(lsh_attention_chunked, torch.float32)
+    assert calls, "the fp32 CPU path must use the kernels"
+    # (the reference has softmax weights and the default own-key logit only)
+    reference = None if "exp_lse" in kw else run(lsh_attention_reference, torch.float64)
+    monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
+    torch_ops = run(lsh_attention_chunked, torch.float32)
+    for i, (a, c) in enumerate(zip(fused, torch_ops, strict=True)):
+        torch.testing.assert_close(a, c, atol=2e-6, rtol=0)
+        if reference is not None:
+            torch.testing.assert_close(a.double(), reference[i], atol=2e-5, rtol=0)
+
+
+def test_dropout_with_kernels_equals_torch_ops(monkeypatch):
+    qk, v = torch.randn(2, 64, 8, requires_grad=True), torch.randn(2, 64, 8, requires_grad=True)
+    buckets = torch.randint(0, 4, (2, 2, 64))
+
+    def run():
+        torch.manual_seed(5)
+        out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True, dropout=0.3,
+                                       training=True)  # fmt: skip
+        return (out, *torch.autograd.grad(out.square().sum(), (qk, v)))
+
+    fused = run()
+    monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
+    for a, b in zip(fused, run(), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=0)
+
+
+def test_library_is_built_once_into_the_cache_with_no_partial_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    window_kernels._library.cache_clear()
+    try:
+        assert window_kernels.available(torch.zeros(1), 96, 128)
+        built = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].startswith("window_kernels-") and built[0].endswith(".so")
+    finally:
+        window_kernels._library.cache_clear()
+
+
+def test_without_a_compiler_the_torch_ops_serve(monkeypatch, tmp_path):
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    window_kernels._library.cache_clear()
+    try:
+        assert not window_kernels.available(torch.zeros(1), 96, 128)
+        qk, v = torch.randn(1, 40, 8), torch.randn(1, 40, 8)
+        buckets = torch.randint(0, 4, (1, 2, 40))
+        out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True)
+        ref, _ = lsh_attention_reference(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+        assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+    finally:
+        window_kernels._library.cache_clear()
+
+
+@pytest.mark.parametrize("dtype,width,features", [(torch.bfloat16, 96, 128), (torch.float32, 5000, 128),
+                                                  (torch.float32, 96, 5000)])  # fmt: skip
+def test_not_available_outside_what_the_kernels_take(dtype, width, features):
+    assert not window_kernels.available(torch.zeros(1, dtype=dtype), width, features)
+
+
+def test_disabled_by_the_environment(monkeypatch):
+    monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
+    assert not window_kernels.available(torch.zeros(1), 96, 128)
