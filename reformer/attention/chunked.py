@@ -391,10 +391,7 @@ class _LSHWindows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qk, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
         s, d, dv, total = plan.s, qk.shape[-1], v.shape[-1], plan.slot_row.shape[1]
-        qkv = qk.new_empty(qk.shape[0], 2 * d + dv)  # (b * lp, 2d + dv)
-        torch.mul(qk, d**-0.5, out=qkv[:, :d])  # scaled here: cheaper than scaling logits
-        qkv[:, d : 2 * d], norm = unit_keys_and_norms(qk)
-        qkv[:, 2 * d :] = v
+        qkv, norm = _pack_qkv(plan, qk, v)  # (b * lp, 2d + dv), (b * lp, 1)
         slot_out = v.new_empty(plan.n_windows, s, dv)
         slot_lse = qk.new_empty(plan.n_windows, s)
         all_probs = qk.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
@@ -476,10 +473,34 @@ class _LSHWindows(torch.autograd.Function):
                 _add_block_grads(plan, part_grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
-        return _shared_qk_grad(qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
+        return _shared_qk_grad(plan, qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
 
 
-def _shared_qk_grad(qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, d: int) -> torch.Tensor:
+def _row_parts(x: torch.Tensor) -> list[slice]:
+    """The rows of ``x`` in one piece per CPU worker."""
+    return [slice(r.start, r.stop) for r in split_among_workers(x.shape[0], x.device)]
+
+
+def _pack_qkv(plan: _WindowPlan, qk: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[q | k | v]`` rows ``(r, 2d + dv)`` of the scaled queries ``qk / sqrt(d)`` (cheaper than
+    scaling logits), the unit keys and the values, and the norms ``(r, 1)`` of ``qk``."""
+    d, dv = qk.shape[-1], v.shape[-1]
+    qkv = qk.new_empty(qk.shape[0], 2 * d + dv)
+    if plan.kernels:  # rows split among the CPU workers, as torch would split an op among its threads
+        norm = qk.new_empty(qk.shape[0], 1)
+        pack = window_kernels.pack_qkv_
+        scale, floor = d**-0.5, norm_floor(qk.dtype)
+        run_parts([partial(pack, qkv[r], norm[r], qk[r], v[r], scale, floor) for r in _row_parts(qk)])
+        return qkv, norm
+    torch.mul(qk, d**-0.5, out=qkv[:, :d])
+    qkv[:, d : 2 * d], norm = unit_keys_and_norms(qk)
+    qkv[:, 2 * d :] = v
+    return qkv, norm
+
+
+def _shared_qk_grad(
+    plan: _WindowPlan, qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, d: int
+) -> torch.Tensor:
     """Gradient for ``qk`` from those of ``q = qk / sqrt(d)`` and ``k = qk / max(|qk|, floor)``
     (``qkv``, ``grad`` ``(r, 2d + dv)``, ``norm`` ``(r, 1)``, as the forward computed it):
     ``g_q / sqrt(d) + (g_k - k (k . g_k)) / |qk|``, where a norm under the floor passes
@@ -487,6 +508,10 @@ def _shared_qk_grad(qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor, d
     full-size temporaries); returns a view of them."""
     k, grad_q, grad_k = qkv[:, d : 2 * d], grad[:, :d], grad[:, d : 2 * d]
     floor = norm_floor(norm.dtype)
+    if plan.kernels:
+        fold = window_kernels.fold_qk_grad_
+        run_parts([partial(fold, grad[r], qkv[r], norm[r], d, d**-0.5, floor) for r in _row_parts(grad)])
+        return grad_q
     along_k = torch.where(norm > floor, (k * grad_k).sum(-1, keepdim=True), 0).to(grad.dtype)
     grad_k.addcmul_(k, along_k, value=-1).mul_((1 / norm.clamp_min(floor)).to(grad.dtype))
     return grad_q.mul_(d**-0.5).add_(grad_k)

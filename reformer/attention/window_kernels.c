@@ -233,3 +233,45 @@ void reformer_combine_rounds(const float *slot_out, const float *slot_lse, const
         }
     }
 }
+
+/* The packed [q | k | v] rows of the forward from the shared query/keys qk (n, d) and the
+ * values v (n, dv), both rows of contiguous features: q = qk * scale, k = qk / max(|qk|, floor)
+ * and norm[i] = |qk_i| (its gradient needs it). */
+void reformer_pack_qkv(const float *qk, const float *v, float *qkv, float *norm, int64_t n, int64_t d, int64_t dv,
+                       float scale, float floor_) {
+    for (int64_t i = 0; i < n; i++) {
+        const float *x = qk + i * d;
+        float *row = qkv + i * (2 * d + dv);
+        float sumsq = 0.0f;
+#pragma omp simd reduction(+ : sumsq)
+        for (int64_t j = 0; j < d; j++) sumsq += x[j] * x[j];
+        const float nrm = sqrtf(sumsq), denom = nrm > floor_ ? nrm : floor_;
+        norm[i] = nrm;
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) {
+            row[j] = x[j] * scale;
+            row[d + j] = x[j] / denom;
+        }
+        __builtin_memcpy(row + 2 * d, v + i * dv, dv * sizeof(float));
+    }
+}
+
+/* The gradient of qk from those of q and k, in place in the q columns of grad (n, 2d + dv):
+ * g_q * scale + (g_k - k (k . g_k)) / max(|qk|, floor), where a norm under the floor passes
+ * g_k / floor (the clamp is flat there). k are the packed unit keys of qkv. */
+void reformer_fold_qk_grad(float *grad, const float *qkv, const float *norm, int64_t n, int64_t d, int64_t dv,
+                           float scale, float floor_) {
+    const int64_t e = 2 * d + dv;
+    for (int64_t i = 0; i < n; i++) {
+        float *g = grad + i * e;
+        const float *k = qkv + i * e + d;
+        float along = 0.0f;
+        if (norm[i] > floor_) {
+#pragma omp simd reduction(+ : along)
+            for (int64_t j = 0; j < d; j++) along += k[j] * g[d + j];
+        }
+        const float inv = 1.0f / (norm[i] > floor_ ? norm[i] : floor_);
+#pragma omp simd
+        for (int64_t j = 0; j < d; j++) g[j] = g[j] * scale + (g[d + j] - k[j] * along) * inv;
+    }
+}

@@ -37,6 +37,8 @@ _SIGNATURES = {
     "reformer_softmax": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int],
     "reformer_softmax_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int],
     "reformer_gather_rows": [_ptr, _ptr, _ptr, _i64, _i64],
+    "reformer_pack_qkv": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
+    "reformer_fold_qk_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_combine_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
 }
@@ -57,6 +59,22 @@ def available(x: torch.Tensor, width: int, features: int) -> bool:
         and os.environ.get("REFORMER_CPU_KERNELS", "1") != "0"
         and _library() is not None
     )
+
+
+def pack_qkv_(qkv: torch.Tensor, norm: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, scale: float, floor: float) -> None:
+    """Writes ``[qk * scale | qk / max(|qk|, floor) | v]`` into the rows of ``qkv`` ``(n, 2d + dv)``
+    from ``qk`` ``(n, d)`` and ``v`` ``(n, dv)``, and the norms ``|qk|`` into ``norm`` ``(n, 1)``."""
+    qk, v = qk.contiguous(), v.contiguous()
+    (n, d), dv = qk.shape, v.shape[-1]
+    _library().reformer_pack_qkv(qk.data_ptr(), v.data_ptr(), qkv.data_ptr(), norm.data_ptr(), n, d, dv, scale, floor)
+
+
+def fold_qk_grad_(grad: torch.Tensor, qkv: torch.Tensor, norm: torch.Tensor, d: int, scale: float, floor: float) -> None:
+    """The gradient of ``qk`` written into the ``q`` columns of ``grad`` ``(n, 2d + dv)`` from its
+    ``q`` and ``k`` columns (see ``chunked._shared_qk_grad``); ``qkv`` and ``norm`` as
+    :func:`pack_qkv_` made them."""
+    n, dv = grad.shape[0], grad.shape[1] - 2 * d
+    _library().reformer_fold_qk_grad(grad.data_ptr(), qkv.data_ptr(), norm.data_ptr(), n, d, dv, scale, floor)
 
 
 def strict_softmax(
