@@ -61,7 +61,9 @@ def available(x: torch.Tensor, width: int, features: int) -> bool:
     )
 
 
-def pack_qkv_(qkv: torch.Tensor, norm: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, scale: float, floor: float) -> None:
+def pack_qkv_(
+    qkv: torch.Tensor, norm: torch.Tensor, qk: torch.Tensor, v: torch.Tensor, scale: float, floor: float
+) -> None:
     """Writes ``[qk * scale | qk / max(|qk|, floor) | v]`` into the rows of ``qkv`` ``(n, 2d + dv)``
     from ``qk`` ``(n, d)`` and ``v`` ``(n, dv)``, and the norms ``|qk|`` into ``norm`` ``(n, 1)``."""
     qk, v = qk.contiguous(), v.contiguous()
@@ -69,7 +71,9 @@ def pack_qkv_(qkv: torch.Tensor, norm: torch.Tensor, qk: torch.Tensor, v: torch.
     _library().reformer_pack_qkv(qk.data_ptr(), v.data_ptr(), qkv.data_ptr(), norm.data_ptr(), n, d, dv, scale, floor)
 
 
-def fold_qk_grad_(grad: torch.Tensor, qkv: torch.Tensor, norm: torch.Tensor, d: int, scale: float, floor: float) -> None:
+def fold_qk_grad_(
+    grad: torch.Tensor, qkv: torch.Tensor, norm: torch.Tensor, d: int, scale: float, floor: float
+) -> None:
     """The gradient of ``qk`` written into the ``q`` columns of ``grad`` ``(n, 2d + dv)`` from its
     ``q`` and ``k`` columns (see ``chunked._shared_qk_grad``); ``qkv`` and ``norm`` as
     :func:`pack_qkv_` made them."""
