@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -17,6 +19,14 @@ from ..reversible import remember
 from .backends import check_backend, lsh_attention
 from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
 from .full import full_qk_attention
+
+
+def _rows(rows: slice, t: torch.Tensor) -> torch.Tensor:
+    return t[rows]
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 class LSHAttention(nn.Module):
@@ -159,15 +169,16 @@ class LSHAttention(nn.Module):
         rows, parts = qk.shape[0], min(chunks, qk.shape[0])
         for i in range(parts):  # near-equal row ranges, as tensor_split would give
             sl = slice(rows * i // parts, rows * (i + 1) // parts)
+            part = partial(_rows, sl) if parts > 1 else _whole  # (no slice of one part: its backward copies)
             out, attn = lsh_attention(
-                qk[sl],
-                v[sl],
-                buckets[sl],
+                part(qk),
+                part(v),
+                part(buckets),
                 bucket_size=self.bucket_size,
                 n_buckets=n_total,
                 causal=self.causal,
                 strict_causal=self.strict_causal,
-                key_mask=None if input_mask is None else input_mask[sl],
+                key_mask=None if input_mask is None else part(input_mask),
                 allow_duplicate_attention=self.allow_duplicate_attention,
                 attend_across_buckets=self.attend_across_buckets,
                 dropout=self.dropout,
@@ -179,6 +190,8 @@ class LSHAttention(nn.Module):
             )
             outs.append(out)
             attns.append(attn)
+        if parts == 1:  # (a cat of one tensor would copy it)
+            return outs[0], attns[0], buckets
         attn = torch.cat(attns) if self.return_attn else None
         return torch.cat(outs), attn, buckets
 

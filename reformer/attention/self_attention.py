@@ -222,8 +222,9 @@ class LSHSelfAttention(nn.Module):
             parts.append(local.view(b, lh, t, dh))
         if lh < h:
             rows = b * (h - lh)
-            lqk = qk[:, lh:].reshape(rows, length, dh)
-            lv = v[:, lh:].reshape(rows, length, dh)
+            # (no slice when every head is LSH: autograd would zero-fill and copy its gradient)
+            lqk = (qk[:, lh:] if lh else qk).reshape(rows, length, dh)
+            lv = (v[:, lh:] if lh else v).reshape(rows, length, dh)
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
             if self.attends_densely(length):
                 out, attn = full_qk_attention(
@@ -243,7 +244,8 @@ class LSHSelfAttention(nn.Module):
                     if buckets is not None
                     else torch.empty(0, dtype=torch.long, device=x.device),
                 )
-            parts.append(out.view(b, h - lh, length, dh)[:, :, n_prefix:])
+            out = out.view(b, h - lh, length, dh)
+            parts.append(out[:, :, n_prefix:] if n_prefix else out)
         if cache is not None:
             cache.layers.append(
                 prefill_cache(
