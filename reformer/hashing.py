@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import cpu_kernels
 from .cpu_workers import run_parts, split_among_workers
 
 BucketSpec = int | tuple[int, ...]
@@ -112,11 +113,13 @@ def hash_vectors(
     group_step = max(1, HASH_BLOCK_ELEMENTS // (step * per_position))
     blocks = [(g, start) for g in range(0, groups, group_step) for start in range(0, length, step)]
 
+    fused = cpu_kernels.available(x)  # fp32 on CPU: the argmax is one pass of a C kernel
+
     def hash_blocks(mine: range) -> None:
         # One projection buffer and one match buffer for all of a part's blocks: fresh ones per
         # block would each pay page faults on CPU.
         size = group_step * step * per_position
-        scratch = Scratch(x.new_empty(size), x.new_empty(size, dtype=torch.float32))
+        scratch = Scratch(x.new_empty(size), None if fused else x.new_empty(size, dtype=torch.float32))
         for g, start in (blocks[i] for i in mine):
             x_block = xs[g : g + group_step, :, start : start + step]  # (gb, s, lb, d)
             gb, _, lb, _ = x_block.shape
@@ -133,14 +136,14 @@ def hash_vectors(
 
 class Scratch(NamedTuple):
     projections: torch.Tensor  # flat, a block's projections
-    matches: torch.Tensor  # flat float32, at least as large
+    matches: torch.Tensor | None  # flat float32, at least as large; None: the CPU kernel finds the argmax
 
 
 def _bucket_ids(
-    rotated: torch.Tensor, factors: tuple[int, ...], first_major: bool, matches: torch.Tensor
+    rotated: torch.Tensor, factors: tuple[int, ...], first_major: bool, matches: torch.Tensor | None
 ) -> torch.Tensor:
     """Bucket ids from the projections ``(..., sum(factors) // 2)`` of each vector (``matches``:
-    flat float32 scratch space of at least as many elements)."""
+    flat float32 scratch space of at least as many elements, or None for the CPU kernel)."""
     buckets = None
     offset, radix = 0, 1
     for f in factors:
@@ -157,9 +160,11 @@ def _bucket_ids(
 _INDEX_AND_COUNT: dict[int, torch.Tensor] = {}  # (2, r): rows arange(r), ones(r)
 
 
-def _argmax_of_both_signs(part: torch.Tensor, matches: torch.Tensor) -> torch.Tensor:
+def _argmax_of_both_signs(part: torch.Tensor, matches: torch.Tensor | None) -> torch.Tensor:
     """``argmax([part, -part], dim=-1)`` (first index on ties) without building it: the larger of
     the top projection and the negated bottom one, the first half on a tie."""
+    if matches is None:
+        return cpu_kernels.argmax_both_signs(part)
     if part.device.type == "cpu":
         return _argmax_of_both_signs_by_matching(part, matches)
     return _argmax_of_both_signs_by_max_min(part)

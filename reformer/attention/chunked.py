@@ -45,8 +45,8 @@ from typing import NamedTuple
 
 import torch
 
+from .. import cpu_kernels
 from ..cpu_workers import run_parts, split_among_workers
-from . import window_kernels
 from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
 
@@ -112,7 +112,7 @@ class _WindowPlan:
     dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
     self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
     exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
-    kernels: bool = False  # fp32 on CPU: the fused row kernels of window_kernels.c do the row work
+    kernels: bool = False  # fp32 on CPU: the fused row kernels of cpu_kernels.c do the row work
 
     @property
     def width(self) -> int:
@@ -277,8 +277,8 @@ def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torc
         if plan.strict:
             span_row = plan.query_slots(plan.span_row, blk).flatten()
             self_value = self_logit(dots.dtype, plan.self_value)
-            return window_kernels.strict_softmax(dots, probs, span_row, plan.s, plan.c, self_value, plan.exp_lse)
-        return window_kernels.softmax(dots, probs, plan.exp_lse)
+            return cpu_kernels.strict_softmax(dots, probs, span_row, plan.s, plan.c, self_value, plan.exp_lse)
+        return cpu_kernels.softmax(dots, probs, plan.exp_lse)
     plan.mask_(dots, blk)
     if plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
         lse = torch.logsumexp(dots, dim=-1)
@@ -294,7 +294,7 @@ def _block_probs(plan: _WindowPlan, dots: torch.Tensor, blk: _Block, probs: torc
 def _gather(plan: _WindowPlan, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Rows of ``x`` ``(r, e)`` at ``rows`` ``(a, k)`` -> ``(a, k, e)``."""
     if plan.kernels:
-        return window_kernels.gather_rows(x, rows)
+        return cpu_kernels.gather_rows(x, rows)
     return x.index_select(0, rows.flatten()).view(*rows.shape, x.shape[-1])
 
 
@@ -339,7 +339,7 @@ def _add_block_grads(
     shape): ``grad_q`` ``(blk, s, d)`` of its queries (the runs' tails), ``grad_k`` and ``grad_v``
     ``(blk, c + s, .)`` of each window's keys, summed over the windows that hold each key."""
     if plan.kernels:  # in one pass, with no run-sized buffer
-        window_kernels.window_grads_to_rows_(grad, key_rows, grad_q, grad_k, grad_v, plan.s, plan.c)
+        cpu_kernels.window_grads_to_rows_(grad, key_rows, grad_q, grad_k, grad_v, plan.s, plan.c)
         return
     d = grad_q.shape[-1]
     acc = torch.zeros_like(run)
@@ -364,7 +364,7 @@ def _combine_rounds(
     the kernel sums each position's rounds in the same order."""
     index = plan.round_slot[rows.start : rows.stop]  # (rows, h, lp) slot of each position's rounds
     if plan.kernels:  # one pass per position, from the slots of its rounds
-        window_kernels.combine_rounds(slot_out, slot_lse, index, out[rows.start : rows.stop], slot_weight, plan.exp_lse)
+        cpu_kernels.combine_rounds(slot_out, slot_lse, index, out[rows.start : rows.stop], slot_weight, plan.exp_lse)
         return
     total = plan.slot_row.shape[1]
     slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse)
@@ -462,7 +462,7 @@ class _LSHWindows(torch.autograd.Function):
                     grad_dots *= keep
                 # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
                 if plan.kernels:
-                    window_kernels.softmax_backward_(grad_dots, probs, shift, c, plan.strict)
+                    cpu_kernels.softmax_backward_(grad_dots, probs, shift, c, plan.strict)
                     if not plan.strict:
                         plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
                 else:
@@ -488,7 +488,7 @@ def _pack_qkv(plan: _WindowPlan, qk: torch.Tensor, v: torch.Tensor) -> tuple[tor
     qkv = qk.new_empty(qk.shape[0], 2 * d + dv)
     if plan.kernels:  # rows split among the CPU workers, as torch would split an op among its threads
         norm = qk.new_empty(qk.shape[0], 1)
-        pack = window_kernels.pack_qkv_
+        pack = cpu_kernels.pack_qkv_
         scale, floor = d**-0.5, norm_floor(qk.dtype)
         run_parts([partial(pack, qkv[r], norm[r], qk[r], v[r], scale, floor) for r in _row_parts(qk)])
         return qkv, norm
@@ -509,7 +509,7 @@ def _shared_qk_grad(
     k, grad_q, grad_k = qkv[:, d : 2 * d], grad[:, :d], grad[:, d : 2 * d]
     floor = norm_floor(norm.dtype)
     if plan.kernels:
-        fold = window_kernels.fold_qk_grad_
+        fold = cpu_kernels.fold_qk_grad_
         run_parts([partial(fold, grad[r], qkv[r], norm[r], d, d**-0.5, floor) for r in _row_parts(grad)])
         return grad_q
     along_k = torch.where(norm > floor, (k * grad_k).sum(-1, keepdim=True), 0).to(grad.dtype)
@@ -581,7 +581,7 @@ def lsh_attention_chunked(
         dup_info=dup_info,
         self_value=self_value,
         exp_lse=exp_lse,
-        kernels=window_kernels.available(qk, c + queries_per_window(c, strict), qk.shape[-1] + v.shape[-1]),
+        kernels=cpu_kernels.available(qk, c + queries_per_window(c, strict), qk.shape[-1] + v.shape[-1]),
     )
     dropout = dropout if training else 0.0
     save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)

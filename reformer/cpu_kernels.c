@@ -1,9 +1,10 @@
-/* Fused row kernels of the chunked LSH path on CPU (reformer/attention/window_kernels.py).
+/* Fused CPU row kernels of the LSH attention path (reformer/cpu_kernels.py).
  *
- * Each replaces several full passes of torch ops over a block of window logits with one:
- * the masks, softmax and log-sum-exp of the forward, and the softmax backward. The small
- * matmuls around them stay with torch. Rows are independent; a call handles a block of
- * contiguous fp32 rows and holds no state, so calls on different blocks may run at once.
+ * Each replaces several full passes of torch ops over a block of rows with one: the masks,
+ * softmax and log-sum-exp of the window attention and its backward, the gathers and
+ * scatter-adds of its rows, the combination of rounds, and the hash's argmax. The matmuls
+ * around them stay with torch. A call handles a block of contiguous fp32 rows and holds no
+ * state, so calls on different blocks may run at once.
  *
  * exp is a polynomial (Cephes' expf: Cody-Waite reduction, degree-6 minimax, about 1 ulp)
  * written so that the compiler vectorises it; arguments under -87.3 (where fp32 exp
@@ -273,5 +274,42 @@ void reformer_fold_qk_grad(float *grad, const float *qkv, const float *norm, int
         const float inv = 1.0f / (norm[i] > floor_ ? norm[i] : floor_);
 #pragma omp simd
         for (int64_t j = 0; j < d; j++) g[j] = g[j] * scale + (g[d + j] - k[j] * along) * inv;
+    }
+}
+
+/* Bucket ids argmax([x, -x]) of rows of r projections (row i at x + i * stride), the first
+ * index on ties: the larger of the top value and the negated bottom one, the top's on a tie.
+ * Eight lanes keep their own top and bottom (the first of equals); the lanes are merged
+ * preferring the lower index among equals. NaN entries are never chosen. */
+void reformer_argmax_both_signs(const float *x, int64_t *ids, int64_t rows, int64_t r, int64_t stride) {
+    const i8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    const int64_t n = (r + LANES - 1) / LANES;
+    for (int64_t i = 0; i < rows; i++) {
+        const float *row = x + i * stride;
+        f8 top = splat(-INFINITY), bottom = splat(INFINITY);
+        i8 top_at = lane, bottom_at = lane;
+        for (int64_t k = 0; k < n; k++) {
+            const int64_t count = k + 1 < n ? LANES : r - k * LANES;
+            const i8 at = lane + (int32_t)(k * LANES), inside = at < (int32_t)r;
+            const f8 v = load8(row + k * LANES, count);
+            const i8 higher = (v > top) & inside, lower = (v < bottom) & inside;
+            top = select8(higher, v, top);
+            top_at = (at & higher) | (top_at & ~higher);
+            bottom = select8(lower, v, bottom);
+            bottom_at = (at & lower) | (bottom_at & ~lower);
+        }
+        float best_top = top[0], best_bottom = bottom[0];
+        int32_t best_top_at = top_at[0], best_bottom_at = bottom_at[0];
+        for (int l = 1; l < LANES; l++) {
+            if (top[l] > best_top || (top[l] == best_top && top_at[l] < best_top_at)) {
+                best_top = top[l];
+                best_top_at = top_at[l];
+            }
+            if (bottom[l] < best_bottom || (bottom[l] == best_bottom && bottom_at[l] < best_bottom_at)) {
+                best_bottom = bottom[l];
+                best_bottom_at = bottom_at[l];
+            }
+        }
+        ids[i] = best_top >= -best_bottom ? best_top_at : best_bottom_at + r;
     }
 }

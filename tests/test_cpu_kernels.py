@@ -1,4 +1,4 @@
-"""The fused CPU row kernels (reformer/attention/window_kernels.c) against the torch ops they
+"""The fused CPU row kernels (reformer/attention/cpu_kernels.c) against the torch ops they
 replace, and the chunked path with them against the reference and against itself without them."""
 
 import shutil
@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from reformer.attention import chunked, window_kernels
+from reformer import cpu_kernels
+from reformer.attention import chunked
 from reformer.attention.chunked import _add_block_grads, _strict_mask_table, lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
@@ -19,7 +20,7 @@ def _kernels_on(monkeypatch):
     monkeypatch.delenv("REFORMER_CPU_KERNELS", raising=False)
     if shutil.which("cc") is None:
         pytest.skip("no C compiler here: the chunked path runs its torch ops only")
-    assert window_kernels.available(torch.zeros(1), 96, 128), "the kernels must build where a compiler exists"
+    assert cpu_kernels.available(torch.zeros(1), 96, 128), "the kernels must build where a compiler exists"
 
 
 def _strict_eager(dots, span_row, c, s, exp_lse):
@@ -41,7 +42,7 @@ def test_strict_softmax_equals_table_mask_and_softmax(c, s, exp_lse, in_place):
     span[:3] = torch.tensor([0, c, 1])  # only its own key; the most keys; one more
     span_row = span * s + torch.arange(blk * s) % s
     probs = dots.clone() if in_place else torch.empty_like(dots)
-    lse = window_kernels.strict_softmax(probs if in_place else dots, probs, span_row, s, c, SELF, exp_lse)
+    lse = cpu_kernels.strict_softmax(probs if in_place else dots, probs, span_row, s, c, SELF, exp_lse)
     ref_probs, ref_lse = _strict_eager(dots, span_row, c, s, exp_lse)
     torch.testing.assert_close(probs, ref_probs, atol=3e-7, rtol=1e-6)
     torch.testing.assert_close(lse, ref_lse, atol=0, rtol=1e-6)
@@ -56,7 +57,7 @@ def test_softmax_of_masked_rows_equals_torch(exp_lse):
     dots[torch.rand(3, 8, 21) > 0.6] = masked_value(torch.float32)
     dots[:, :, 4] = 30.0  # an entry every row sees
     probs = torch.empty_like(dots)
-    lse = window_kernels.softmax(dots, probs, exp_lse)
+    lse = cpu_kernels.softmax(dots, probs, exp_lse)
     torch.testing.assert_close(probs, torch.softmax(dots.double(), -1).float(), atol=3e-7, rtol=1e-6)
     torch.testing.assert_close(lse, torch.logsumexp(dots.double(), -1).float(), atol=0, rtol=1e-6)
 
@@ -66,7 +67,7 @@ def test_exp_is_accurate_over_the_range_where_fp32_is_normal():
     x = torch.linspace(-87, 0, 4001)
     dots = torch.stack([x, torch.zeros_like(x)], -1)[:, None]  # (4001, 1, 2)
     probs = torch.empty_like(dots)
-    window_kernels.softmax(dots, probs, False)
+    cpu_kernels.softmax(dots, probs, False)
     exact = torch.sigmoid(x.double())
     torch.testing.assert_close(probs[:, 0, 0].double(), exact, atol=0, rtol=4e-7)
 
@@ -78,14 +79,14 @@ def test_softmax_backward_equals_torch(strict):
     expected = (grad - shift) * probs
     if strict:
         expected.view(6, -1)[:, c :: c + s + 1] = 0
-    window_kernels.softmax_backward_(grad, probs, shift, c, strict)
+    cpu_kernels.softmax_backward_(grad, probs, shift, c, strict)
     torch.testing.assert_close(grad, expected, atol=0, rtol=0)
 
 
 def test_gather_rows_equals_index_select():
     x = torch.randn(500, 37)
     rows = torch.randint(0, 500, (3, 41))
-    assert torch.equal(window_kernels.gather_rows(x, rows), x.index_select(0, rows.flatten()).view(3, 41, 37))
+    assert torch.equal(cpu_kernels.gather_rows(x, rows), x.index_select(0, rows.flatten()).view(3, 41, 37))
 
 
 @pytest.mark.parametrize("nb,m,c,s", [(1, 7, 8, 4), (3, 2, 6, 6), (2, 5, 4, 2)])
@@ -101,7 +102,7 @@ def test_window_grads_to_rows_equals_the_torch_path_bit_for_bit(monkeypatch, nb,
     start = torch.randn(rows_total, 2 * d + dv)
     torch_path, fused = start.clone(), start.clone()
     _add_block_grads(plan, torch_path, key_rows, run, gq, gk, gv)
-    window_kernels.window_grads_to_rows_(fused, key_rows, gq, gk, gv, s, c)
+    cpu_kernels.window_grads_to_rows_(fused, key_rows, gq, gk, gv, s, c)
     assert torch.equal(fused, torch_path)
 
 
@@ -131,8 +132,8 @@ def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, m
         return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
 
     calls = []
-    gather = window_kernels.gather_rows
-    monkeypatch.setattr(window_kernels, "gather_rows", lambda *a: calls.append(1) or gather(*a))
+    gather = cpu_kernels.gather_rows
+    monkeypatch.setattr(cpu_kernels, "gather_rows", lambda *a: calls.append(1) or gather(*a))
     fused = run(lsh_attention_chunked, torch.float32)
     assert calls, "the fp32 CPU path must use the kernels"
     # (the reference has softmax weights and the default own-key logit only)
@@ -163,21 +164,21 @@ def test_dropout_with_kernels_equals_torch_ops(monkeypatch):
 
 def test_library_is_built_once_into_the_cache_with_no_partial_file(monkeypatch, tmp_path):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
-    window_kernels._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        assert window_kernels.available(torch.zeros(1), 96, 128)
+        assert cpu_kernels.available(torch.zeros(1), 96, 128)
         built = sorted(p.name for p in (tmp_path / "kernels").iterdir())
-        assert len(built) == 1 and built[0].startswith("window_kernels-") and built[0].endswith(".so")
+        assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
     finally:
-        window_kernels._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 def test_without_a_compiler_the_torch_ops_serve(monkeypatch, tmp_path):
     monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
-    window_kernels._library.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
-        assert not window_kernels.available(torch.zeros(1), 96, 128)
+        assert not cpu_kernels.available(torch.zeros(1), 96, 128)
         qk, v = torch.randn(1, 40, 8), torch.randn(1, 40, 8)
         buckets = torch.randint(0, 4, (1, 2, 40))
         out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True)
@@ -185,15 +186,43 @@ def test_without_a_compiler_the_torch_ops_serve(monkeypatch, tmp_path):
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
     finally:
-        window_kernels._library.cache_clear()
+        cpu_kernels._library.cache_clear()
 
 
 @pytest.mark.parametrize("dtype,width,features", [(torch.bfloat16, 96, 128), (torch.float32, 5000, 128),
                                                   (torch.float32, 96, 5000)])  # fmt: skip
 def test_not_available_outside_what_the_kernels_take(dtype, width, features):
-    assert not window_kernels.available(torch.zeros(1, dtype=dtype), width, features)
+    assert not cpu_kernels.available(torch.zeros(1, dtype=dtype), width, features)
 
 
 def test_disabled_by_the_environment(monkeypatch):
     monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
-    assert not window_kernels.available(torch.zeros(1), 96, 128)
+    assert not cpu_kernels.available(torch.zeros(1), 96, 128)
+
+
+@pytest.mark.parametrize("r", [8, 13, 128])
+def test_argmax_both_signs_equals_argmax_with_ties_zeros_and_nan(r):
+    part = torch.randn(300, r)
+    part[:20] = 0  # zero vectors: every entry ties
+    part[20:40, 5] = part[20:40, 2]  # exact tie between two top candidates
+    part[40:60, 3] = -part[40:60].abs().amax(-1)  # bottom ties with the top's magnitude
+    part[60:70, 1] = float("nan")
+    expected = torch.cat([part, -part], dim=-1).argmax(dim=-1)
+    got = cpu_kernels.argmax_both_signs(part)
+    finite = ~part.isnan().any(-1)
+    assert torch.equal(got[finite], expected[finite])
+    assert got.min() >= 0 and got.max() < 2 * r
+    wide = torch.randn(4, 50, 2 * r)  # a slice of the last dim, as factorised buckets hash
+    second = wide[..., r:]
+    assert torch.equal(cpu_kernels.argmax_both_signs(second), torch.cat([second, -second], -1).argmax(-1))
+
+
+@pytest.mark.parametrize("n_buckets", [64, (8, 8)])
+def test_hashing_with_the_kernel_equals_torch_ops(monkeypatch, n_buckets):
+    from reformer.hashing import draw_rotations, hash_vectors
+
+    x = torch.randn(6, 300, 16)
+    rotations = draw_rotations(16, 3, n_buckets, n_sets=2, seed=0)
+    fused = hash_vectors(x, rotations, n_buckets)
+    monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
+    assert torch.equal(fused, hash_vectors(x, rotations, n_buckets))

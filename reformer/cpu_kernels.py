@@ -1,9 +1,10 @@
-"""Fused CPU row kernels for the chunked LSH path, compiled from C on first use.
+"""Fused CPU row kernels for LSH attention, compiled from C on first use.
 
-:mod:`reformer.attention.chunked` spends more time in the elementwise passes around its
-small matmuls (masks, softmax, log-sum-exp, the softmax backward) than in the matmuls
-themselves: each torch op reads and writes a whole block of logits. ``window_kernels.c``
-does each of those sequences in one pass per row. It is compiled with the system's C
+:mod:`reformer.attention.chunked` spent more time in the elementwise passes around its
+small matmuls (masks, softmax, log-sum-exp, the softmax backward, gathers and scatter-adds
+of rows) than in the matmuls themselves: each torch op reads and writes a whole block.
+``cpu_kernels.c`` does each of those sequences in one pass per row, and the argmax of the
+hash (:mod:`reformer.hashing`) in one pass over the projections. It is compiled with the system's C
 compiler (``$CC``, else ``cc``) for this machine into ``~/.cache/reformer/kernels``
 (``$REFORMER_CACHE`` overrides ``~/.cache/reformer``), keyed by the source, the compiler and
 the CPU, and loaded with :mod:`ctypes` (whose calls release the GIL, so the CPU worker
@@ -28,7 +29,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("window_kernels.c")
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
 
 _i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -40,15 +41,16 @@ _SIGNATURES = {
     "reformer_pack_qkv": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_fold_qk_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_combine_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
+    "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
 }
 #: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
 MAX_WIDTH, MAX_FEATURES = 4096, 4096
 
 
-def available(x: torch.Tensor, width: int, features: int) -> bool:
-    """Whether the kernels serve windows of ``width`` keys with ``features`` key + value features
-    on tensors like ``x``: fp32 on CPU,
+def available(x: torch.Tensor, width: int = 0, features: int = 0) -> bool:
+    """Whether the kernels serve tensors like ``x`` (and windows of ``width`` keys with ``features``
+    key + value features): fp32 on CPU,
     ``REFORMER_CPU_KERNELS`` is not ``0``, and the library builds and loads here. Their
     arguments must be contiguous."""
     return (
@@ -153,6 +155,16 @@ def window_grads_to_rows_(
     )
 
 
+def argmax_both_signs(part: torch.Tensor) -> torch.Tensor:
+    """``argmax([part, -part], dim=-1)`` (the first index on ties; NaN never chosen) of the
+    projections ``part`` ``(..., r)``, whose last dim is contiguous."""
+    r = part.shape[-1]
+    rows = part.reshape(-1, r)  # a view where the leading dims allow (slices of the last dim do)
+    ids = torch.empty(rows.shape[0], dtype=torch.long)
+    _library().reformer_argmax_both_signs(rows.data_ptr(), ids.data_ptr(), rows.shape[0], r, rows.stride(0))
+    return ids.view(part.shape[:-1])
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("REFORMER_CACHE") or Path.home() / ".cache" / "reformer"
     return Path(root) / "kernels"
@@ -181,7 +193,7 @@ def _library() -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
         source = SOURCE.read_bytes()
         key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity().encode()]))
-        path = _cache_dir() / f"window_kernels-{key.hexdigest()[:16]}.so"
+        path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
         if not path.exists():
             _compile(compiler, path)
         lib = ctypes.CDLL(str(path))
