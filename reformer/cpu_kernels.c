@@ -313,3 +313,48 @@ void reformer_argmax_both_signs(const float *x, int64_t *ids, int64_t rows, int6
         ids[i] = best_top >= -best_bottom ? best_top_at : best_bottom_at + r;
     }
 }
+
+/* Rounds combined as they are computed (no per-slot outputs kept): a block's query slots, with
+ * outputs o (n, dv) and log-sum-exps lse (n,), are added to their positions' rows out[rows[i]]
+ * with weight exp(lse - top), top being the largest lse seen so far for that position (earlier
+ * sums rescaled when it grows) and total the sum of the weights. finish_rounds then divides
+ * each row by its total: the softmax of the rounds' lse, as combine_rounds computes it. */
+void reformer_accumulate_rounds(float *out, float *top, float *total, const float *o, const float *lse,
+                                const int64_t *rows, int64_t n, int64_t dv) {
+    for (int64_t i = 0; i < n; i++) {
+        if (i + ROWS_AHEAD < n) prefetch_row(out + rows[i + ROWS_AHEAD] * dv, dv, 1);
+        const int64_t p = rows[i];
+        float *acc = out + p * dv;
+        const float *x = o + i * dv;
+        if (lse[i] > top[p]) { /* a new largest: earlier sums shrink by exp(top - lse) (0 at first) */
+            const float scale = expf(top[p] - lse[i]);
+#pragma omp simd
+            for (int64_t j = 0; j < dv; j++) acc[j] = acc[j] * scale + x[j];
+            total[p] = total[p] * scale + 1.0f;
+            top[p] = lse[i];
+        } else {
+            const float weight = expf(lse[i] - top[p]);
+#pragma omp simd
+            for (int64_t j = 0; j < dv; j++) acc[j] += x[j] * weight;
+            total[p] += weight;
+        }
+    }
+}
+
+/* After every round: out rows (positions, dv) divided by their totals, and every slot's round
+ * weight exp(slot_lse - top) / total of its position (slot k is at position slot_rows[k]): a
+ * softmax, not exp(lse - (top + log total)), which near the own-key logit -5e4 would round
+ * top + log total to fp32's 0.004 there. */
+void reformer_finish_rounds(float *out, const float *top, const float *total, const float *slot_lse,
+                            const int64_t *slot_rows, float *weight, int64_t positions, int64_t slots, int64_t dv) {
+    for (int64_t p = 0; p < positions; p++) {
+        const float inv = 1.0f / total[p];
+        float *acc = out + p * dv;
+#pragma omp simd
+        for (int64_t j = 0; j < dv; j++) acc[j] *= inv;
+    }
+    for (int64_t k = 0; k < slots; k++) {
+        const int64_t p = slot_rows[k];
+        weight[k] = expf(slot_lse[k] - top[p]) / total[p];
+    }
+}

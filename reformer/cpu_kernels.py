@@ -41,6 +41,8 @@ _SIGNATURES = {
     "reformer_pack_qkv": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_fold_qk_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_combine_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
+    "reformer_accumulate_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64],
+    "reformer_finish_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
 }
@@ -138,6 +140,37 @@ def combine_rounds(
     _library().reformer_combine_rounds(
         slot_out.data_ptr(), slot_lse.data_ptr(), index.data_ptr(), out.data_ptr(), weight.data_ptr(), nb, h, lp,
         slot_out.shape[-1], int(exp_lse),
+    )  # fmt: skip
+
+
+def accumulate_rounds_(
+    out: torch.Tensor, top: torch.Tensor, total: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Adds a block's per-slot outputs ``o`` ``(n, dv)`` (log-sum-exps ``lse`` ``(n,)``) to the
+    rows ``rows`` ``(n,)`` of ``out`` ``(positions, dv)``, rescaled as the running largest ``lse``
+    per position (``top``, from ``-inf``) grows; ``total`` (from 0) sums the weights. After every
+    round, :func:`finish_rounds_` normalises: the rounds combined by the softmax of their lse."""
+    rows = rows.contiguous()
+    _library().reformer_accumulate_rounds(
+        out.data_ptr(), top.data_ptr(), total.data_ptr(), o.data_ptr(), lse.data_ptr(), rows.data_ptr(),
+        rows.numel(), o.shape[-1],
+    )  # fmt: skip
+
+
+def finish_rounds_(
+    out: torch.Tensor,
+    top: torch.Tensor,
+    total: torch.Tensor,
+    slot_lse: torch.Tensor,
+    slot_rows: torch.Tensor,
+    weight: torch.Tensor,
+) -> None:
+    """Divides the rows of ``out`` by ``total`` and writes each slot's round weight (the softmax
+    of its position's rounds' lse) to ``weight`` (slots ``(k,)`` at positions ``slot_rows``)."""
+    slot_rows = slot_rows.contiguous()
+    _library().reformer_finish_rounds(
+        out.data_ptr(), top.data_ptr(), total.data_ptr(), slot_lse.data_ptr(), slot_rows.data_ptr(),
+        weight.data_ptr(), top.numel(), slot_rows.numel(), out.shape[-1],
     )  # fmt: skip
 
 

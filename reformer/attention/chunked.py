@@ -392,32 +392,50 @@ class _LSHWindows(torch.autograd.Function):
     def forward(ctx, qk, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
         s, d, dv, total = plan.s, qk.shape[-1], v.shape[-1], plan.slot_row.shape[1]
         qkv, norm = _pack_qkv(plan, qk, v)  # (b * lp, 2d + dv), (b * lp, 1)
-        slot_out = v.new_empty(plan.n_windows, s, dv)
+        # Online (fp32 kernels, softmax round weights): each block's outputs are added to their
+        # positions' rows as they come, so no per-slot outputs are kept (n_hashes x the output).
+        online = plan.kernels and not plan.exp_lse
+        slot_out = None if online else v.new_empty(plan.n_windows, s, dv)
         slot_lse = qk.new_empty(plan.n_windows, s)
         all_probs = qk.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
         kept_by_dropout = qk.new_empty(plan.n_windows, s, plan.width, dtype=torch.bool) if dropout > 0 else None
+        out = (torch.zeros if online else torch.empty)(plan.rows, plan.lp, dv, dtype=v.dtype, device=v.device)
+        slot_weight = slot_lse.new_empty(slot_lse.numel())
+        top = torch.full((plan.rows * plan.lp,), -torch.inf, device=qk.device) if online else None
+        total_weight = torch.zeros(plan.rows * plan.lp, device=qk.device) if online else None
 
         def attend(rows: range) -> None:
+            first = rows.start * plan.lp  # this part's rows of ``out`` (other parts write the rest)
+            part_rows = slice(first, rows.stop * plan.lp)
             for blk in plan.blocks(rows):
                 x = _block_inputs(plan, qkv, blk, d)
                 dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
                 probs = dots if all_probs is None else all_probs[blk.start : blk.end]
-                slot_lse[blk.start : blk.end] = _block_probs(plan, dots, blk, probs)
+                lse = slot_lse[blk.start : blk.end]
+                lse.copy_(_block_probs(plan, dots, blk, probs))
                 if kept_by_dropout is not None:
                     keep = kept_by_dropout[blk.start : blk.end].bernoulli_(1 - dropout)
                     probs = probs * keep / (1 - dropout)
-                torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+                if online:
+                    query_rows = plan.query_slots(plan.slot_row, blk) - first
+                    part = out.view(-1, dv)[part_rows]
+                    o = torch.bmm(probs, x.v)  # (blk, s, dv)
+                    cpu_kernels.accumulate_rounds_(part, top[part_rows], total_weight[part_rows], o, lse, query_rows)
+                else:
+                    torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+            if online:
+                slots = slice(rows.start * total, rows.stop * total)
+                slot_rows = plan.slot_row[rows.start : rows.stop] - first
+                cpu_kernels.finish_rounds_(
+                    out.view(-1, dv)[part_rows], top[part_rows], total_weight[part_rows],
+                    slot_lse.view(-1)[slots], slot_rows, slot_weight[slots],
+                )  # fmt: skip
 
         parts = plan.parts(qk.device, serial=dropout > 0)  # dropout draws random numbers: in order
         run_parts([partial(attend, rows) for rows in parts])
-        out = v.new_empty(plan.rows, plan.lp, dv)
-        slot_weight = slot_lse.new_empty(slot_lse.numel())
-        run_parts(
-            [
-                partial(_combine_rounds, plan, slot_out.view(-1, dv), slot_lse.view(-1), out, slot_weight, rows)
-                for rows in parts
-            ]
-        )
+        if not online:
+            combine = partial(_combine_rounds, plan, slot_out.view(-1, dv), slot_lse.view(-1), out, slot_weight)
+            run_parts([partial(combine, rows) for rows in parts])
         if save:
             ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
             ctx.plan, ctx.dropout, ctx.kept_by_dropout = plan, dropout, kept_by_dropout
