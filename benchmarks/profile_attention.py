@@ -57,6 +57,8 @@ KERNELS = {
     "softmax_backward_": "  row kernels: softmax backward",
     "window_grads_to_rows_": "  row kernels: window gradients to rows",
     "combine_rounds": "  row kernels: combining rounds",
+    "accumulate_rounds_": "  row kernels: combining rounds",
+    "finish_rounds_": "  row kernels: combining rounds",
     "pack_qkv_": "  row kernels: packing q, k, v and folding their gradient",
     "fold_qk_grad_": "  row kernels: packing q, k, v and folding their gradient",
 }
