@@ -56,7 +56,6 @@ KERNELS = {
     "softmax": "  row kernels: masks, softmax, lse",
     "softmax_backward_": "  row kernels: softmax backward",
     "window_grads_to_rows_": "  row kernels: window gradients to rows",
-    "combine_rounds": "  row kernels: combining rounds",
     "accumulate_rounds_": "  row kernels: combining rounds",
     "finish_rounds_": "  row kernels: combining rounds",
     "pack_qkv_": "  row kernels: packing q, k, v and folding their gradient",
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# Where the time of an LSHSelfAttention step goes ({args.length:,} tokens, CPU)",
         "",
         "`LSHSelfAttention(dim=512, heads=8, bucket_size=64, n_hashes=4, causal=True)`, batch 1, one fwd+bwd "
-        "step after a warm-up (freed memory kept). Indented rows are parts of the window attention; \"row "
+        'step after a warm-up (freed memory kept). Indented rows are parts of the window attention; "row '
         "kernels\" are the fused C kernels of `reformer/cpu_kernels.c`. The breakdown's step runs on one "
         f"thread (fp32 GEMM {gflops_one:.0f} GFLOP/s there), so that its timers add up and its shares are "
         f"those of one core's work; as normally run, with {args.threads} threads and the CPU worker threads "

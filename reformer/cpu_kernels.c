@@ -202,39 +202,6 @@ void reformer_window_grads_to_rows(float *grad, const int64_t *rows, const float
     }
 }
 
-/* The rounds of each position combined by their log-sum-exps, for the positions of a few batch
- * rows: position p of batch row b has its round r in slot index[(b * h + r) * lp + p] (flat into
- * slot_out (., dv) and slot_lse); its round weights softmax_r(lse_r) (exp(lse_r - logsumexp)
- * with exp_lse) go to weight at those slots, and out[b * lp + p] = sum_r w_r o_r, the rounds
- * added in order from 0. */
-void reformer_combine_rounds(const float *slot_out, const float *slot_lse, const int64_t *index, float *out,
-                             float *weight, int64_t nb, int64_t h, int64_t lp, int64_t dv, int exp_lse) {
-    for (int64_t b = 0; b < nb; b++) {
-        const int64_t *slots = index + b * h * lp;
-        for (int64_t p = 0; p < lp; p++) {
-            if (p + ROWS_AHEAD < lp)
-                for (int64_t r = 0; r < h; r++) prefetch_row(slot_out + slots[r * lp + p + ROWS_AHEAD] * dv, dv, 0);
-            float top = -INFINITY, sum = 0.0f;
-            for (int64_t r = 0; r < h; r++) {
-                const float lse = slot_lse[slots[r * lp + p]];
-                top = lse > top ? lse : top;
-            }
-            for (int64_t r = 0; r < h; r++) sum += expf(slot_lse[slots[r * lp + p]] - top);
-            const float shift = exp_lse ? top + logf(sum) : top, scale = exp_lse ? 1.0f : 1.0f / sum;
-            float *o = out + (b * lp + p) * dv;
-            for (int64_t j = 0; j < dv; j++) o[j] = 0.0f;
-            for (int64_t r = 0; r < h; r++) {
-                const int64_t slot = slots[r * lp + p];
-                const float w = h == 1 ? 1.0f : expf(slot_lse[slot] - shift) * scale;
-                const float *x = slot_out + slot * dv;
-                weight[slot] = w;
-#pragma omp simd
-                for (int64_t j = 0; j < dv; j++) o[j] += x[j] * w;
-            }
-        }
-    }
-}
-
 /* The packed [q | k | v] rows of the forward from the shared query/keys qk (n, d) and the
  * values v (n, dv), both rows of contiguous features: q = qk * scale, k = qk / max(|qk|, floor)
  * and norm[i] = |qk_i| (its gradient needs it). */
@@ -318,7 +285,7 @@ void reformer_argmax_both_signs(const float *x, int64_t *ids, int64_t rows, int6
  * outputs o (n, dv) and log-sum-exps lse (n,), are added to their positions' rows out[rows[i]]
  * with weight exp(lse - top), top being the largest lse seen so far for that position (earlier
  * sums rescaled when it grows) and total the sum of the weights. finish_rounds then divides
- * each row by its total: the softmax of the rounds' lse, as combine_rounds computes it. */
+ * each row by its total: the softmax of the rounds' lse (slots.round_weights). */
 void reformer_accumulate_rounds(float *out, float *top, float *total, const float *o, const float *lse,
                                 const int64_t *rows, int64_t n, int64_t dv) {
     for (int64_t i = 0; i < n; i++) {

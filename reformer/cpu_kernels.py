@@ -40,7 +40,6 @@ _SIGNATURES = {
     "reformer_gather_rows": [_ptr, _ptr, _ptr, _i64, _i64],
     "reformer_pack_qkv": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
     "reformer_fold_qk_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
-    "reformer_combine_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, ctypes.c_int],
     "reformer_accumulate_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64],
     "reformer_finish_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
@@ -52,9 +51,8 @@ MAX_WIDTH, MAX_FEATURES = 4096, 4096
 
 def available(x: torch.Tensor, width: int = 0, features: int = 0) -> bool:
     """Whether the kernels serve tensors like ``x`` (and windows of ``width`` keys with ``features``
-    key + value features): fp32 on CPU,
-    ``REFORMER_CPU_KERNELS`` is not ``0``, and the library builds and loads here. Their
-    arguments must be contiguous."""
+    key + value features): fp32 on CPU, ``REFORMER_CPU_KERNELS`` is not ``0``, and the library
+    builds and loads here. Their arguments must be contiguous."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
@@ -125,22 +123,6 @@ def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(*rows.shape, x.shape[-1])
     _library().reformer_gather_rows(x.data_ptr(), rows.data_ptr(), out.data_ptr(), rows.numel(), x.shape[-1])
     return out
-
-
-def combine_rounds(
-    slot_out: torch.Tensor, slot_lse: torch.Tensor, index: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
-    exp_lse: bool,
-) -> None:  # fmt: skip
-    """Rounds combined by their log-sum-exps: ``index`` ``(nb, h, lp)`` holds the flat slot of each
-    position's rounds in ``slot_out`` ``(slots, dv)`` and ``slot_lse`` ``(slots,)``; writes each
-    position's combination to ``out`` ``(nb, lp, dv)`` and each slot's round weight to ``weight``
-    ``(slots,)`` (see ``slots.round_weights``)."""
-    index = index.contiguous()
-    nb, h, lp = index.shape
-    _library().reformer_combine_rounds(
-        slot_out.data_ptr(), slot_lse.data_ptr(), index.data_ptr(), out.data_ptr(), weight.data_ptr(), nb, h, lp,
-        slot_out.shape[-1], int(exp_lse),
-    )  # fmt: skip
 
 
 def accumulate_rounds_(
@@ -220,7 +202,7 @@ def _cpu_identity() -> str:
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
     if shutil.which(compiler) is None:
-        logger.info("no C compiler (%s): the chunked LSH path uses torch ops for its softmax", compiler)
+        logger.info("no C compiler (%s): LSH attention uses torch ops instead of the CPU kernels", compiler)
         return None
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
@@ -232,7 +214,7 @@ def _library() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        logger.warning("could not build the CPU window kernels (%s); using torch ops instead", detail)
+        logger.warning("could not build the CPU kernels (%s); using torch ops instead", detail)
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)

@@ -359,13 +359,10 @@ def _combine_rounds(
 ) -> None:
     """Write into ``out`` ``(b, lp, dv)`` the rounds of each position of batch ``rows`` combined by
     their log-sum-exp, and into ``slot_weight`` ``(b * total,)`` every slot's round weight.
-    ``slot_out`` ``(b * total, dv)``, ``slot_lse`` ``(b * total,)``. The torch ops scale each slot's
-    output by its weight in place and add it to its position's row (no gather of the outputs);
-    the kernel sums each position's rounds in the same order."""
+    ``slot_out`` ``(b * total, dv)`` (scaled by the weights in place), ``slot_lse`` ``(b * total,)``.
+    Each slot's weighted output is added to its position's row: no gather of the outputs. (The
+    fp32 kernels combine the rounds online instead, except with ``exp_lse``.)"""
     index = plan.round_slot[rows.start : rows.stop]  # (rows, h, lp) slot of each position's rounds
-    if plan.kernels:  # one pass per position, from the slots of its rounds
-        cpu_kernels.combine_rounds(slot_out, slot_lse, index, out[rows.start : rows.stop], slot_weight, plan.exp_lse)
-        return
     total = plan.slot_row.shape[1]
     slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse)
     mine = slice(rows.start * total, rows.stop * total)
@@ -407,6 +404,8 @@ class _LSHWindows(torch.autograd.Function):
         def attend(rows: range) -> None:
             first = rows.start * plan.lp  # this part's rows of ``out`` (other parts write the rest)
             part_rows = slice(first, rows.stop * plan.lp)
+            if online:
+                part_out, part_top, part_total = out.view(-1, dv)[part_rows], top[part_rows], total_weight[part_rows]
             for blk in plan.blocks(rows):
                 x = _block_inputs(plan, qkv, blk, d)
                 dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
@@ -418,18 +417,15 @@ class _LSHWindows(torch.autograd.Function):
                     probs = probs * keep / (1 - dropout)
                 if online:
                     query_rows = plan.query_slots(plan.slot_row, blk) - first
-                    part = out.view(-1, dv)[part_rows]
                     o = torch.bmm(probs, x.v)  # (blk, s, dv)
-                    cpu_kernels.accumulate_rounds_(part, top[part_rows], total_weight[part_rows], o, lse, query_rows)
+                    cpu_kernels.accumulate_rounds_(part_out, part_top, part_total, o, lse, query_rows)
                 else:
                     torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
             if online:
                 slots = slice(rows.start * total, rows.stop * total)
                 slot_rows = plan.slot_row[rows.start : rows.stop] - first
-                cpu_kernels.finish_rounds_(
-                    out.view(-1, dv)[part_rows], top[part_rows], total_weight[part_rows],
-                    slot_lse.view(-1)[slots], slot_rows, slot_weight[slots],
-                )  # fmt: skip
+                cpu_kernels.finish_rounds_(part_out, part_top, part_total, slot_lse.view(-1)[slots], slot_rows,
+                                           slot_weight[slots])  # fmt: skip
 
         parts = plan.parts(qk.device, serial=dropout > 0)  # dropout draws random numbers: in order
         run_parts([partial(attend, rows) for rows in parts])
