@@ -152,7 +152,8 @@ def render(args, systems, missing, results, machine: str) -> str:
         f"`LSHSelfAttention(dim={args.dim}, heads={args.heads}, bucket_size={args.bucket_size}, "
         f"n_hashes={args.n_hashes}, causal={args.causal})`, batch {args.batch}; `sdpa` is a dense layer of the "
         "same width (q/k/v projections + `scaled_dot_product_attention`). Time: best of "
-        f"{args.repeats} steps after a warm-up, freed memory kept by the allocator. Memory: peak resident set "
+        f"{args.repeats} steps after a warm-up, with malloc serving every block from its heap and keeping freed "
+        "memory (`reformer.allocator.keep_freed_memory`, as `reformer train` runs). Memory: peak resident set "
         "above the pre-step baseline during the warm-up step, large blocks returned to the OS "
         "(`MALLOC_MMAP_THRESHOLD_=65536`), so it is live memory.",
         "",

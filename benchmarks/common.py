@@ -4,7 +4,6 @@ peak resident memory, machine facts, Markdown tables, atomic output files."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import multiprocessing as mp
@@ -16,6 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+
+from reformer import allocator
 
 
 def rss_bytes() -> int:
@@ -53,13 +54,12 @@ MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def keep_freed_memory() -> None:
-    """Undo ``MALLOC_MMAP_THRESHOLD_`` for the timed steps: blocks up to glibc's 32 MiB maximum
-    come from the heap again, and freed heap memory is kept for the next step (fresh pages for
-    every tensor would time the kernel's page faults, for every system alike)."""
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 2**31 - 1)
+    """For the timed steps, after the memory step: every block from malloc's heap, freed memory
+    kept for the next step (:func:`reformer.allocator.keep_freed_memory`), as ``reformer train``
+    runs. Otherwise every tensor over glibc's mmap threshold (64 KiB in the memory step, at most
+    32 MiB by default) would time the kernel's page faults, for every system alike."""
+    if not allocator.keep_freed_memory():
+        print("note: glibc's malloc could not be set to keep freed memory; times include page faults")
 
 
 def importable(name: str) -> bool:

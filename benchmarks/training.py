@@ -18,9 +18,11 @@ spawned process. Its first step is the memory step: peak resident set above the 
 after building the model (weight gradients, activations, temporaries), with glibc handing
 large blocks straight back to the OS (``MALLOC_MMAP_THRESHOLD_``) so that it measures live
 memory, not the allocator's high-water mark. It is also the warm-up. The allocator is then
-switched back to keeping freed memory (fresh pages for every tensor would slow the steps)
-and the median of ``--repeats`` steps is the time (one step when a step takes longer than
-``FAST_STEP_S``); the memory number is read before them, so they cannot inflate it.
+switched to serving every block from its heap and keeping freed memory, as ``reformer train``
+runs (fresh pages for every tensor would time the kernel's page faults), one more untimed step
+faults the heap's pages in, and the median of ``--repeats`` steps is the time (one step when
+a step takes longer than ``FAST_STEP_S``); the memory number is read before them, so they
+cannot inflate it.
 
 Cases estimated (from the previous length or depth, scaled by the FLOP count) to take longer
 than ``--max-step-seconds`` per step are skipped; the child process is capped at the memory
@@ -188,6 +190,7 @@ def measure(system: str, length: int, depth: int, threads: int, repeats: int, me
     first_s = step()
     mb = max(peak_rss_bytes() - before, 0) / 2**20
     keep_freed_memory()
+    step()  # the first step on the heap faults its pages in
     times = [step() for _ in range(repeats if first_s < FAST_STEP_S else 1)]
     return {"s": statistics.median(times), "steps": len(times), "first_s": first_s, "mb": mb}
 
@@ -408,9 +411,11 @@ def render(report: dict) -> str:
         "layers. Options not listed keep each library's default (e.g. `reformer_pytorch` splits its feed-forward "
         "into `ff_chunks=100` pieces along the sequence, ours into 1).",
         "",
-        f"Time: median of {report['repeats']} steps after a warm-up step (one step when a step takes over "
-        f"{FAST_STEP_S:.0f} s). Memory: peak resident set of the warm-up step above the built model (weight "
-        "gradients, activations, temporaries), large blocks returned to the OS (`MALLOC_MMAP_THRESHOLD_=65536`). "
+        f"Time: median of {report['repeats']} steps (one step when a step takes over {FAST_STEP_S:.0f} s) after "
+        "the memory step and an untimed step, with malloc serving every block from its heap and keeping freed "
+        "memory (`reformer.allocator.keep_freed_memory`, as `reformer train` runs). Memory: peak resident set of "
+        "the memory step above the built model (weight gradients, activations, temporaries), large blocks "
+        "returned to the OS (`MALLOC_MMAP_THRESHOLD_=65536`). "
         f"Cases estimated to take over {report['max_step_seconds']:.0f} s per step are skipped (estimate: the "
         "previous length or depth scaled by the FLOP count). GEMM fraction: `step_flops()` (matmul FLOPs the step "
         "must do, backward = 2x forward, reversible recomputation not counted) / time, over the fp32 GEMM rate "

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, reproduce
+from .allocator import keep_freed_memory
 from .checkpoint import read_config
 from .config import ReformerConfig
 from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
@@ -181,6 +182,7 @@ class _Progress:
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.dist_timeout > 0:
         raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    keep_freed_memory()  # CPU steps reuse their memory instead of faulting in fresh pages
     device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
     try:
         return _train(args, device)
@@ -284,6 +286,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
+    keep_freed_memory()
+
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
