@@ -26,6 +26,7 @@ from common import (
     machine_line,
     markdown_table,
     peak_rss_bytes,
+    restore_default_malloc,
     rss_bytes,
     run_isolated,
 )
@@ -84,7 +85,10 @@ def measure(system: str, length: int, args: argparse.Namespace) -> dict:
     before = rss_bytes()
     step()
     mb = max(peak_rss_bytes() - before, 0) / 2**20
-    keep_freed_memory()
+    if args.allocator == "kept":
+        keep_freed_memory()
+    else:
+        restore_default_malloc()
     return {"ms": 1000 * min(step() for _ in range(args.repeats)), "mb": mb}
 
 
@@ -98,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-hashes", type=int, default=4)
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument(
+        "--allocator",
+        choices=("kept", "default"),
+        default="kept",
+        help="timed steps with freed memory kept (as reformer train runs) or glibc's default malloc",
+    )
     p.add_argument("--repeats", type=int, default=2, help="timed steps after one warm-up (best is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-step-seconds", type=float, default=120.0)
@@ -152,8 +162,14 @@ def render(args, systems, missing, results, machine: str) -> str:
         f"`LSHSelfAttention(dim={args.dim}, heads={args.heads}, bucket_size={args.bucket_size}, "
         f"n_hashes={args.n_hashes}, causal={args.causal})`, batch {args.batch}; `sdpa` is a dense layer of the "
         "same width (q/k/v projections + `scaled_dot_product_attention`). Time: best of "
-        f"{args.repeats} steps after a warm-up, with malloc serving every block from its heap and keeping freed "
-        "memory (`reformer.allocator.keep_freed_memory`, as `reformer train` runs). Memory: peak resident set "
+        f"{args.repeats} steps after a warm-up, "
+        + (
+            "with malloc serving every block from its heap and keeping freed memory "
+            "(`reformer.allocator.keep_freed_memory`, as `reformer train` runs)"
+            if args.allocator == "kept"
+            else "with glibc's default malloc (fresh pages for every block over 32 MiB, its largest mmap threshold)"
+        )
+        + ". Memory: peak resident set "
         "above the pre-step baseline during the warm-up step, large blocks returned to the OS "
         "(`MALLOC_MMAP_THRESHOLD_=65536`), so it is live memory.",
         "",

@@ -36,7 +36,7 @@ class UsageError(ValueError):
 
 #: ``benchmarks/`` of the source checkout this package runs from; a wheel does not ship it.
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-BENCHMARK_SCRIPTS = ("training", "attention", "generate", "profile_attention", "bucket_recall")
+BENCHMARK_SCRIPTS = ("training", "attention", "generate", "profile_attention", "bucket_recall", "page_faults")
 
 
 def int_at_least(minimum: int):

@@ -170,3 +170,22 @@ def test_bucket_recall_compares_exact_and_factorised_buckets(monkeypatch, tmp_pa
     assert [r[0].strip() for r in rows] == ["exact 32", "factorised 6x6"]
     assert [int(r[1]) for r in rows] == [16, 6]  # projections per round: n/2 exact, (6 + 6)/2 factorised
     assert all(0 <= float(x) <= 1 for r in rows for x in r[2:5])
+
+
+def test_page_faults_compares_the_allocator_settings(tmp_path):
+    # 8K tokens: the layer's packed rows (50 MB) and probabilities (100 MB) are over glibc's
+    # largest mmap threshold, so with its defaults each step faults them in again.
+    out = tmp_path / "faults.md"
+    script = str(BENCHMARKS / "page_faults.py")
+    done = subprocess.run(
+        [sys.executable, script, "--attention-lengths", "8192", "--lm-lengths", "--repeats", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| `LSH")]
+    assert len(rows) == 1 and rows[0][1].strip() == "8,192"
+    default_faults, kept_faults = (int(cell.split("/")[2].replace(",", "")) for cell in rows[0][2:4])
+    assert default_faults > 150 * 2**20 // 4096  # at least the two large buffers' pages
+    assert kept_faults < default_faults / 10
