@@ -35,7 +35,15 @@ def _child(fn: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
     try:
         queue.put(fn(*args))
     except Exception as exc:  # report, do not crash the sweep
-        queue.put({"error": f"{type(exc).__name__}: {exc}"[:80]})
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def _short_error(text: str) -> str:
+    """Allocation failures (under a memory cap, or the OOM killer's SIGKILL) read "out of memory";
+    other errors are cut to a table cell."""
+    if any(sign in text for sign in ("can't allocate memory", "MemoryError", "DefaultCPUAllocator", "exit code -9")):
+        return "out of memory"
+    return text[:80]
 
 
 def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
@@ -45,7 +53,8 @@ def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
     proc = ctx.Process(target=_child, args=(fn, args, queue))
     proc.start()
     proc.join()
-    return queue.get() if not queue.empty() else {"error": f"killed (exit code {proc.exitcode})"}
+    res = queue.get() if not queue.empty() else {"error": f"killed (exit code {proc.exitcode})"}
+    return {"error": _short_error(res["error"])} if "error" in res else res
 
 
 #: Set in the environment of the measuring processes: glibc hands every block above 64 KiB

@@ -237,14 +237,6 @@ def available_bytes() -> int:
     return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def _label_error(res: dict) -> dict:
-    """Allocation failures (under the memory cap, or the OOM killer's SIGKILL) read "out of memory"."""
-    text = res.get("error", "")
-    if "can't allocate memory" in text or "MemoryError" in text or "exit code -9" in text:
-        return {"error": "out of memory"}
-    return res
-
-
 def runnable_systems(requested: list[str]) -> tuple[list[str], dict[str, str]]:
     """The systems that can run here, and why the others cannot."""
     missing = [s for s in requested if s in NEEDS and not importable(NEEDS[s])]
@@ -281,7 +273,7 @@ def run_sweep(args: argparse.Namespace, command: str, json_path: Path) -> dict:
             res = skip_reason(done, system, length, depth, args.max_step_seconds)
             if res is None:
                 limit = max(available_bytes() - HEADROOM_BYTES, 2**30)
-                res = _label_error(run_isolated(measure, system, length, depth, args.threads, args.repeats, limit))
+                res = run_isolated(measure, system, length, depth, args.threads, args.repeats, limit)
             done[system, length, depth] = res
             report["cases"].append({"system": system, "length": length, "depth": depth, **res})
             print(f"{system:>16} {length:>6} x {depth:>2}: {time_cell(res)}, {memory_cell(res)}", file=sys.stderr)

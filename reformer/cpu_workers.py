@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -80,3 +81,16 @@ def split_evenly(n: int, parts: int) -> list[range]:
     parts = max(1, min(parts, n))
     bounds = [n * i // parts for i in range(parts + 1)]
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def l2_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """One CPU core's L2 cache size (Linux sysfs ``caches``), or 0 where unknown (the block sizes of
+    the chunked path and the hashing follow it)."""
+    for index in sorted(caches.glob("index*")):
+        try:
+            if (index / "level").read_text().strip() == "2":
+                size = (index / "size").read_text().strip()  # e.g. "2048K"
+                return int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]]
+        except (OSError, ValueError, KeyError, IndexError):
+            return 0
+    return 0

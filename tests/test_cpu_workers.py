@@ -44,3 +44,21 @@ def test_errors_in_a_part_reach_the_caller(monkeypatch):
 
     with pytest.raises(ValueError, match="part failed"):
         cpu_workers.run_parts([lambda: 1, bad])
+
+
+def _caches(root, entries):
+    root.mkdir()
+    for i, (level, size) in enumerate(entries):
+        (root / f"index{i}").mkdir()
+        (root / f"index{i}" / "level").write_text(f"{level}\n")
+        (root / f"index{i}" / "size").write_text(f"{size}\n")
+    return root
+
+
+def test_l2_cache_size_from_sysfs(tmp_path):
+    from reformer.cpu_workers import l2_cache_bytes
+
+    assert l2_cache_bytes(_caches(tmp_path / "a", [(1, "48K"), (1, "32K"), (2, "2048K"), (3, "491520K")])) == 2**21
+    assert l2_cache_bytes(_caches(tmp_path / "b", [(1, "32K"), (2, "1M")])) == 2**20
+    assert l2_cache_bytes(_caches(tmp_path / "c", [(2, "big")])) == 0
+    assert l2_cache_bytes(tmp_path / "missing") == 0

@@ -41,34 +41,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from .. import cpu_kernels
-from ..cpu_workers import run_parts, split_among_workers
+from ..cpu_workers import l2_cache_bytes, run_parts, split_among_workers
 from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
 from .slots import pad_and_sort, round_weights
-
-
-def _l2_cache_bytes() -> int:
-    """One CPU core's L2 cache size (Linux sysfs), or 0 where unknown."""
-    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
-        try:
-            if (index / "level").read_text().strip() == "2":
-                size = (index / "size").read_text().strip()  # e.g. "2048K"
-                return int(size[:-1]) * {"K": 2**10, "M": 2**20}[size[-1]]
-        except (OSError, ValueError, KeyError, IndexError):
-            return 0
-    return 0
-
 
 #: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
 #: that a block's logits and keys stay in cache, large enough that per-block overhead does
 #: not matter. Measured at 16K tokens: with a 512 KB L2, 2^17 (2^16 and 2^18 5-9% slower);
 #: with a 2 MB L2, 2^18 (2^17 and 2^19 4-8% slower).
-WINDOW_BLOCK_ELEMENTS = 2**18 if _l2_cache_bytes() >= 2**20 else 2**17
+WINDOW_BLOCK_ELEMENTS = 2**18 if l2_cache_bytes() >= 2**20 else 2**17
 
 
 def queries_per_window(bucket_size: int, strict: bool) -> int:
