@@ -178,7 +178,7 @@ def test_page_faults_compares_the_allocator_settings(tmp_path):
     out = tmp_path / "faults.md"
     script = str(BENCHMARKS / "page_faults.py")
     done = subprocess.run(
-        [sys.executable, script, "--attention-lengths", "8192", "--lm-lengths", "--repeats", "1", "--out", str(out)],
+        [sys.executable, script, "--attention-lengths", "8192", "--lm-lengths", "--repeats", "3", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -187,5 +187,5 @@ def test_page_faults_compares_the_allocator_settings(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| `LSH")]
     assert len(rows) == 1 and rows[0][1].strip() == "8,192"
     default_faults, kept_faults = (int(cell.split("/")[2].replace(",", "")) for cell in rows[0][2:4])
-    assert default_faults > 150 * 2**20 // 4096  # at least the two large buffers' pages
+    assert default_faults > 100 * 2**20 // 4096  # at least the probabilities' pages
     assert kept_faults < default_faults / 10
