@@ -4,7 +4,6 @@ peak resident memory, machine facts, Markdown tables, atomic output files."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib.metadata
 import importlib.util
 import multiprocessing as mp
@@ -76,10 +75,8 @@ def restore_default_malloc() -> None:
     """After the memory step's fixed 64 KiB mmap threshold: glibc's defaults as they settle in a
     process that frees large tensors (the mmap threshold grown to its 32 MiB maximum, the trim
     threshold to twice that), so every larger block gets fresh pages each time."""
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(m_mmap_threshold, 32 * 2**20)
-    libc.mallopt(m_trim_threshold, 64 * 2**20)
+    allocator.mallopt(allocator.M_MMAP_THRESHOLD, 32 * 2**20)
+    allocator.mallopt(allocator.M_TRIM_THRESHOLD, 64 * 2**20)
 
 
 def importable(name: str) -> bool:

@@ -7,7 +7,7 @@ activation-sized tensors by the gigabyte: a depth-6 ``ReformerLM`` step at 16K t
 about 14 GB of fresh pages (3.7 million faults, 17% of the step's time on a 2-core machine).
 :func:`keep_freed_memory` makes malloc serve every block from its heap and keep what is freed
 there, as a GPU caching allocator does (and as Intel's PyTorch launcher sets jemalloc up): the
-pages are faulted once, in the first step, then reused. The cost is that the process's
+pages are faulted in during the first steps, then reused. The cost is that the process's
 resident memory stays at its peak instead of shrinking between steps.
 
 ``reformer train`` and ``reformer reproduce`` call it; ``REFORMER_KEEP_FREED_MEMORY=0`` keeps
@@ -19,8 +19,19 @@ from __future__ import annotations
 import ctypes
 import os
 
-_M_TRIM_THRESHOLD = -1  # free memory at the top of the heap is returned above this many bytes
-_M_MMAP_MAX = -4  # how many blocks may be mmap'ed at once (0: none, every block from the heap)
+M_TRIM_THRESHOLD = -1  # free memory at the top of the heap is returned above this many bytes
+M_MMAP_THRESHOLD = -3  # blocks of at least this many bytes are mmap'ed (fresh pages)
+M_MMAP_MAX = -4  # how many blocks may be mmap'ed at once (0: none, every block from the heap)
+
+
+def mallopt(option: int, value: int) -> bool:
+    """glibc's ``mallopt(option, value)``; False where it refused or the C library is not glibc
+    (macOS, Windows, musl)."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return fn(option, value) == 1  # 1 on success
 
 
 def keep_freed_memory() -> bool:
@@ -28,9 +39,4 @@ def keep_freed_memory() -> bool:
     applied: False with ``REFORMER_KEEP_FREED_MEMORY=0`` or where the C library is not glibc."""
     if os.environ.get("REFORMER_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        return False
-    # mallopt returns 1 on success
-    return mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    return mallopt(M_MMAP_MAX, 0) and mallopt(M_TRIM_THRESHOLD, 2**31 - 1)

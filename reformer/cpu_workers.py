@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
@@ -83,6 +84,7 @@ def split_evenly(n: int, parts: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
+@cache
 def l2_cache_bytes(caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
     """One CPU core's L2 cache size (Linux sysfs ``caches``), or 0 where unknown (the block sizes of
     the chunked path and the hashing follow it)."""
