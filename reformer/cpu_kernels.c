@@ -2,9 +2,11 @@
  *
  * Each replaces several full passes of torch ops over a block of rows with one: the masks,
  * softmax and log-sum-exp of the window attention and its backward, the gathers and
- * scatter-adds of its rows, the combination of rounds, and the hash's argmax. The matmuls
- * around them stay with torch. A call handles a block of contiguous fp32 rows and holds no
- * state, so calls on different blocks may run at once.
+ * scatter-adds of its rows, the combination of rounds, and the hash's argmax. For strict
+ * causal windows, reformer_strict_window_forward and _backward also do the window matmuls
+ * (register tiles), so a block of windows is one call; elsewhere the matmuls stay with torch.
+ * A call handles a block of contiguous fp32 rows and holds no state, so calls on different
+ * blocks may run at once.
  *
  * exp is a polynomial (Cephes' expf: Cody-Waite reduction, degree-6 minimax, about 1 ulp)
  * written so that the compiler vectorises it; arguments under -87.3 (where fp32 exp
@@ -323,5 +325,175 @@ void reformer_finish_rounds(float *out, const float *top, const float *total, co
     for (int64_t k = 0; k < slots; k++) {
         const int64_t p = slot_rows[k];
         weight[k] = expf(slot_lse[k] - top[p]) / total[p];
+    }
+}
+
+/* ---- Window matmuls: the forward of a block of strict causal windows in one pass ---------- */
+
+/* Register tiles of ROWS x VECS vectors of the widest vectors the machine has: the product of
+ * a window's small matrices is computed in registers, with no packing and no call per matrix
+ * (the batched matmul spent more on those than on arithmetic at these sizes). */
+#ifdef __AVX512F__
+#define VL 16
+#define TILE_ROWS 8
+#else
+#define VL 8
+#define TILE_ROWS 4
+#endif
+typedef float vf __attribute__((vector_size(VL * 4), aligned(4)));
+#define LOADV(p) (*(const vf *)(p))
+#define STOREV(p, x) (*(vf *)(p) = (x))
+
+/* out[r][0 : VL * V] (row stride ldo) = sum_i a[r * ar + i * ai] b[i][0 : VL * V] over i < n,
+ * r < R; with add, added to out instead. a's strides let it be a transposed matrix. */
+#define PRODUCT_TILE(name, R, V)                                                                      \
+    static inline void name(const float *a, int64_t ar, int64_t ai, const float *b, int64_t ldb,     \
+                            float *out, int64_t ldo, int64_t n, int add) {                            \
+        vf acc[R][V];                                                                                 \
+        for (int r = 0; r < R; r++)                                                                   \
+            for (int v = 0; v < V; v++) acc[r][v] = (vf){0};                                          \
+        for (int64_t i = 0; i < n; i++) {                                                             \
+            vf bv[V];                                                                                 \
+            for (int v = 0; v < V; v++) bv[v] = LOADV(b + i * ldb + VL * v);                          \
+            for (int r = 0; r < R; r++) {                                                             \
+                const float x = a[r * ar + i * ai];                                                   \
+                for (int v = 0; v < V; v++) acc[r][v] += x * bv[v];                                   \
+            }                                                                                         \
+        }                                                                                             \
+        for (int r = 0; r < R; r++)                                                                   \
+            for (int v = 0; v < V; v++) {                                                             \
+                float *at = out + r * ldo + VL * v;                                                   \
+                STOREV(at, add ? LOADV(at) + acc[r][v] : acc[r][v]);                                  \
+            }                                                                                         \
+    }
+PRODUCT_TILE(product_tile, TILE_ROWS, 3)      /* 24 accumulators with AVX-512, 12 with AVX */
+PRODUCT_TILE(product_wide, TILE_ROWS / 2, 4)  /* for rows of 4 vectors: half the rows, 16 (8) */
+PRODUCT_TILE(product_column, TILE_ROWS, 1)
+
+/* out (rows x cols, stride ldo) = (or +=, with add) a . b: a (rows x n) with element (r, i) at
+ * a[r * ar + i * ai], b (n x cols, stride ldb); rows a multiple of TILE_ROWS, cols of VL. */
+static void small_product(const float *a, int64_t ar, int64_t ai, const float *b, int64_t ldb, float *out,
+                          int64_t ldo, int64_t rows, int64_t n, int64_t cols, int add) {
+    int64_t j = 0;
+    if (cols % (4 * VL) == 0) {
+        for (; j < cols; j += 4 * VL)
+            for (int64_t r = 0; r < rows; r += TILE_ROWS / 2)
+                product_wide(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
+        return;
+    }
+    for (; j + 3 * VL <= cols; j += 3 * VL)
+        for (int64_t r = 0; r < rows; r += TILE_ROWS)
+            product_tile(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
+    for (; j < cols; j += VL)
+        for (int64_t r = 0; r < rows; r += TILE_ROWS)
+            product_column(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
+}
+
+#if defined(__clang__)
+#define SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define SHUFFLE(a, b, ...) __builtin_shuffle(a, b, (i8){__VA_ARGS__})
+#endif
+
+/* t (8 x 8, stride ldt) = the transpose of x (8 x 8, stride ldx): three rounds of interleaving */
+static inline void transpose8(const float *x, int64_t ldx, float *t, int64_t ldt) {
+    f8 r[8], u[8];
+    for (int l = 0; l < 8; l++) r[l] = load8(x + l * ldx, LANES);
+    for (int l = 0; l < 8; l += 2) { /* pairs of rows, element by element */
+        u[l] = SHUFFLE(r[l], r[l + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        u[l + 1] = SHUFFLE(r[l], r[l + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int l = 0; l < 8; l += 4) /* pairs of pairs */
+        for (int k = 0; k < 2; k++) {
+            r[l + 2 * k] = SHUFFLE(u[l + k], u[l + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            r[l + 2 * k + 1] = SHUFFLE(u[l + k], u[l + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
+    for (int k = 0; k < 4; k++) { /* halves: column k from r[k] and r[k + 4], column k + 4 too */
+        store8(t + k * ldt, SHUFFLE(r[k], r[k + 4], 0, 1, 2, 3, 8, 9, 10, 11), LANES);
+        store8(t + (k + 4) * ldt, SHUFFLE(r[k], r[k + 4], 4, 5, 6, 7, 12, 13, 14, 15), LANES);
+    }
+}
+
+/* columns [from, from + count) of rows (length of them, stride e) as rows: t[j * length + i] */
+static void transpose_columns(const float *rows, int64_t e, int64_t from, int64_t count, int64_t length,
+                              float *t) {
+    const int64_t whole = length - length % 8, cols = count - count % 8;
+    for (int64_t i = 0; i < whole; i += 8)
+        for (int64_t j = 0; j < cols; j += 8) transpose8(rows + i * e + from + j, e, t + j * length + i, length);
+    for (int64_t i = 0; i < length; i++)
+        for (int64_t j = i < whole ? cols : 0; j < count; j++) t[j * length + i] = rows[i * e + from + j];
+}
+
+/* The forward of a block of strict causal windows (see reformer_strict_softmax), fused: per
+ * window the logits q k^T, their softmax, and the outputs p v added to their positions' rows
+ * as reformer_accumulate_rounds does, with the window's logits and outputs in cache. The block
+ * is nb batch rows of m windows; run (nb, m * s + c, 2d + dv) holds its gathered [q | k | v]
+ * rows (queries are a run's last m * s rows, window j's keys its rows [j * s, j * s + c + s)).
+ * Writes the probabilities (nb * m, s, c + s) and log-sum-exps (nb * m * s); span_row and
+ * query_rows (nb * m * s) per query. Scratch: keys_t (d * (m * s + c)) and o (s * dv). Needs
+ * s a multiple of 8, c + s, d and dv multiples of 16 (every machine's TILE_ROWS and VL divide those). */
+void reformer_strict_window_forward(const float *run, int64_t nb, int64_t m, int64_t s, int64_t c, int64_t d,
+                                    int64_t dv, const int64_t *span_row, float self_value, float *probs,
+                                    float *lse, float *out, float *top, float *total, const int64_t *query_rows,
+                                    float *keys_t, float *o) {
+    const int64_t e = 2 * d + dv, w = c + s, length = m * s + c;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *rows = run + b * length * e;
+        transpose_columns(rows, e, d, d, length, keys_t); /* keys as columns: a window's are a slice */
+        for (int64_t win = 0; win < m; win++) {
+            const int64_t first = (b * m + win) * s; /* the window's first query of the block */
+            float *p = probs + first * w;
+            small_product(rows + (c + win * s) * e, e, 1, keys_t + win * s, length, p, w, s, d, w, 0);
+            reformer_strict_softmax(p, p, lse + first, span_row + first, s, s, c, self_value, 0);
+            small_product(p, w, 1, rows + win * s * e + 2 * d, e, o, dv, s, w, dv, 0);
+            reformer_accumulate_rounds(out, top, total, o, lse + first, query_rows + first, s, dv);
+        }
+    }
+}
+
+
+/* The backward of a block of strict causal windows (reformer_strict_window_forward's), fused:
+ * per window, the output gradient of its queries (grad_out rows at query_rows, times their
+ * round weights, with shift = weight * (g . out) as chunked._LSHWindows.backward derives), the
+ * gradients of the values p^T g, of the logits (g v^T - shift) * p, of the queries and keys,
+ * summed over the windows of a batch row in a buffer of its key run, then added to grad (rows,
+ * 2d + dv) at the run's rows key_rows (nb, m * s + c). Scratch: dv * (m * s + c) + (m * s + c)
+ * * (2d + dv) + s * (dv + c + s + 1) floats. */
+void reformer_strict_window_backward(const float *run, int64_t nb, int64_t m, int64_t s, int64_t c, int64_t d,
+                                     int64_t dv, const float *probs, const float *grad_out, const float *g_dot_out,
+                                     const float *weight, const int64_t *query_rows, const int64_t *key_rows,
+                                     float *grad, float *scratch) {
+    const int64_t e = 2 * d + dv, w = c + s, length = m * s + c;
+    float *values_t = scratch, *acc = values_t + dv * length, *go = acc + length * e, *gd = go + s * dv;
+    float *shift = gd + s * w;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *rows = run + b * length * e;
+        transpose_columns(rows, e, 2 * d, dv, length, values_t);
+        __builtin_memset(acc, 0, length * e * sizeof(float));
+        for (int64_t win = 0; win < m; win++) {
+            const int64_t first = (b * m + win) * s;
+            const float *p = probs + first * w, *q = rows + (c + win * s) * e, *keys = rows + win * s * e;
+            for (int64_t i = 0; i < s; i++) {
+                const int64_t row = query_rows[first + i];
+                const float wt = weight[first + i];
+#pragma omp simd
+                for (int64_t j = 0; j < dv; j++) go[i * dv + j] = grad_out[row * dv + j] * wt;
+                shift[i] = g_dot_out[row] * wt;
+            }
+            float *window_acc = acc + win * s * e; /* the window's keys' rows of the run */
+            small_product(p, 1, w, go, dv, window_acc + 2 * d, e, w, s, dv, 1);        /* values: p^T g */
+            small_product(go, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0);  /* g v^T */
+            reformer_softmax_backward(gd, p, shift, s, s, c, 1);
+            small_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, w, d, 1); /* queries */
+            small_product(gd, 1, w, q, e, window_acc + d, e, w, s, d, 1);                 /* keys */
+        }
+        const int64_t *targets = key_rows + b * length;
+        for (int64_t i = 0; i < length; i++) {
+            if (i + ROWS_AHEAD < length) prefetch_row(grad + targets[i + ROWS_AHEAD] * e, e, 1);
+            float *target = grad + targets[i] * e;
+            const float *from = acc + i * e;
+#pragma omp simd
+            for (int64_t j = 0; j < e; j++) target[j] += from[j];
+        }
     }
 }

@@ -146,6 +146,58 @@ def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, m
             torch.testing.assert_close(a.double(), reference[i], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block_elements", [3000, 2**18])  # several blocks per batch row; whole rows per block
+@pytest.mark.parametrize("c,d,dv", [(32, 16, 16), (64, 32, 48)])
+def test_fused_window_kernels_equal_the_reference_and_the_unfused_path(monkeypatch, block_elements, c, d, dv):
+    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", block_elements)
+    length, rounds = 8 * c, 3
+    qk, v = torch.randn(2, length, d) * 3, torch.randn(2, length, dv)
+    buckets = torch.randint(0, 8, (2, rounds, length))
+    args = dict(bucket_size=c, n_buckets=8, causal=True)
+    calls = []
+    for name in ("strict_window_forward_", "strict_window_backward_"):
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
+
+    def run(fn, dtype):
+        a, b = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
+        out, _ = fn(a, b, buckets, **args)
+        weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
+        return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
+
+    fused = run(lsh_attention_chunked, torch.float32)
+    assert set(calls) == {"strict_window_forward_", "strict_window_backward_"}
+    with torch.no_grad():  # (probabilities not kept: the forward writes them to a scratch block)
+        torch.testing.assert_close(lsh_attention_chunked(qk, v, buckets, **args)[0], fused[0], atol=0, rtol=0)
+    reference = run(lsh_attention_reference, torch.float64)
+    monkeypatch.setattr(chunked, "_fuses_windows", lambda *a: False)
+    unfused = run(lsh_attention_chunked, torch.float32)
+    for a, b, r in zip(fused, unfused, reference, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "kw,c,dv,fused",
+    [
+        (dict(causal=True), 32, 16, True),
+        (dict(causal=True), 16, 16, False),  # 24-key windows: not a multiple of the tiles' 16 columns
+        (dict(causal=True), 32, 8, False),
+        (dict(causal=True, strict_causal=False), 32, 16, False),
+        (dict(causal=False), 32, 16, False),
+        (dict(causal=True, allow_duplicate_attention=False), 32, 16, False),
+        (dict(causal=True, key_mask=torch.ones(1, 64, dtype=torch.bool)), 32, 16, False),
+    ],
+)
+def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
+    calls = []
+    kernel = cpu_kernels.strict_window_forward_
+    monkeypatch.setattr(cpu_kernels, "strict_window_forward_", lambda *a: calls.append(1) or kernel(*a))
+    qk, v = torch.randn(1, 64, 16), torch.randn(1, 64, dv)
+    lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), bucket_size=c, n_buckets=2, **kw)
+    assert bool(calls) == fused
+
+
 def test_dropout_with_kernels_equals_torch_ops(monkeypatch):
     qk, v = torch.randn(2, 64, 8, requires_grad=True), torch.randn(2, 64, 8, requires_grad=True)
     buckets = torch.randint(0, 4, (2, 2, 64))

@@ -13,7 +13,10 @@ back, so it uses ``s = c / 2`` (:func:`queries_per_window`): windows of ``3c/2``
 instead of ``2c``, a quarter fewer logits for the same result.
 
 Work is done in blocks of consecutive windows (:data:`WINDOW_BLOCK_ELEMENTS` logits at a
-time, small enough to stay in cache). A block gathers one contiguous run of packed
+time, small enough to stay in cache). Strict causal windows in fp32 on CPU go through one fused
+C kernel per block for the forward and one for the backward (matmuls in registers, softmax and
+gradients per window while its tiles are in cache: :func:`_fuses_windows`); other modes use
+batched matmuls around the row kernels of :mod:`reformer.cpu_kernels`. A block gathers one contiguous run of packed
 ``[q | k | v]`` rows (``ext`` order: the ``c`` slots before its queries, then its own); its
 queries are the run's tail and its windows strided views of it, not copies. Gradients are
 summed over the run with ``(c + s) / s`` strided adds, then added back with one
@@ -402,12 +405,20 @@ class _LSHWindows(torch.autograd.Function):
         top = torch.full((plan.rows * plan.lp,), -torch.inf, device=qk.device) if online else None
         total_weight = torch.zeros(plan.rows * plan.lp, device=qk.device) if online else None
 
+        fused = online and dropout == 0 and _fuses_windows(plan, d, dv)
+
         def attend(rows: range) -> None:
             first = rows.start * plan.lp  # this part's rows of ``out`` (other parts write the rest)
             part_rows = slice(first, rows.stop * plan.lp)
             if online:
                 part_out, part_top, part_total = out.view(-1, dv)[part_rows], top[part_rows], total_weight[part_rows]
-            for blk in plan.blocks(rows):
+            blocks = plan.blocks(rows)
+            if fused:
+                fused_block = _fused_forward(plan, qkv, blocks, all_probs, slot_lse, (part_out, part_top, part_total))
+            for blk in blocks:
+                if fused:
+                    fused_block(blk, plan.query_slots(plan.slot_row, blk) - first)
+                    continue
                 x = _block_inputs(plan, qkv, blk, d)
                 dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
                 probs = dots if all_probs is None else all_probs[blk.start : blk.end]
@@ -456,12 +467,21 @@ class _LSHWindows(torch.autograd.Function):
         weight = slot_weight.view(plan.rows, -1)  # (b, total)
         grad = torch.zeros_like(qkv)
 
+        fused = dropout == 0 and _fuses_windows(plan, d, dv)
+
         def attend_backward(rows: range) -> None:
             # only this part's rows of ``grad``, offset to them (index_add_ of reduced-precision
             # types rewrites all of its target: parts running meanwhile must not share it)
             part_grad, first = grad[rows.start * plan.lp : rows.stop * plan.lp], rows.start * plan.lp
-            for blk in plan.blocks(rows):
+            blocks = plan.blocks(rows)
+            if fused:
+                part = slice(first, rows.stop * plan.lp)
+                fused_block = _fused_backward(plan, qkv, blocks, all_probs, grad_flat[part], g_dot_out[part], part_grad)
+            for blk in blocks:
                 query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
+                if fused:
+                    fused_block(blk, plan.query_slots(weight, blk), query_rows - first, key_rows - first)
+                    continue
                 x = _block_inputs(plan, qkv, blk, d)
                 w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
                 go = _gather(plan, grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
@@ -489,6 +509,68 @@ class _LSHWindows(torch.autograd.Function):
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
         return _shared_qk_grad(plan, qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
+
+
+def _fuses_windows(plan: _WindowPlan, d: int, dv: int) -> bool:
+    """Whether the fp32 path does its windows with ``cpu_kernels.strict_window_forward_`` and
+    ``strict_window_backward_`` (strict causal windows with no masks beyond the strict one, of
+    sizes their tiles take)."""
+    fits = cpu_kernels.window_tiles_fit(plan.s, plan.c, d, dv)
+    return plan.kernels and plan.strict and plan.key_valid is None and plan.dup_info is None and fits
+
+
+def _fused_forward(
+    plan: _WindowPlan,
+    qkv: torch.Tensor,
+    blocks: list[_Block],
+    all_probs: torch.Tensor | None,
+    slot_lse: torch.Tensor,
+    rounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+):
+    """The forward of one block (its windows' probabilities into ``all_probs``, or a scratch
+    block when they are not kept) as one kernel call after its gather; returns
+    ``step(blk, query_rows)``. ``rounds``: the part's ``(out, top, total)``."""
+    s, d, dv = plan.s, (qkv.shape[-1] - rounds[0].shape[-1]) // 2, rounds[0].shape[-1]
+    longest = max((blk.j1 - blk.j0) * s + plan.c for blk in blocks)  # a batch row's key run
+    scratch = qkv.new_empty(d * longest + s * dv)
+    spare = None if all_probs is not None else qkv.new_empty(max(b.end - b.start for b in blocks), s, plan.width)
+    self_value = self_logit(qkv.dtype, plan.self_value)
+
+    def step(blk: _Block, query_rows: torch.Tensor) -> None:
+        run = _gather(plan, qkv, plan.key_run(plan.ext_row, blk))
+        probs = spare[: blk.end - blk.start] if all_probs is None else all_probs[blk.start : blk.end]
+        span_row, lse = plan.query_slots(plan.span_row, blk), slot_lse[blk.start : blk.end]
+        forward = cpu_kernels.strict_window_forward_
+        forward(run, span_row, self_value, probs, lse, rounds, query_rows, s, plan.c, scratch)
+
+    return step
+
+
+def _fused_backward(
+    plan: _WindowPlan,
+    qkv: torch.Tensor,
+    blocks: list[_Block],
+    all_probs: torch.Tensor,
+    grad_out: torch.Tensor,
+    g_dot_out: torch.Tensor,
+    grad: torch.Tensor,
+):
+    """The backward of one block as one kernel call after its gather, added to the part's
+    ``grad``; returns ``step(blk, weight, query_rows, key_rows)`` (rows relative to the part's,
+    as ``grad_out`` ``(rows, dv)`` and ``g_dot_out`` ``(rows,)`` are)."""
+    s, dv = plan.s, grad_out.shape[-1]
+    e = qkv.shape[-1]
+    longest = max((blk.j1 - blk.j0) * s + plan.c for blk in blocks)
+    scratch = qkv.new_empty(longest * (e + dv) + s * (dv + plan.width + 1))
+
+    def step(blk: _Block, weight: torch.Tensor, query_rows: torch.Tensor, key_rows: torch.Tensor) -> None:
+        run = _gather(plan, qkv, plan.key_run(plan.ext_row, blk))
+        probs = all_probs[blk.start : blk.end]
+        cpu_kernels.strict_window_backward_(
+            run, probs, grad_out, g_dot_out, weight, query_rows, key_rows, grad, s, plan.c, scratch
+        )
+
+    return step
 
 
 def _row_parts(x: torch.Tensor) -> list[slice]:
