@@ -1,6 +1,7 @@
 """The fused CPU row kernels (reformer/attention/cpu_kernels.c) against the torch ops they
 replace, and the chunked path with them against the reference and against itself without them."""
 
+import platform
 import shutil
 
 import pytest
@@ -149,6 +150,24 @@ def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, m
 @pytest.mark.parametrize("block_elements", [3000, 2**18])  # several blocks per batch row; whole rows per block
 @pytest.mark.parametrize("c,d,dv", [(32, 16, 16), (64, 32, 48)])
 def test_fused_window_kernels_equal_the_reference_and_the_unfused_path(monkeypatch, block_elements, c, d, dv):
+    _check_fused_windows(monkeypatch, block_elements, c, d, dv)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector extensions")
+def test_fused_window_kernels_built_without_avx512_agree_too(monkeypatch, tmp_path):
+    # Their register tiles differ with the vector width: check the AVX build here as well
+    # (on a machine without AVX-512 the test above already runs it).
+    monkeypatch.setattr(cpu_kernels, "FLAGS", [*cpu_kernels.FLAGS, "-mno-avx512f"])
+    monkeypatch.setenv("REFORMER_CACHE", str(tmp_path))
+    cpu_kernels._library.cache_clear()
+    try:
+        _check_fused_windows(monkeypatch, 3000, 64, 32, 48)
+        assert list((tmp_path / "kernels").glob("*.so")), "the AVX build must have been the one used"
+    finally:
+        cpu_kernels._library.cache_clear()
+
+
+def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: int) -> None:
     monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", block_elements)
     length, rounds = 8 * c, 3
     qk, v = torch.randn(2, length, d) * 3, torch.randn(2, length, dv)
