@@ -60,8 +60,8 @@ KERNELS = {
     "finish_rounds_": "  row kernels: combining rounds",
     "pack_qkv_": "  row kernels: packing q, k, v and folding their gradient",
     "fold_qk_grad_": "  row kernels: packing q, k, v and folding their gradient",
-    "strict_window_forward_": "  fused window kernels: forward (matmuls, softmax, rounds)",
-    "strict_window_backward_": "  fused window kernels: backward (matmuls, softmax, gradients to rows)",
+    "strict_windows_forward_": "  fused window kernels: forward (matmuls, softmax, rounds)",
+    "strict_windows_backward_": "  fused window kernels: backward (matmuls, softmax, gradients to rows)",
 }
 
 

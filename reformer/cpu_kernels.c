@@ -424,76 +424,86 @@ static void transpose_columns(const float *rows, int64_t e, int64_t from, int64_
         for (int64_t j = i < whole ? cols : 0; j < count; j++) t[j * length + i] = rows[i * e + from + j];
 }
 
-/* The forward of a block of strict causal windows (see reformer_strict_softmax), fused: per
- * window the logits q k^T, their softmax, and the outputs p v added to their positions' rows
- * as reformer_accumulate_rounds does, with the window's logits and outputs in cache. The block
- * is nb batch rows of m windows; run (nb, m * s + c, 2d + dv) holds its gathered [q | k | v]
- * rows (queries are a run's last m * s rows, window j's keys its rows [j * s, j * s + c + s)).
- * Writes the probabilities (nb * m, s, c + s) and log-sum-exps (nb * m * s); span_row and
- * query_rows (nb * m * s) per query. Scratch: keys_t (d * (m * s + c)) and o (s * dv). Needs
- * s a multiple of 8, c + s, d and dv multiples of 16 (every machine's TILE_ROWS and VL divide those). */
-void reformer_strict_window_forward(const float *run, int64_t nb, int64_t m, int64_t s, int64_t c, int64_t d,
-                                    int64_t dv, const int64_t *span_row, float self_value, float *probs,
-                                    float *lse, float *out, float *top, float *total, const int64_t *query_rows,
-                                    float *keys_t, float *o) {
-    const int64_t e = 2 * d + dv, w = c + s, length = m * s + c;
+/* The fused kernels below work through a batch row's windows a chunk at a time: its key run
+ * (the chunk's m * s query slots and the c before them) gathered into a scratch buffer and
+ * its keys or values transposed, sized to stay in cache with the window's tiles. */
+
+/* The forward of strict causal windows (see reformer_strict_softmax), fused: per window the
+ * logits q k^T, their softmax and the outputs p v added to their positions' rows as
+ * reformer_accumulate_rounds does. nb batch rows of n windows; ext_row (nb, c + n * s): the
+ * qkv row of each slot in ext order (a row's last c slots first); span_row and query_rows
+ * (nb, n * s): each query slot's strict mask row and its position row in out. Writes the
+ * probabilities (nb * n, s, c + s), unless probs is NULL, and the log-sum-exps (nb * n * s).
+ * scratch: (chunk * s + c) * (2d + dv + d) + s * (dv + 2 * (c + s)) floats. Needs s a multiple
+ * of 8, c + s, d and dv multiples of 16 (every machine's TILE_ROWS and VL divide those). */
+void reformer_strict_windows_forward(const float *qkv, const int64_t *ext_row, const int64_t *span_row,
+                                     const int64_t *query_rows, int64_t nb, int64_t n, int64_t chunk, int64_t s,
+                                     int64_t c, int64_t d, int64_t dv, float self_value, float *probs, float *lse,
+                                     float *out, float *top, float *total, float *scratch) {
+    const int64_t e = 2 * d + dv, w = c + s, slots = n * s, longest = chunk * s + c;
+    float *run = scratch, *keys_t = run + longest * e, *o = keys_t + d * longest, *logits = o + s * dv;
+    float *spare = logits + s * w;
     for (int64_t b = 0; b < nb; b++) {
-        const float *rows = run + b * length * e;
-        transpose_columns(rows, e, d, d, length, keys_t); /* keys as columns: a window's are a slice */
-        for (int64_t win = 0; win < m; win++) {
-            const int64_t first = (b * m + win) * s; /* the window's first query of the block */
-            float *p = probs + first * w;
-            small_product(rows + (c + win * s) * e, e, 1, keys_t + win * s, length, p, w, s, d, w, 0);
-            reformer_strict_softmax(p, p, lse + first, span_row + first, s, s, c, self_value, 0);
-            small_product(p, w, 1, rows + win * s * e + 2 * d, e, o, dv, s, w, dv, 0);
-            reformer_accumulate_rounds(out, top, total, o, lse + first, query_rows + first, s, dv);
+        for (int64_t j0 = 0; j0 < n; j0 += chunk) {
+            const int64_t m = n - j0 < chunk ? n - j0 : chunk, length = m * s + c;
+            reformer_gather_rows(qkv, ext_row + b * (c + slots) + j0 * s, run, length, e);
+            transpose_columns(run, e, d, d, length, keys_t); /* keys as columns: a window's are a slice */
+            for (int64_t win = 0; win < m; win++) {
+                const int64_t slot = b * slots + (j0 + win) * s; /* the window's first query slot */
+                float *p = probs ? probs + slot * w : spare;
+                small_product(run + (c + win * s) * e, e, 1, keys_t + win * s, length, logits, w, s, d, w, 0);
+                reformer_strict_softmax(logits, p, lse + slot, span_row + slot, s, s, c, self_value, 0);
+                small_product(p, w, 1, run + win * s * e + 2 * d, e, o, dv, s, w, dv, 0);
+                reformer_accumulate_rounds(out, top, total, o, lse + slot, query_rows + slot, s, dv);
+            }
         }
     }
 }
 
-
-/* The backward of a block of strict causal windows (reformer_strict_window_forward's), fused:
- * per window, the output gradient of its queries (grad_out rows at query_rows, times their
- * round weights, with shift = weight * (g . out) as chunked._LSHWindows.backward derives), the
- * gradients of the values p^T g, of the logits (g v^T - shift) * p, of the queries and keys,
- * summed over the windows of a batch row in a buffer of its key run, then added to grad (rows,
- * 2d + dv) at the run's rows key_rows (nb, m * s + c). Scratch: dv * (m * s + c) + (m * s + c)
- * * (2d + dv) + s * (dv + c + s + 1) floats. */
-void reformer_strict_window_backward(const float *run, int64_t nb, int64_t m, int64_t s, int64_t c, int64_t d,
-                                     int64_t dv, const float *probs, const float *grad_out, const float *g_dot_out,
-                                     const float *weight, const int64_t *query_rows, const int64_t *key_rows,
-                                     float *grad, float *scratch) {
-    const int64_t e = 2 * d + dv, w = c + s, length = m * s + c;
-    float *values_t = scratch, *acc = values_t + dv * length, *go = acc + length * e, *gd = go + s * dv;
-    float *shift = gd + s * w;
+/* The backward of reformer_strict_windows_forward's windows: per window, the output gradient
+ * of its queries (grad_out rows at query_rows times their round weights, with shift = weight
+ * * (g . out), as chunked._LSHWindows.backward derives), the gradients of the values p^T g, of
+ * the logits (g v^T - shift) * p, of the queries and of the keys; summed per chunk in a buffer
+ * of its key run, then added to grad (rows, 2d + dv) at the run's qkv rows minus first_row.
+ * scratch: (chunk * s + c) * (2 * (2d + dv) + dv) + s * (dv + c + s + 1) floats. */
+void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, const int64_t *query_rows,
+                                      const float *weight, int64_t first_row, int64_t nb, int64_t n, int64_t chunk,
+                                      int64_t s, int64_t c, int64_t d, int64_t dv, const float *probs,
+                                      const float *grad_out, const float *g_dot_out, float *grad, float *scratch) {
+    const int64_t e = 2 * d + dv, w = c + s, slots = n * s, longest = chunk * s + c;
+    float *run = scratch, *values_t = run + longest * e, *acc = values_t + dv * longest, *go = acc + longest * e;
+    float *gd = go + s * dv, *shift = gd + s * w;
     for (int64_t b = 0; b < nb; b++) {
-        const float *rows = run + b * length * e;
-        transpose_columns(rows, e, 2 * d, dv, length, values_t);
-        __builtin_memset(acc, 0, length * e * sizeof(float));
-        for (int64_t win = 0; win < m; win++) {
-            const int64_t first = (b * m + win) * s;
-            const float *p = probs + first * w, *q = rows + (c + win * s) * e, *keys = rows + win * s * e;
-            for (int64_t i = 0; i < s; i++) {
-                const int64_t row = query_rows[first + i];
-                const float wt = weight[first + i];
+        for (int64_t j0 = 0; j0 < n; j0 += chunk) {
+            const int64_t m = n - j0 < chunk ? n - j0 : chunk, length = m * s + c;
+            const int64_t *run_rows = ext_row + b * (c + slots) + j0 * s;
+            reformer_gather_rows(qkv, run_rows, run, length, e);
+            transpose_columns(run, e, 2 * d, dv, length, values_t);
+            __builtin_memset(acc, 0, length * e * sizeof(float));
+            for (int64_t win = 0; win < m; win++) {
+                const int64_t slot = b * slots + (j0 + win) * s;
+                const float *p = probs + slot * w, *q = run + (c + win * s) * e, *keys = run + win * s * e;
+                for (int64_t i = 0; i < s; i++) {
+                    const int64_t row = query_rows[slot + i];
+                    const float wt = weight[slot + i];
 #pragma omp simd
-                for (int64_t j = 0; j < dv; j++) go[i * dv + j] = grad_out[row * dv + j] * wt;
-                shift[i] = g_dot_out[row] * wt;
+                    for (int64_t j = 0; j < dv; j++) go[i * dv + j] = grad_out[row * dv + j] * wt;
+                    shift[i] = g_dot_out[row] * wt;
+                }
+                float *window_acc = acc + win * s * e; /* the window's keys' rows of the run */
+                small_product(p, 1, w, go, dv, window_acc + 2 * d, e, w, s, dv, 1);       /* values: p^T g */
+                small_product(go, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0); /* g v^T */
+                reformer_softmax_backward(gd, p, shift, s, s, c, 1);
+                small_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, w, d, 1); /* queries */
+                small_product(gd, 1, w, q, e, window_acc + d, e, w, s, d, 1);                 /* keys */
             }
-            float *window_acc = acc + win * s * e; /* the window's keys' rows of the run */
-            small_product(p, 1, w, go, dv, window_acc + 2 * d, e, w, s, dv, 1);        /* values: p^T g */
-            small_product(go, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0);  /* g v^T */
-            reformer_softmax_backward(gd, p, shift, s, s, c, 1);
-            small_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, w, d, 1); /* queries */
-            small_product(gd, 1, w, q, e, window_acc + d, e, w, s, d, 1);                 /* keys */
-        }
-        const int64_t *targets = key_rows + b * length;
-        for (int64_t i = 0; i < length; i++) {
-            if (i + ROWS_AHEAD < length) prefetch_row(grad + targets[i + ROWS_AHEAD] * e, e, 1);
-            float *target = grad + targets[i] * e;
-            const float *from = acc + i * e;
+            for (int64_t i = 0; i < length; i++) {
+                if (i + ROWS_AHEAD < length) prefetch_row(grad + (run_rows[i + ROWS_AHEAD] - first_row) * e, e, 1);
+                float *target = grad + (run_rows[i] - first_row) * e;
+                const float *from = acc + i * e;
 #pragma omp simd
-            for (int64_t j = 0; j < e; j++) target[j] += from[j];
+                for (int64_t j = 0; j < e; j++) target[j] += from[j];
+            }
         }
     }
 }

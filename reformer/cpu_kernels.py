@@ -5,7 +5,7 @@ small matmuls (masks, softmax, log-sum-exp, the softmax backward, gathers and sc
 of rows) than in the matmuls themselves: each torch op reads and writes a whole block.
 ``cpu_kernels.c`` does each of those sequences in one pass per row, and the argmax of the
 hash (:mod:`reformer.hashing`) in one pass over the projections. For strict causal windows it
-does the matmuls too (:func:`strict_window_forward_`, :func:`strict_window_backward_`): at
+does the matmuls too (:func:`strict_windows_forward_`, :func:`strict_windows_backward_`): at
 32 x 96 x 64 the batched matmul spent as long on its per-matrix packing and calls as on the
 arithmetic, and each of its results went through memory to the next pass. It is compiled with the system's C
 compiler (``$CC``, else ``cc``) for this machine into ``~/.cache/reformer/kernels``
@@ -47,8 +47,8 @@ _SIGNATURES = {
     "reformer_finish_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
-    "reformer_strict_window_forward": [_ptr, *[_i64] * 6, _ptr, _f32, *[_ptr] * 8],
-    "reformer_strict_window_backward": [_ptr, *[_i64] * 6, *[_ptr] * 8],
+    "reformer_strict_windows_forward": [*[_ptr] * 4, *[_i64] * 7, _f32, *[_ptr] * 6],
+    "reformer_strict_windows_backward": [*[_ptr] * 4, *[_i64] * 8, *[_ptr] * 5],
 }
 #: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
 MAX_WIDTH, MAX_FEATURES = 4096, 4096
@@ -176,68 +176,71 @@ def window_grads_to_rows_(
 
 
 def window_tiles_fit(s: int, c: int, d: int, dv: int) -> bool:
-    """Whether :func:`strict_window_forward_` and :func:`strict_window_backward_` take windows of
+    """Whether :func:`strict_windows_forward_` and :func:`strict_windows_backward_` take windows of
     ``s`` queries and ``c + s`` keys of ``d`` features with ``dv`` value features (their register
     tiles: 8 rows, 16 columns)."""
     return s % 8 == 0 and (c + s) % 16 == 0 and d % 16 == 0 and dv % 16 == 0
 
 
-def strict_window_forward_(
-    run: torch.Tensor,
+def strict_windows_forward_(
+    qkv: torch.Tensor,
+    ext_row: torch.Tensor,
     span_row: torch.Tensor,
-    self_value: float,
-    probs: torch.Tensor,
+    query_rows: torch.Tensor,
+    probs: torch.Tensor | None,
     lse: torch.Tensor,
     rounds: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    query_rows: torch.Tensor,
     s: int,
     c: int,
-    scratch: torch.Tensor,
+    self_value: float,
+    chunk: int,
 ) -> None:
-    """The forward of a block of strict causal windows in one pass per window: logits, their
-    softmax (as :func:`strict_softmax`) and the outputs added to their positions' rows (as
-    :func:`accumulate_rounds_` into ``rounds = (out, top, total)``). ``run`` ``(nb, m * s + c,
-    2d + dv)``: the block's gathered key runs (as ``chunked._block_inputs``); writes ``probs``
-    ``(nb * m, s, c + s)`` and ``lse`` ``(nb * m * s,)``; ``span_row`` and ``query_rows``
-    ``(nb, m * s)``. ``scratch``: at least ``d * (m * s + c) + s * dv`` floats."""
-    (nb, length, e), (out, top, total) = run.shape, rounds
-    m, dv = (length - c) // s, out.shape[-1]
-    d = (e - dv) // 2
-    span_row, query_rows = span_row.contiguous(), query_rows.contiguous()
-    keys_t = scratch.data_ptr()
-    _library().reformer_strict_window_forward(
-        run.data_ptr(), nb, m, s, c, d, dv, span_row.data_ptr(), self_value, probs.data_ptr(), lse.data_ptr(),
-        out.data_ptr(), top.data_ptr(), total.data_ptr(), query_rows.data_ptr(), keys_t,
-        keys_t + d * length * scratch.element_size(),
+    """The forward of the strict causal windows of ``nb`` batch rows, fused per window: logits,
+    their softmax (as :func:`strict_softmax`) and the outputs added to their positions' rows (as
+    :func:`accumulate_rounds_` into ``rounds = (out, top, total)``). ``qkv`` ``(r, 2d + dv)``
+    packed rows; ``ext_row`` ``(nb, c + n * s)`` the ``qkv`` row of each slot in ext order;
+    ``span_row`` and ``query_rows`` ``(nb, n * s)`` each query slot's strict mask row and its row
+    of ``out``. Writes ``probs`` ``(nb * n, s, c + s)`` (unless None) and ``lse`` ``(nb * n * s,)``.
+    ``chunk``: windows whose key run is gathered at once."""
+    (nb, slots), (out, top, total) = span_row.shape, rounds
+    n, dv = slots // s, out.shape[-1]
+    d = (qkv.shape[-1] - dv) // 2
+    scratch = qkv.new_empty((chunk * s + c) * (2 * d + dv + d) + s * (dv + 2 * (c + s)))
+    ext_row, span_row, query_rows = ext_row.contiguous(), span_row.contiguous(), query_rows.contiguous()
+    _library().reformer_strict_windows_forward(
+        qkv.data_ptr(), ext_row.data_ptr(), span_row.data_ptr(), query_rows.data_ptr(), nb, n, chunk, s, c, d, dv,
+        self_value, None if probs is None else probs.data_ptr(), lse.data_ptr(), out.data_ptr(), top.data_ptr(),
+        total.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
 
 
-def strict_window_backward_(
-    run: torch.Tensor,
+def strict_windows_backward_(
+    qkv: torch.Tensor,
+    ext_row: torch.Tensor,
+    query_rows: torch.Tensor,
+    weight: torch.Tensor,
+    first_row: int,
     probs: torch.Tensor,
     grad_out: torch.Tensor,
     g_dot_out: torch.Tensor,
-    weight: torch.Tensor,
-    query_rows: torch.Tensor,
-    key_rows: torch.Tensor,
     grad: torch.Tensor,
     s: int,
     c: int,
-    scratch: torch.Tensor,
+    chunk: int,
 ) -> None:
-    """The backward of a block of :func:`strict_window_forward_`'s windows, added to ``grad``
-    ``(rows, 2d + dv)`` at its key runs' rows ``key_rows`` ``(nb, m * s + c)``: ``run`` and
-    ``probs`` as the forward had them; ``grad_out`` ``(rows, dv)`` and ``g_dot_out`` ``(rows,)``
-    (the output gradient and its product with the output, per position row), ``weight`` and
-    ``query_rows`` ``(nb, m * s)`` (each query slot's round weight and position row). ``scratch``:
-    at least ``(m * s + c) * (2d + 2dv) + s * (dv + c + s + 1)`` floats."""
-    nb, length, e = run.shape
-    m, dv = (length - c) // s, grad_out.shape[-1]
+    """The backward of :func:`strict_windows_forward_`'s windows, added to ``grad`` ``(rows, 2d +
+    dv)`` at their ``qkv`` rows minus ``first_row``: ``probs`` as the forward wrote them;
+    ``grad_out`` ``(rows, dv)`` and ``g_dot_out`` ``(rows,)`` (the output gradient and its product
+    with the output, per row of ``query_rows``); ``weight`` ``(nb, n * s)`` each query slot's round
+    weight; the rest as for the forward."""
+    nb, slots = query_rows.shape
+    n, dv, e = slots // s, grad_out.shape[-1], qkv.shape[-1]
     d = (e - dv) // 2
-    weight, query_rows, key_rows = weight.contiguous(), query_rows.contiguous(), key_rows.contiguous()
-    _library().reformer_strict_window_backward(
-        run.data_ptr(), nb, m, s, c, d, dv, probs.data_ptr(), grad_out.data_ptr(), g_dot_out.data_ptr(),
-        weight.data_ptr(), query_rows.data_ptr(), key_rows.data_ptr(), grad.data_ptr(), scratch.data_ptr(),
+    scratch = qkv.new_empty((chunk * s + c) * (2 * e + dv) + s * (dv + c + s + 1))
+    ext_row, query_rows, weight = ext_row.contiguous(), query_rows.contiguous(), weight.contiguous()
+    _library().reformer_strict_windows_backward(
+        qkv.data_ptr(), ext_row.data_ptr(), query_rows.data_ptr(), weight.data_ptr(), first_row, nb, n, chunk, s, c,
+        d, dv, probs.data_ptr(), grad_out.data_ptr(), g_dot_out.data_ptr(), grad.data_ptr(), scratch.data_ptr(),
     )  # fmt: skip
 
 

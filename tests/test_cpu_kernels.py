@@ -174,7 +174,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
     buckets = torch.randint(0, 8, (2, rounds, length))
     args = dict(bucket_size=c, n_buckets=8, causal=True)
     calls = []
-    for name in ("strict_window_forward_", "strict_window_backward_"):
+    for name in ("strict_windows_forward_", "strict_windows_backward_"):
         kernel = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: calls.append(name) or kernel(*a))
 
@@ -185,7 +185,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
         return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
 
     fused = run(lsh_attention_chunked, torch.float32)
-    assert set(calls) == {"strict_window_forward_", "strict_window_backward_"}
+    assert set(calls) == {"strict_windows_forward_", "strict_windows_backward_"}
     with torch.no_grad():  # (probabilities not kept: the forward writes them to a scratch block)
         torch.testing.assert_close(lsh_attention_chunked(qk, v, buckets, **args)[0], fused[0], atol=0, rtol=0)
     reference = run(lsh_attention_reference, torch.float64)
@@ -210,8 +210,8 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
 )
 def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
     calls = []
-    kernel = cpu_kernels.strict_window_forward_
-    monkeypatch.setattr(cpu_kernels, "strict_window_forward_", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_kernels.strict_windows_forward_
+    monkeypatch.setattr(cpu_kernels, "strict_windows_forward_", lambda *a: calls.append(1) or kernel(*a))
     qk, v = torch.randn(1, 64, 16), torch.randn(1, 64, dv)
     lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), bucket_size=c, n_buckets=2, **kw)
     assert bool(calls) == fused
