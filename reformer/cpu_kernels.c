@@ -465,14 +465,14 @@ void reformer_strict_windows_forward(const float *qkv, const int64_t *ext_row, c
  * * (g . out), as chunked._LSHWindows.backward derives), the gradients of the values p^T g, of
  * the logits (g v^T - shift) * p, of the queries and of the keys; summed per chunk in a buffer
  * of its key run, then added to grad (rows, 2d + dv) at the run's qkv rows minus first_row.
- * scratch: (chunk * s + c) * (2 * (2d + dv) + dv) + s * (dv + c + s + 1) floats. */
+ * scratch: (chunk * s + c) * (2 * (2d + dv) + dv) + s * (chunk * dv + c + s + 1) floats. */
 void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, const int64_t *query_rows,
                                       const float *weight, int64_t first_row, int64_t nb, int64_t n, int64_t chunk,
                                       int64_t s, int64_t c, int64_t d, int64_t dv, const float *probs,
                                       const float *grad_out, const float *g_dot_out, float *grad, float *scratch) {
     const int64_t e = 2 * d + dv, w = c + s, slots = n * s, longest = chunk * s + c;
     float *run = scratch, *values_t = run + longest * e, *acc = values_t + dv * longest, *go = acc + longest * e;
-    float *gd = go + s * dv, *shift = gd + s * w;
+    float *gd = go + chunk * s * dv, *shift = gd + s * w;
     for (int64_t b = 0; b < nb; b++) {
         for (int64_t j0 = 0; j0 < n; j0 += chunk) {
             const int64_t m = n - j0 < chunk ? n - j0 : chunk, length = m * s + c;
@@ -480,19 +480,21 @@ void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, 
             reformer_gather_rows(qkv, run_rows, run, length, e);
             transpose_columns(run, e, 2 * d, dv, length, values_t);
             __builtin_memset(acc, 0, length * e * sizeof(float));
+            const int64_t chunk_slot = b * slots + j0 * s; /* the chunk's first query slot */
+            reformer_gather_rows(grad_out, query_rows + chunk_slot, go, m * s, dv);
             for (int64_t win = 0; win < m; win++) {
-                const int64_t slot = b * slots + (j0 + win) * s;
+                const int64_t slot = chunk_slot + win * s;
                 const float *p = probs + slot * w, *q = run + (c + win * s) * e, *keys = run + win * s * e;
+                float *g = go + win * s * dv; /* the window's queries' output gradients */
                 for (int64_t i = 0; i < s; i++) {
-                    const int64_t row = query_rows[slot + i];
                     const float wt = weight[slot + i];
 #pragma omp simd
-                    for (int64_t j = 0; j < dv; j++) go[i * dv + j] = grad_out[row * dv + j] * wt;
-                    shift[i] = g_dot_out[row] * wt;
+                    for (int64_t j = 0; j < dv; j++) g[i * dv + j] *= wt;
+                    shift[i] = g_dot_out[query_rows[slot + i]] * wt;
                 }
                 float *window_acc = acc + win * s * e; /* the window's keys' rows of the run */
-                small_product(p, 1, w, go, dv, window_acc + 2 * d, e, w, s, dv, 1);       /* values: p^T g */
-                small_product(go, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0); /* g v^T */
+                small_product(p, 1, w, g, dv, window_acc + 2 * d, e, w, s, dv, 1);       /* values: p^T g */
+                small_product(g, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0); /* g v^T */
                 reformer_softmax_backward(gd, p, shift, s, s, c, 1);
                 small_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, w, d, 1); /* queries */
                 small_product(gd, 1, w, q, e, window_acc + d, e, w, s, d, 1);                 /* keys */

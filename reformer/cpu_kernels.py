@@ -236,7 +236,7 @@ def strict_windows_backward_(
     nb, slots = query_rows.shape
     n, dv, e = slots // s, grad_out.shape[-1], qkv.shape[-1]
     d = (e - dv) // 2
-    scratch = qkv.new_empty((chunk * s + c) * (2 * e + dv) + s * (dv + c + s + 1))
+    scratch = qkv.new_empty((chunk * s + c) * (2 * e + dv) + s * (chunk * dv + c + s + 1))
     ext_row, query_rows, weight = ext_row.contiguous(), query_rows.contiguous(), weight.contiguous()
     _library().reformer_strict_windows_backward(
         qkv.data_ptr(), ext_row.data_ptr(), query_rows.data_ptr(), weight.data_ptr(), first_row, nb, n, chunk, s, c,
