@@ -370,23 +370,101 @@ PRODUCT_TILE(product_tile, TILE_ROWS, 3)      /* 24 accumulators with AVX-512, 1
 PRODUCT_TILE(product_wide, TILE_ROWS / 2, 4)  /* for rows of 4 vectors: half the rows, 16 (8) */
 PRODUCT_TILE(product_column, TILE_ROWS, 1)
 
-/* out (rows x cols, stride ldo) = (or +=, with add) a . b: a (rows x n) with element (r, i) at
- * a[r * ar + i * ai], b (n x cols, stride ldb); rows a multiple of TILE_ROWS, cols of VL. */
-static void small_product(const float *a, int64_t ar, int64_t ai, const float *b, int64_t ldb, float *out,
-                          int64_t ldo, int64_t rows, int64_t n, int64_t cols, int add) {
-    int64_t j = 0;
-    if (cols % (4 * VL) == 0) {
-        for (; j < cols; j += 4 * VL)
-            for (int64_t r = 0; r < rows; r += TILE_ROWS / 2)
-                product_wide(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
-        return;
+/* Strict causal windows are mostly hidden: query i of a window sees only keys [c + i - span,
+ * c + i], on average about a third of them. A band per group of BAND_ROWS rows of a product
+ * (the smallest tile height) says which inner indices or output columns it needs: [lo, hi). */
+#define BAND_ROWS (TILE_ROWS / 2)
+typedef struct {
+    int64_t lo, hi;
+} band;
+
+/* The union of the bands of rows [r, r + count) (count a multiple of BAND_ROWS) */
+static inline band band_union(const band *bands, int64_t r, int64_t count) {
+    band u = bands[r / BAND_ROWS];
+    for (int64_t g = r / BAND_ROWS + 1; g < (r + count) / BAND_ROWS; g++) {
+        if (bands[g].lo < u.lo) u.lo = bands[g].lo;
+        if (bands[g].hi > u.hi) u.hi = bands[g].hi;
     }
-    for (; j + 3 * VL <= cols; j += 3 * VL)
-        for (int64_t r = 0; r < rows; r += TILE_ROWS)
-            product_tile(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
-    for (; j < cols; j += VL)
-        for (int64_t r = 0; r < rows; r += TILE_ROWS)
-            product_column(a + r * ar, ar, ai, b + j, ldb, out + r * ldo + j, ldo, n, add);
+    return u;
+}
+
+/* small_product with a row tile's inner indices limited to its rows' bands (a is 0 outside
+ * them), for products with add: tiles of TILE_ROWS / 2 rows and 4 vectors where cols allow. */
+static void inner_banded_product(const float *a, int64_t ar, int64_t ai, const float *b, int64_t ldb, float *out,
+                                 int64_t ldo, int64_t rows, int64_t cols, const band *inner) {
+    const int wide = cols % (4 * VL) == 0;
+    const int64_t height = wide ? TILE_ROWS / 2 : TILE_ROWS;
+    for (int64_t r = 0; r < rows; r += height) {
+        const band u = band_union(inner, r, height);
+        if (u.hi <= u.lo) continue;
+        const float *ar0 = a + r * ar + u.lo * ai, *b0 = b + u.lo * ldb;
+        float *o = out + r * ldo;
+        int64_t j = 0;
+        if (wide) {
+            for (; j < cols; j += 4 * VL) product_wide(ar0, ar, ai, b0 + j, ldb, o + j, ldo, u.hi - u.lo, 1);
+            continue;
+        }
+        for (; j + 3 * VL <= cols; j += 3 * VL) product_tile(ar0, ar, ai, b0 + j, ldb, o + j, ldo, u.hi - u.lo, 1);
+        for (; j < cols; j += VL) product_column(ar0, ar, ai, b0 + j, ldb, o + j, ldo, u.hi - u.lo, 1);
+    }
+}
+
+/* small_product (without add) computing only the output columns in a row tile's bands,
+ * widened to whole vectors; the other columns of out are left as they were. */
+static void column_banded_product(const float *a, int64_t ar, int64_t ai, const float *b, int64_t ldb, float *out,
+                                  int64_t ldo, int64_t rows, int64_t n, const band *columns) {
+    for (int64_t r = 0; r < rows; r += TILE_ROWS) {
+        const band u = band_union(columns, r, TILE_ROWS);
+        int64_t j = u.lo / VL * VL;
+        const int64_t end = (u.hi + VL - 1) / VL * VL;
+        const float *ar0 = a + r * ar;
+        float *o = out + r * ldo;
+        for (; j + 3 * VL <= end; j += 3 * VL) product_tile(ar0, ar, ai, b + j, ldb, o + j, ldo, n, 0);
+        for (; j < end; j += VL) product_column(ar0, ar, ai, b + j, ldb, o + j, ldo, n, 0);
+    }
+}
+
+/* The bands of a strict window's s queries (span_row as reformer_strict_softmax takes it) over
+ * its c + s keys, per group of BAND_ROWS queries: keys [min(c + i - span_i), c + last + 1);
+ * and, per group of BAND_ROWS keys, the queries that see any of them. */
+static void strict_bands(const int64_t *span_row, int64_t s, int64_t c, band *by_query, band *by_key) {
+    int64_t first_seen[MAX_WIDTH]; /* per query: its first visible key */
+    for (int64_t i = 0; i < s; i++) first_seen[i] = c + i - span_row[i] / s;
+    for (int64_t g = 0; g < s / BAND_ROWS; g++) {
+        band q = {first_seen[g * BAND_ROWS], c + (g + 1) * BAND_ROWS};
+        for (int64_t i = g * BAND_ROWS + 1; i < (g + 1) * BAND_ROWS; i++)
+            if (first_seen[i] < q.lo) q.lo = first_seen[i];
+        by_query[g] = q;
+    }
+    for (int64_t g = 0; g < (c + s) / BAND_ROWS; g++) {
+        /* key j is seen by query i when first_seen[i] <= j <= c + i: so i >= j - c, and i <= j */
+        const int64_t j0 = g * BAND_ROWS, j1 = j0 + BAND_ROWS - 1;
+        band k = {j0 - c > 0 ? j0 - c : 0, 0};
+        int64_t i = j1 < s - 1 ? j1 : s - 1;
+        while (i >= k.lo && first_seen[i] > j1) i--;
+        k.hi = i + 1;
+        by_key[g] = k;
+    }
+}
+
+/* The strict softmax backward (reformer_softmax_backward) of a window's rows g (s, c + s) whose
+ * logit gradients were computed only in their bands' columns (as column_banded_product widens
+ * them): there g = (g - shift) * p, elsewhere 0 (p is 0 there too), and 0 at the own key. */
+static void banded_softmax_backward(float *g, const float *p, const float *shift, int64_t s, int64_t c,
+                                    const band *by_query) {
+    const int64_t w = c + s;
+    for (int64_t r = 0; r < s; r++) {
+        const band u = band_union(by_query, r / TILE_ROWS * TILE_ROWS, TILE_ROWS);
+        const int64_t lo = u.lo / VL * VL, hi = (u.hi + VL - 1) / VL * VL;
+        float *row = g + r * w;
+        const float *pr = p + r * w;
+        const float sh = shift[r];
+        for (int64_t j = 0; j < lo; j++) row[j] = 0.0f;
+#pragma omp simd
+        for (int64_t j = lo; j < hi; j++) row[j] = (row[j] - sh) * pr[j];
+        for (int64_t j = hi; j < w; j++) row[j] = 0.0f;
+        row[c + r] = 0.0f;
+    }
 }
 
 #if defined(__clang__)
@@ -451,9 +529,13 @@ void reformer_strict_windows_forward(const float *qkv, const int64_t *ext_row, c
             for (int64_t win = 0; win < m; win++) {
                 const int64_t slot = b * slots + (j0 + win) * s; /* the window's first query slot */
                 float *p = probs ? probs + slot * w : spare;
-                small_product(run + (c + win * s) * e, e, 1, keys_t + win * s, length, logits, w, s, d, w, 0);
+                band by_query[MAX_WIDTH / BAND_ROWS], by_key[MAX_WIDTH / BAND_ROWS];
+                strict_bands(span_row + slot, s, c, by_query, by_key);
+                column_banded_product(run + (c + win * s) * e, e, 1, keys_t + win * s, length, logits, w, s, d,
+                                      by_query);
                 reformer_strict_softmax(logits, p, lse + slot, span_row + slot, s, s, c, self_value, 0);
-                small_product(p, w, 1, run + win * s * e + 2 * d, e, o, dv, s, w, dv, 0);
+                __builtin_memset(o, 0, s * dv * sizeof(float));
+                inner_banded_product(p, w, 1, run + win * s * e + 2 * d, e, o, dv, s, dv, by_query);
                 reformer_accumulate_rounds(out, top, total, o, lse + slot, query_rows + slot, s, dv);
             }
         }
@@ -466,8 +548,9 @@ void reformer_strict_windows_forward(const float *qkv, const int64_t *ext_row, c
  * the logits (g v^T - shift) * p, of the queries and of the keys; summed per chunk in a buffer
  * of its key run, then added to grad (rows, 2d + dv) at the run's qkv rows minus first_row.
  * scratch: (chunk * s + c) * (2 * (2d + dv) + dv) + s * (chunk * dv + c + s + 1) floats. */
-void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, const int64_t *query_rows,
-                                      const float *weight, int64_t first_row, int64_t nb, int64_t n, int64_t chunk,
+void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, const int64_t *span_row,
+                                      const int64_t *query_rows, const float *weight, int64_t first_row, int64_t nb,
+                                      int64_t n, int64_t chunk,
                                       int64_t s, int64_t c, int64_t d, int64_t dv, const float *probs,
                                       const float *grad_out, const float *g_dot_out, float *grad, float *scratch) {
     const int64_t e = 2 * d + dv, w = c + s, slots = n * s, longest = chunk * s + c;
@@ -492,12 +575,14 @@ void reformer_strict_windows_backward(const float *qkv, const int64_t *ext_row, 
                     for (int64_t j = 0; j < dv; j++) g[i * dv + j] *= wt;
                     shift[i] = g_dot_out[query_rows[slot + i]] * wt;
                 }
+                band by_query[MAX_WIDTH / BAND_ROWS], by_key[MAX_WIDTH / BAND_ROWS];
+                strict_bands(span_row + slot, s, c, by_query, by_key);
                 float *window_acc = acc + win * s * e; /* the window's keys' rows of the run */
-                small_product(p, 1, w, g, dv, window_acc + 2 * d, e, w, s, dv, 1);       /* values: p^T g */
-                small_product(g, dv, 1, values_t + win * s, length, gd, w, s, dv, w, 0); /* g v^T */
-                reformer_softmax_backward(gd, p, shift, s, s, c, 1);
-                small_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, w, d, 1); /* queries */
-                small_product(gd, 1, w, q, e, window_acc + d, e, w, s, d, 1);                 /* keys */
+                inner_banded_product(p, 1, w, g, dv, window_acc + 2 * d, e, w, dv, by_key); /* values: p^T g */
+                column_banded_product(g, dv, 1, values_t + win * s, length, gd, w, s, dv, by_query); /* g v^T */
+                banded_softmax_backward(gd, p, shift, s, c, by_query);
+                inner_banded_product(gd, w, 1, keys + d, e, acc + (c + win * s) * e, e, s, d, by_query); /* q */
+                inner_banded_product(gd, 1, w, q, e, window_acc + d, e, w, d, by_key);                   /* k */
             }
             for (int64_t i = 0; i < length; i++) {
                 if (i + ROWS_AHEAD < length) prefetch_row(grad + (run_rows[i + ROWS_AHEAD] - first_row) * e, e, 1);

@@ -48,7 +48,7 @@ _SIGNATURES = {
     "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
     "reformer_strict_windows_forward": [*[_ptr] * 4, *[_i64] * 7, _f32, *[_ptr] * 6],
-    "reformer_strict_windows_backward": [*[_ptr] * 4, *[_i64] * 8, *[_ptr] * 5],
+    "reformer_strict_windows_backward": [*[_ptr] * 5, *[_i64] * 8, *[_ptr] * 5],
 }
 #: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
 MAX_WIDTH, MAX_FEATURES = 4096, 4096
@@ -217,6 +217,7 @@ def strict_windows_forward_(
 def strict_windows_backward_(
     qkv: torch.Tensor,
     ext_row: torch.Tensor,
+    span_row: torch.Tensor,
     query_rows: torch.Tensor,
     weight: torch.Tensor,
     first_row: int,
@@ -237,10 +238,12 @@ def strict_windows_backward_(
     n, dv, e = slots // s, grad_out.shape[-1], qkv.shape[-1]
     d = (e - dv) // 2
     scratch = qkv.new_empty((chunk * s + c) * (2 * e + dv) + s * (chunk * dv + c + s + 1))
-    ext_row, query_rows, weight = ext_row.contiguous(), query_rows.contiguous(), weight.contiguous()
+    ext_row, span_row = ext_row.contiguous(), span_row.contiguous()
+    query_rows, weight = query_rows.contiguous(), weight.contiguous()
     _library().reformer_strict_windows_backward(
-        qkv.data_ptr(), ext_row.data_ptr(), query_rows.data_ptr(), weight.data_ptr(), first_row, nb, n, chunk, s, c,
-        d, dv, probs.data_ptr(), grad_out.data_ptr(), g_dot_out.data_ptr(), grad.data_ptr(), scratch.data_ptr(),
+        qkv.data_ptr(), ext_row.data_ptr(), span_row.data_ptr(), query_rows.data_ptr(), weight.data_ptr(), first_row,
+        nb, n, chunk, s, c, d, dv, probs.data_ptr(), grad_out.data_ptr(), g_dot_out.data_ptr(), grad.data_ptr(),
+        scratch.data_ptr(),
     )  # fmt: skip
 
 

@@ -559,6 +559,7 @@ def _fused_backward(
     cpu_kernels.strict_windows_backward_(
         qkv,
         plan.ext_row[part],
+        plan.span_row[part],
         plan.slot_row[part] - first,
         weight[part],
         first,
