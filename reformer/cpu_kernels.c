@@ -283,6 +283,35 @@ void reformer_argmax_both_signs(const float *x, int64_t *ids, int64_t rows, int6
     }
 }
 
+/* Rows of n bucket ids (in [0, n_ids)) sorted by (id, position): a counting sort, stable, so
+ * equal ids keep their positions' order. perm[k]: the position at slot k; inv[p]: the slot of
+ * position p; sorted[k]: the id at slot k. counts: n_ids of scratch. Returns -1 (and stops)
+ * at an id outside [0, n_ids), else 0. */
+int reformer_bucket_sort(const int64_t *ids, int64_t rows, int64_t n, int64_t n_ids, int64_t *perm, int64_t *inv,
+                         int64_t *sorted, int64_t *counts) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *row = ids + r * n;
+        int64_t *rp = perm + r * n, *ri = inv + r * n, *rs = sorted + r * n;
+        for (int64_t b = 0; b < n_ids; b++) counts[b] = 0;
+        for (int64_t p = 0; p < n; p++) {
+            if (row[p] < 0 || row[p] >= n_ids) return -1;
+            counts[row[p]]++;
+        }
+        for (int64_t b = 0, start = 0; b < n_ids; b++) { /* counts become each id's first slot */
+            const int64_t count = counts[b];
+            counts[b] = start;
+            start += count;
+        }
+        for (int64_t p = 0; p < n; p++) {
+            const int64_t slot = counts[row[p]]++;
+            rp[slot] = p;
+            ri[p] = slot;
+            rs[slot] = row[p];
+        }
+    }
+    return 0;
+}
+
 /* Rounds combined as they are computed (no per-slot outputs kept): a block's query slots, with
  * outputs o (n, dv) and log-sum-exps lse (n,), are added to their positions' rows out[rows[i]]
  * with weight exp(lse - top), top being the largest lse seen so far for that position (earlier

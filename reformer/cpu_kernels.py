@@ -47,9 +47,11 @@ _SIGNATURES = {
     "reformer_finish_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
     "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
     "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
+    "reformer_bucket_sort": [_ptr, _i64, _i64, _i64, *[_ptr] * 4],
     "reformer_strict_windows_forward": [*[_ptr] * 4, *[_i64] * 7, _f32, *[_ptr] * 6],
     "reformer_strict_windows_backward": [*[_ptr] * 5, *[_i64] * 8, *[_ptr] * 5],
 }
+_RETURNS = {"reformer_bucket_sort": ctypes.c_int}  # (the others return nothing)
 #: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
 MAX_WIDTH, MAX_FEATURES = 4096, 4096
 
@@ -58,14 +60,31 @@ def available(x: torch.Tensor, width: int = 0, features: int = 0) -> bool:
     """Whether the kernels serve tensors like ``x`` (and windows of ``width`` keys with ``features``
     key + value features): fp32 on CPU, ``REFORMER_CPU_KERNELS`` is not ``0``, and the library
     builds and loads here. Their arguments must be contiguous."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and width <= MAX_WIDTH
-        and features <= MAX_FEATURES
-        and os.environ.get("REFORMER_CPU_KERNELS", "1") != "0"
-        and _library() is not None
-    )
+    return x.dtype == torch.float32 and width <= MAX_WIDTH and features <= MAX_FEATURES and serves(x)
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernels run for tensors on ``x``'s device, of any dtype they take: on CPU, with
+    ``REFORMER_CPU_KERNELS`` not ``0`` and the library built and loaded here."""
+    return x.device.type == "cpu" and os.environ.get("REFORMER_CPU_KERNELS", "1") != "0" and _library() is not None
+
+
+def bucket_sort(buckets: torch.Tensor, n_ids: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row of ``buckets`` ``(..., n)`` (int64 ids in ``[0, n_ids)``) sorted by (id, position),
+    as a counting sort: ``perm`` (the position at each slot), ``inv`` (the slot of each position)
+    and the sorted ids, all shaped like ``buckets``. Equal to ``(buckets * n + arange(n)).sort()``
+    in O(n + n_ids) per row."""
+    buckets = buckets.contiguous()
+    perm, inv, ids = torch.empty_like(buckets), torch.empty_like(buckets), torch.empty_like(buckets)
+    counts = torch.empty(n_ids, dtype=torch.long)
+    n = buckets.shape[-1]
+    status = _library().reformer_bucket_sort(
+        buckets.data_ptr(), buckets.numel() // max(n, 1), n, n_ids, perm.data_ptr(), inv.data_ptr(), ids.data_ptr(),
+        counts.data_ptr(),
+    )  # fmt: skip
+    if status != 0:
+        raise ValueError(f"bucket ids must lie in [0, {n_ids}); got {buckets.min().item()}..{buckets.max().item()}")
+    return perm, inv, ids
 
 
 def pack_qkv_(
@@ -295,7 +314,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, None
+        fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
     return lib
 
 

@@ -288,6 +288,18 @@ def test_argmax_both_signs_equals_argmax_with_ties_zeros_and_nan(r):
     assert torch.equal(cpu_kernels.argmax_both_signs(second), torch.cat([second, -second], -1).argmax(-1))
 
 
+def test_bucket_sort_equals_sorting_by_bucket_then_position():
+    n = 777
+    ids = torch.randint(0, 9, (2, 3, n))
+    ids[0, 0, -50:] = 9  # the id that padding gets sorts last
+    perm, inv, sorted_ids = cpu_kernels.bucket_sort(ids, 10)
+    keys, expected = (ids * n + torch.arange(n)).sort(dim=-1)
+    assert torch.equal(perm, expected) and torch.equal(sorted_ids, keys // n)
+    assert torch.equal(inv.gather(-1, perm), torch.arange(n).expand(2, 3, n))
+    with pytest.raises(ValueError, match=r"\[0, 9\)"):
+        cpu_kernels.bucket_sort(ids, 9)
+
+
 @pytest.mark.parametrize("n_buckets", [64, (8, 8)])
 def test_hashing_with_the_kernel_equals_torch_ops(monkeypatch, n_buckets):
     from reformer.hashing import draw_rotations, hash_vectors

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .. import cpu_kernels
 from .common import normalize_keys
 
 
@@ -103,9 +104,13 @@ def pad_and_sort(
         key_mask = F.pad(key_mask, (0, pad), value=False)
 
     # Sort each round by (bucket, position); keys are unique, so the order is deterministic.
-    positions = torch.arange(lp, device=qk.device)
-    sort_keys, perm = (buckets * lp + positions).sort(dim=-1)  # (b, h, lp)
-    inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
+    if cpu_kernels.serves(buckets):  # a counting sort: O(lp) per round, not O(lp log lp)
+        perm, inv, slot_bucket = cpu_kernels.bucket_sort(buckets, n_buckets + 1)  # (b, h, lp) each
+    else:
+        positions = torch.arange(lp, device=qk.device)
+        sort_keys, perm = (buckets * lp + positions).sort(dim=-1)  # (b, h, lp)
+        inv = torch.empty_like(perm).scatter_(-1, perm, positions.expand(b, h, lp))  # slot of each position
+        slot_bucket = sort_keys // lp
     row_offset = torch.arange(b, device=qk.device)[:, None] * lp
     layout = SlotLayout(
         c=c,
@@ -115,7 +120,7 @@ def pad_and_sort(
         perm=perm,
         inv=inv,
         slot_row=perm.reshape(b, h * lp) + row_offset,
-        slot_bucket=(sort_keys // lp).reshape(b, h * lp),
+        slot_bucket=slot_bucket.reshape(b, h * lp),
         key_valid=None if key_mask is None else key_mask.reshape(-1),
     )
     return qk, v, layout
