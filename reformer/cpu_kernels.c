@@ -4,7 +4,8 @@
  * softmax and log-sum-exp of the window attention and its backward, the gathers and
  * scatter-adds of its rows, the combination of rounds, and the hash's argmax. For strict
  * causal windows, reformer_strict_window_forward and _backward also do the window matmuls
- * (register tiles), so a block of windows is one call; elsewhere the matmuls stay with torch.
+ * (register tiles), so a worker's share of the windows is one call; elsewhere the matmuls stay
+ * with torch.
  * A call handles a block of contiguous fp32 rows and holds no state, so calls on different
  * blocks may run at once.
  *

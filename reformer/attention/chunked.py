@@ -13,10 +13,11 @@ back, so it uses ``s = c / 2`` (:func:`queries_per_window`): windows of ``3c/2``
 instead of ``2c``, a quarter fewer logits for the same result.
 
 Work is done in blocks of consecutive windows (:data:`WINDOW_BLOCK_ELEMENTS` logits at a
-time, small enough to stay in cache). Strict causal windows in fp32 on CPU go through one fused
-C kernel per block for the forward and one for the backward (matmuls in registers, softmax and
-gradients per window while its tiles are in cache: :func:`_fuses_windows`); other modes use
-batched matmuls around the row kernels of :mod:`reformer.cpu_kernels`. A block gathers one contiguous run of packed
+time, small enough to stay in cache). Strict causal windows in fp32 on CPU instead go through
+one fused C kernel call per CPU worker part for the forward and one for the backward (matmuls
+in registers, softmax and gradients per window while its tiles are in cache:
+:func:`_fuses_windows`); other modes use batched matmuls around the row kernels of
+:mod:`reformer.cpu_kernels`. A block gathers one contiguous run of packed
 ``[q | k | v]`` rows (``ext`` order: the ``c`` slots before its queries, then its own); its
 queries are the run's tail and its windows strided views of it, not copies. Gradients are
 summed over the run with ``(c + s) / s`` strided adds, then added back with one
