@@ -23,6 +23,7 @@ from common import (
     MEASURE_MEMORY_ENV,
     importable,
     keep_freed_memory,
+    kept_memory_text,
     machine_line,
     markdown_table,
     peak_rss_bytes,
@@ -85,11 +86,8 @@ def measure(system: str, length: int, args: argparse.Namespace) -> dict:
     before = rss_bytes()
     step()
     mb = max(peak_rss_bytes() - before, 0) / 2**20
-    if args.allocator == "kept":
-        keep_freed_memory()
-    else:
-        restore_default_malloc()
-    return {"ms": 1000 * min(step() for _ in range(args.repeats)), "mb": mb}
+    kept = keep_freed_memory() if args.allocator == "kept" else restore_default_malloc()
+    return {"ms": 1000 * min(step() for _ in range(args.repeats)), "mb": mb, "kept": kept}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -164,8 +162,7 @@ def render(args, systems, missing, results, machine: str) -> str:
         "same width (q/k/v projections + `scaled_dot_product_attention`). Time: best of "
         f"{args.repeats} steps after a warm-up, "
         + (
-            "with malloc serving every block from its heap and keeping freed memory "
-            "(`reformer.allocator.keep_freed_memory`, as `reformer train` runs)"
+            f"with {kept_memory_text(list(results.values()))}"
             if args.allocator == "kept"
             else "with glibc's default malloc (fresh pages for every block over 32 MiB, its largest mmap threshold)"
         )

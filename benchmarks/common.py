@@ -62,13 +62,25 @@ def run_isolated(fn: Callable[..., dict], *args: object) -> dict:
 MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def keep_freed_memory() -> None:
-    """For the timed steps, after the memory step: every block from malloc's heap, freed memory
-    kept for the next step (:func:`reformer.allocator.keep_freed_memory`), as ``reformer train``
-    runs. Otherwise every tensor over glibc's mmap threshold (64 KiB in the memory step, at most
-    32 MiB by default) would time the kernel's page faults, for every system alike."""
-    if not allocator.keep_freed_memory():
-        print("note: glibc's malloc could not be set to keep freed memory; times include page faults")
+def keep_freed_memory() -> str | None:
+    """For the timed steps, after the memory step: freed memory kept for the next step
+    (:func:`reformer.allocator.keep_freed_memory`: torch's CPU tensors from the caching pool, or
+    from glibc's heap where the pool cannot be built), as ``reformer train`` runs. Otherwise every
+    tensor over glibc's mmap threshold (64 KiB in the memory step, at most 32 MiB by default)
+    would time the kernel's page faults, for every system alike. Returns how (see there)."""
+    how = allocator.keep_freed_memory()
+    if how is None:
+        print("note: freed memory could not be kept; times include page faults")
+    return how
+
+
+def kept_memory_text(results: list[dict]) -> str:
+    """How the timed steps of ``results`` (each with the ``"kept"`` of :func:`keep_freed_memory`)
+    kept freed memory, for a report."""
+    names = {"pool": "the caching CPU allocator", "heap": "glibc's malloc keeping its heap", None: "nothing"}
+    by = " / ".join(sorted({names[r["kept"]] for r in results if "kept" in r}))
+    how = f"freed memory kept{f' by {by}' if by else ''}"
+    return f"{how} (`reformer.allocator.keep_freed_memory`, as `reformer train` runs)"
 
 
 def restore_default_malloc() -> None:

@@ -18,9 +18,9 @@ spawned process. Its first step is the memory step: peak resident set above the 
 after building the model (weight gradients, activations, temporaries), with glibc handing
 large blocks straight back to the OS (``MALLOC_MMAP_THRESHOLD_``) so that it measures live
 memory, not the allocator's high-water mark. It is also the warm-up. The allocator is then
-switched to serving every block from its heap and keeping freed memory, as ``reformer train``
-runs (fresh pages for every tensor would time the kernel's page faults), one more untimed step
-faults the heap's pages in, and the median of ``--repeats`` steps is the time (one step when
+switched to keeping freed memory (the caching CPU allocator), as ``reformer train`` runs (fresh
+pages for every tensor would time the kernel's page faults), one more untimed step faults its
+pages in, and the median of ``--repeats`` steps is the time (one step when
 a step takes longer than ``FAST_STEP_S``); the memory number is read before them, so they
 cannot inflate it.
 
@@ -60,6 +60,7 @@ from common import (
     hf_reformer_lm,
     importable,
     keep_freed_memory,
+    kept_memory_text,
     machine_line,
     markdown_table,
     peak_rss_bytes,
@@ -189,10 +190,10 @@ def measure(system: str, length: int, depth: int, threads: int, repeats: int, me
     before = rss_bytes()
     first_s = step()
     mb = max(peak_rss_bytes() - before, 0) / 2**20
-    keep_freed_memory()
-    step()  # the first step on the heap faults its pages in
+    kept = keep_freed_memory()
+    step()  # the first step with freed memory kept faults its pages in
     times = [step() for _ in range(repeats if first_s < FAST_STEP_S else 1)]
-    return {"s": statistics.median(times), "steps": len(times), "first_s": first_s, "mb": mb}
+    return {"s": statistics.median(times), "steps": len(times), "first_s": first_s, "mb": mb, "kept": kept}
 
 
 # --- the sweep ------------------------------------------------------------------------------
@@ -404,8 +405,7 @@ def render(report: dict) -> str:
         "into `ff_chunks=100` pieces along the sequence, ours into 1).",
         "",
         f"Time: median of {report['repeats']} steps (one step when a step takes over {FAST_STEP_S:.0f} s) after "
-        "the memory step and an untimed step, with malloc serving every block from its heap and keeping freed "
-        "memory (`reformer.allocator.keep_freed_memory`, as `reformer train` runs). Memory: peak resident set of "
+        f"the memory step and an untimed step, with {kept_memory_text(report['cases'])}. Memory: peak resident set of "
         "the memory step above the built model (weight gradients, activations, temporaries), large blocks "
         "returned to the OS (`MALLOC_MMAP_THRESHOLD_=65536`). "
         f"Cases estimated to take over {report['max_step_seconds']:.0f} s per step are skipped (estimate: the "

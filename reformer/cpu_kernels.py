@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
+
+from . import native
 
 logger = logging.getLogger(__name__)
 
@@ -276,38 +274,14 @@ def argmax_both_signs(part: torch.Tensor) -> torch.Tensor:
     return ids.view(part.shape[:-1])
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("REFORMER_CACHE") or Path.home() / ".cache" / "reformer"
-    return Path(root) / "kernels"
-
-
-def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the architecture and, on Linux, the CPU's flags."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = line
-                break
-    except OSError:
-        pass
-    return f"{platform.machine()} {flags}"
-
-
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
+    try:
+        lib = ctypes.CDLL(str(native.built_library(SOURCE, compiler, [*FLAGS, "-lm"])))
+    except FileNotFoundError:
         logger.info("no C compiler (%s): LSH attention uses torch ops instead of the CPU kernels", compiler)
         return None
-    try:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(FLAGS).encode(), _cpu_identity().encode()]))
-        path = _cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
-        if not path.exists():
-            _compile(compiler, path)
-        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
         logger.warning("could not build the CPU kernels (%s); using torch ops instead", detail)
@@ -316,17 +290,3 @@ def _library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
     return lib
-
-
-def _compile(compiler: str, path: Path) -> None:
-    """Builds into a temporary file next to ``path`` and renames it: a concurrent or interrupted
-    build never leaves a partial library under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, check=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

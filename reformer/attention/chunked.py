@@ -421,21 +421,22 @@ class _LSHWindows(torch.autograd.Function):
                 part_out, part_top, part_total = out.view(-1, dv)[part_rows], top[part_rows], total_weight[part_rows]
             if fused:
                 _fused_forward(plan, qkv, rows, all_probs, slot_lse, (part_out, part_top, part_total))
-            for blk in [] if fused else plan.blocks(rows):
-                x = _block_inputs(plan, qkv, blk, d)
-                dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
-                probs = dots if all_probs is None else all_probs[blk.start : blk.end]
-                lse = slot_lse[blk.start : blk.end]
-                lse.copy_(_block_probs(plan, dots, blk, probs))
-                if kept_by_dropout is not None:
-                    keep = kept_by_dropout[blk.start : blk.end].bernoulli_(1 - dropout)
-                    probs = probs * keep / (1 - dropout)
-                if online:
-                    query_rows = plan.query_slots(plan.slot_row, blk) - first
-                    o = torch.bmm(probs, x.v)  # (blk, s, dv)
-                    cpu_kernels.accumulate_rounds_(part_out, part_top, part_total, o, lse, query_rows)
-                else:
-                    torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
+            else:
+                for blk in plan.blocks(rows):
+                    x = _block_inputs(plan, qkv, blk, d)
+                    dots = torch.bmm(x.q, x.k.transpose(1, 2))  # (blk, s, c + s)
+                    probs = dots if all_probs is None else all_probs[blk.start : blk.end]
+                    lse = slot_lse[blk.start : blk.end]
+                    lse.copy_(_block_probs(plan, dots, blk, probs))
+                    if kept_by_dropout is not None:
+                        keep = kept_by_dropout[blk.start : blk.end].bernoulli_(1 - dropout)
+                        probs = probs * keep / (1 - dropout)
+                    if online:
+                        query_rows = plan.query_slots(plan.slot_row, blk) - first
+                        o = torch.bmm(probs, x.v)  # (blk, s, dv)
+                        cpu_kernels.accumulate_rounds_(part_out, part_top, part_total, o, lse, query_rows)
+                    else:
+                        torch.bmm(probs, x.v, out=slot_out[blk.start : blk.end])
             if online:
                 slots = slice(rows.start * total, rows.stop * total)
                 slot_rows = plan.slot_row[rows.start : rows.stop] - first
@@ -470,6 +471,7 @@ class _LSHWindows(torch.autograd.Function):
         weight = slot_weight.view(plan.rows, -1)  # (b, total)
         grad = torch.zeros_like(qkv)
 
+        # (the round weights come in as they are: with ``exp_lse`` the forward runs unfused, this fused)
         fused = dropout == 0 and _fuses_windows(plan, d, dv)
 
         def attend_backward(rows: range) -> None:
@@ -478,32 +480,35 @@ class _LSHWindows(torch.autograd.Function):
             part_grad, first = grad[rows.start * plan.lp : rows.stop * plan.lp], rows.start * plan.lp
             if fused:
                 _fused_backward(plan, qkv, rows, all_probs, (grad_flat, g_dot_out), weight, part_grad)
-            for blk in [] if fused else plan.blocks(rows):
-                query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
-                x = _block_inputs(plan, qkv, blk, d)
-                w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
-                go = _gather(plan, grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
-                shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
-                probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
-                keep = (
-                    None if dropout == 0 else ctx.kept_by_dropout[blk.start : blk.end].to(probs.dtype) / (1 - dropout)
-                )
-                used = probs if keep is None else probs * keep
-                grad_v = torch.bmm(used.transpose(1, 2), go)  # (blk, c + s, dv) per window key
-                grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
-                if keep is not None:
-                    grad_dots *= keep
-                # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
-                if plan.kernels:
-                    cpu_kernels.softmax_backward_(grad_dots, probs, shift, c, plan.strict)
-                    if not plan.strict:
+            else:
+                for blk in plan.blocks(rows):
+                    query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
+                    x = _block_inputs(plan, qkv, blk, d)
+                    w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
+                    go = _gather(plan, grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
+                    shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
+                    probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
+                    keep = (
+                        None
+                        if dropout == 0
+                        else ctx.kept_by_dropout[blk.start : blk.end].to(probs.dtype) / (1 - dropout)
+                    )
+                    used = probs if keep is None else probs * keep
+                    grad_v = torch.bmm(used.transpose(1, 2), go)  # (blk, c + s, dv) per window key
+                    grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
+                    if keep is not None:
+                        grad_dots *= keep
+                    # Hidden entries have p == 0; the own-key logit is a constant: no gradient through it.
+                    if plan.kernels:
+                        cpu_kernels.softmax_backward_(grad_dots, probs, shift, c, plan.strict)
+                        if not plan.strict:
+                            plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
+                    else:
+                        grad_dots.sub_(shift).mul_(probs)
                         plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
-                else:
-                    grad_dots.sub_(shift).mul_(probs)
-                    plan.fill_self_(grad_dots, 0.0, plan.self_mask(blk))
-                grad_q = torch.bmm(grad_dots, x.k)  # (blk, s, d)
-                grad_k = torch.bmm(grad_dots.transpose(1, 2), x.q)  # (blk, c + s, d) per window key
-                _add_block_grads(plan, part_grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
+                    grad_q = torch.bmm(grad_dots, x.k)  # (blk, s, d)
+                    grad_k = torch.bmm(grad_dots.transpose(1, 2), x.q)  # (blk, c + s, d) per window key
+                    _add_block_grads(plan, part_grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
         return _shared_qk_grad(plan, qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
