@@ -10,6 +10,7 @@
 // until touched), advised for transparent huge pages, so a first touch maps 2 MiB at once.
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/Exception.h>
 #include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -18,7 +19,6 @@
 #include <cstdlib>
 #include <iterator>
 #include <map>
-#include <new>
 #include <set>
 #include <unordered_map>
 #include <utility>
@@ -32,6 +32,11 @@ constexpr size_t kHugePage = size_t(2) << 20;
 constexpr size_t kAlignment = 64;  // as torch's default allocator (AVX-512 loads)
 
 pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+struct Locked {  // holds ``lock`` for its scope (released when a map insertion throws, too)
+  Locked() { pthread_mutex_lock(&lock); }
+  ~Locked() { pthread_mutex_unlock(&lock); }
+};
 
 struct Pool {
   char* base = nullptr;
@@ -112,9 +117,8 @@ void release(void* p) {
     std::free(p);
     return;
   }
-  pthread_mutex_lock(&lock);
+  Locked held;
   pool.give(p);
-  pthread_mutex_unlock(&lock);
 }
 
 struct CachingCPUAllocator final : c10::Allocator {
@@ -122,12 +126,12 @@ struct CachingCPUAllocator final : c10::Allocator {
     void* p = nullptr;
     if (n >= kPooled) {
       size_t size = (n + kGrain - 1) / kGrain * kGrain;
-      pthread_mutex_lock(&lock);
+      Locked held;
       p = pool.take(size);
-      pthread_mutex_unlock(&lock);
     }
     if (p == nullptr && n > 0 && posix_memalign(&p, kAlignment, n) != 0) {  // small, or the pool is full
-      throw std::bad_alloc();
+      TORCH_CHECK_WITH(OutOfMemoryError, false, "CPU allocator: not enough memory: you tried to allocate ", n,
+                       " bytes.");  // (torch.OutOfMemoryError in Python, as from torch's own allocator)
     }
     return {p, p, &release, c10::Device(c10::DeviceType::CPU)};
   }
@@ -155,14 +159,19 @@ void after_fork() {
 
 extern "C" {
 
-// Reserves ``bytes`` of address space and makes the pool torch's CPU allocator. 1: installed
-// (now or before), 0: the address space could not be reserved or another allocator of higher
-// priority is installed.
+// Reserves up to ``bytes`` of address space (half as much, and so on down to 1 GiB, where a limit
+// on the process's data or address space refuses more) and makes the pool torch's CPU
+// allocator. 1: installed (now or before), 0: nothing could be reserved or another allocator
+// of higher priority is installed.
 int reformer_install_cpu_allocator(size_t bytes) {
+  Locked held;
   if (pool.base != nullptr) return c10::GetCPUAllocator() == &allocator;
+  void* region = MAP_FAILED;
   size_t size = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-  void* region = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
+  for (; size >= (size_t(1) << 30); size = size / 2 / kHugePage * kHugePage) {
+    region = mmap(nullptr, size + kHugePage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (region != MAP_FAILED) break;
+  }
   if (region == MAP_FAILED) return 0;
   auto start = (reinterpret_cast<uintptr_t>(region) + kHugePage - 1) / kHugePage * kHugePage;
   pool.base = reinterpret_cast<char*>(start);  // 2 MiB aligned, so huge pages line up with it
@@ -177,10 +186,9 @@ int reformer_install_cpu_allocator(size_t bytes) {
 
 // Bytes of pooled blocks in use, and of the pool's address space touched so far (resident).
 void reformer_cpu_allocator_stats(size_t* in_use, size_t* touched) {
-  pthread_mutex_lock(&lock);
+  Locked held;
   *in_use = pool.in_use;
   *touched = pool.high_water;
-  pthread_mutex_unlock(&lock);
 }
 
 }  // extern "C"

@@ -67,6 +67,22 @@ def test_the_environment_switch_keeps_the_defaults():
     assert min(switched_off["faults"]) > PAGES // 2, switched_off
 
 
+UNDER_A_LIMIT = """
+import json, resource, torch
+from reformer.allocator import keep_freed_memory, pool_bytes
+resource.setrlimit(resource.RLIMIT_DATA, (6 * 2**30, 6 * 2**30))  # less than the machine's memory
+applied = keep_freed_memory()
+tensor = torch.ones(2**26)  # 256 MiB
+print(json.dumps({"applied": applied, "in_use": pool_bytes()[0], "sum": float(tensor.sum())}))
+"""
+
+
+@linux_only
+def test_a_limit_on_the_data_segment_gets_a_smaller_pool():
+    result = _run(UNDER_A_LIMIT)
+    assert result["applied"] == "pool" and result["in_use"] == 2**28 and result["sum"] == 2**26, result
+
+
 POOL_STRESS = """
 import json, os, random, threading, torch
 from reformer.allocator import keep_freed_memory, pool_bytes
@@ -102,8 +118,13 @@ if pid == 0:  # (small ops only: torch's OpenMP pool does not survive a fork)
     os._exit(0 if bool((t[:100] + before[:100] == 8).all()) else 1)
 _, status = os.waitpid(pid, 0)
 stop.set(); busy.join()
+try:
+    torch.empty(2**50)  # 4 PiB: neither the pool nor malloc holds it
+    oom = None
+except torch.OutOfMemoryError as err:
+    oom = str(err)
 print(json.dumps({"errors": errors, "in_use": in_use, "touched": touched, "child": status,
-                  "before": bool((before == 7).all())}))
+                  "before": bool((before == 7).all()), "oom": oom}))
 """
 
 
@@ -114,6 +135,7 @@ def test_pooled_tensors_never_overlap_and_are_all_returned():
     assert result["errors"] == [], "a tensor's memory was handed out twice"
     assert result["in_use"] == 0 and result["touched"] > 0, result
     assert result["child"] == 0 and result["before"], result
+    assert "you tried to allocate 4503599627370496 bytes" in result["oom"], result  # as torch's own allocator says
 
 
 FRAGMENTATION = """
