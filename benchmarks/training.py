@@ -227,6 +227,8 @@ def skip_reason(done: dict, system: str, length: int, depth: int, max_step_secon
     if "error" in base:
         return {"skip": f"skipped ({base['error']} at {key[0]:,} x {key[1]})"}
     base_s = base.get("s", base.get("est_s"))
+    if base_s is None:  # skipped for a failure further back: so is this one
+        return {"skip": base["skip"]}
     est = base_s * SLACK * system_flops(system, length, depth) / system_flops(system, *key)
     return {"skip": f"skipped (est. {est:.0f} s)", "est_s": est} if est > max_step_seconds else None
 

@@ -67,6 +67,8 @@ def test_skip_rule_extrapolates_and_propagates_failures(training):
     deeper = training.skip_reason({("ours", 1024, 6): {"s": 50.0}}, "ours", 1024, 12, 120.0)
     assert deeper is None or deeper["est_s"] < 120  # from depth 6: about 2x, under the limit
     assert training.skip_reason(done, "dense", 2048, 6, 120.0)["skip"] == "skipped (out of memory at 1,024 x 6)"
+    done["dense", 2048, 6] = training.skip_reason(done, "dense", 2048, 6, 120.0)
+    assert training.skip_reason(done, "dense", 4096, 6, 120.0)["skip"] == "skipped (out of memory at 1,024 x 6)"
 
 
 def _fake_report() -> dict:
