@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *markdown_table(
             ["case", "length", *SETTINGS.values(), "default / allocator (time)", "heap / allocator (resident)"], rows
-        ),  # fmt: skip
+        ),
     ]
     print_and_write(lines, "page_faults.py", argv if argv is not None else sys.argv[1:], args.out)
     return 0

@@ -16,12 +16,12 @@ import tempfile
 from pathlib import Path
 
 
-def cache_dir() -> Path:
+def _cache_dir() -> Path:
     root = os.environ.get("REFORMER_CACHE") or Path.home() / ".cache" / "reformer"
     return Path(root) / "kernels"
 
 
-def cpu_identity() -> str:
+def _cpu_identity() -> str:
     """What ``-march=native`` depends on: the architecture and, on Linux, the CPU's flags."""
     flags = ""
     try:
@@ -42,8 +42,8 @@ def built_library(source: Path, compiler: str, args: list[str]) -> Path:
         raise FileNotFoundError(f"no compiler {compiler!r}")
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(b"\0".join([source.read_bytes(), version.encode(), " ".join(args).encode(),
-                                     cpu_identity().encode()]))  # fmt: skip
-    path = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+                                     _cpu_identity().encode()]))  # fmt: skip
+    path = _cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
     if not path.exists():
         _compile(compiler, source, args, path)
     return path

@@ -86,7 +86,7 @@ def test_a_limit_on_the_data_segment_gets_a_smaller_pool():
 POOL_STRESS = """
 import json, os, random, threading, torch
 from reformer.allocator import keep_freed_memory, pool_bytes
-before = torch.full((2**20,), 7.0)  # from malloc, freed into the pool's deleter's hands later
+before = torch.full((2**20,), 7.0)  # from torch's own allocator: still freed by its deleter later
 assert keep_freed_memory() == "pool" and keep_freed_memory() == "pool"  # (a second call is a no-op)
 MiB = 2**18  # floats
 def churn(seed, errors):

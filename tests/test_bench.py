@@ -175,9 +175,10 @@ def test_bucket_recall_compares_exact_and_factorised_buckets(monkeypatch, tmp_pa
     assert all(0 <= float(x) <= 1 for r in rows for x in r[2:5])
 
 
-def test_page_faults_compares_the_allocator_settings(tmp_path):  # glibc's default, its heap kept, the pool
-    # 8K tokens: the layer's packed rows (50 MB) and probabilities (100 MB) are over glibc's
-    # largest mmap threshold, so with its defaults each step faults them in again.
+def test_page_faults_compares_the_allocator_settings(tmp_path):
+    # glibc's default, its heap kept, the caching allocator. 8K tokens: the layer's packed rows
+    # (50 MB) and probabilities (100 MB) are over glibc's largest mmap threshold, so with its
+    # defaults each step faults them in again.
     out = tmp_path / "faults.md"
     script = str(BENCHMARKS / "page_faults.py")
     done = subprocess.run(
