@@ -29,7 +29,8 @@ demo: $(VENV)/.stamp-base
 
 # The interop extra (transformers) lets tests/test_convert.py compare with Hugging Face's Reformer.
 # The gpu extra (triton) lets tests/test_triton_lsh.py run the fused kernel in Triton's interpreter.
-test: $(VENV)/.stamp-test,interop,gpu
+# The compat extra (reformer_pytorch) lets tests/test_compat.py check our API against the live peer.
+test: $(VENV)/.stamp-test,interop,gpu,compat
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: every backend against the reference (the @gpu tests).

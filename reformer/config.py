@@ -12,8 +12,19 @@ from pathlib import Path
 
 from .attention.backends import check_backend
 from .attention.common import SELF_ATTN_VALUE, check_int, check_prob, resolve_dim_head
-from .feedforward import ACTIVATIONS
+from .feedforward import check_activation
 from .hashing import validate_n_buckets
+from .pkm import PKM_TOPK
+
+#: Length a causal stack without ``max_seq_len`` derives its LSH bucket count from (the default
+#: ``max_seq_len``, so such a ``Reformer`` hashes as one with the default limit does).
+UNBOUNDED_CAUSAL_BUCKET_LENGTH = 4096
+
+#: Keyword names of ``reformer_pytorch`` that differ from ours: its name -> the config field.
+PEER_ALIASES = {
+    "lsh_allow_duplicate_attention": "allow_duplicate_attention",
+    "lsh_attend_across_buckets": "attend_across_buckets",
+}
 
 
 @dataclass
@@ -25,8 +36,9 @@ class ReformerConfig:
     """Model width."""
     depth: int = 6
     """Number of reversible blocks (each: attention + feed-forward)."""
-    max_seq_len: int = 4096
-    """Longest sequence; also fixes the LSH bucket count (``max_seq_len // bucket_size``)."""
+    max_seq_len: int | None = 4096
+    """Longest sequence; also fixes the LSH bucket count (``max_seq_len // bucket_size``). None
+    (``Reformer`` only, its default when built from keywords): no length limit; see ``n_buckets``."""
     heads: int = 8
     """Attention heads."""
     dim_head: int | None = None
@@ -41,7 +53,8 @@ class ReformerConfig:
     """Hashing rounds; more rounds approximate full attention better and cost linearly."""
     n_buckets: int | tuple[int, ...] | None = None
     """Buckets per round (even int, or factorised tuple like ``(64, 128)``); default from
-    ``max_seq_len``."""
+    ``max_seq_len``. Without ``max_seq_len``: from the input length when not causal (as
+    ``reformer_pytorch``), else from 4096 positions (a prefix must hash the same at every length)."""
     causal: bool = False
     """Autoregressive model."""
     strict_causal: bool = True
@@ -59,7 +72,7 @@ class ReformerConfig:
     """LSH attention implementation: ``"auto"`` (chunked on CPU, a fused kernel on CUDA when the
     options allow), ``"chunked"``, ``"triton"`` or ``"flex"`` (see ``reformer.attention.backends``)."""
     attn_chunks: int = 1
-    """Process attention over ``batch * heads`` in this many chunks (memory)."""
+    """Process attention over ``batch * heads`` in this many chunks (memory); None is 1."""
     num_mem_kv: int = 0
     """Learned memory key/values every query may attend to."""
     n_local_attn_heads: int = 0
@@ -93,8 +106,9 @@ class ReformerConfig:
     """Feed-forward hidden width is ``dim * ff_mult``."""
     ff_chunks: int = 1
     """Split the feed-forward along the sequence into this many chunks (memory)."""
-    ff_activation: str = "gelu"
-    """Feed-forward activation: ``gelu``, ``relu`` or ``silu``."""
+    ff_activation: str | type = "gelu"
+    """Feed-forward activation: ``gelu``, ``relu``, ``silu``, or a ``torch.nn`` class (``nn.LeakyReLU``,
+    stored by name) built with no arguments."""
     ff_glu: bool = False
     """Gated linear unit in the feed-forward."""
     ff_dropout: float = 0.0
@@ -103,6 +117,12 @@ class ReformerConfig:
     """Probability of skipping a whole block in training (stochastic depth)."""
     weight_tie: bool = False
     """Share one block's parameters across all depths."""
+    pkm_layers: tuple[int, ...] = ()
+    """Layer numbers (1-based) whose feed-forward is a product-key memory (``reformer.pkm``)."""
+    pkm_num_keys: int = 128
+    """Keys per half-key set of each product-key memory (``pkm_num_keys ** 2`` memory slots)."""
+    one_value_head: bool = False
+    """One value projection shared by every head (multi-query attention, Shazeer 2019)."""
     twin_attention: bool = False
     """Both reversible branches are attention (no feed-forward)."""
     use_scale_norm: bool = False
@@ -171,9 +191,14 @@ class ReformerConfig:
     padding. Needed to reproduce its outputs when LSH and local chunks differ."""
 
     def __post_init__(self) -> None:
-        for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size", "n_hashes",
-                     "attn_chunks", "ff_mult", "ff_chunks"):  # fmt: skip
+        if self.attn_chunks is None:  # reformer_pytorch's Reformer default
+            self.attn_chunks = 1
+        for name in ("num_tokens", "dim", "depth", "heads", "bucket_size", "n_hashes", "attn_chunks",
+                     "ff_mult", "ff_chunks", "pkm_num_keys"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
+        if self.max_seq_len is not None:
+            check_int("max_seq_len", self.max_seq_len, 1)
+        self._check_pkm_layers()
         for name in ("num_mem_kv", "n_local_attn_heads", "reverse_thres"):
             check_int(name, getattr(self, name), 0)
         for name in ("lsh_dropout", "post_attn_dropout", "ff_dropout", "layer_dropout"):
@@ -183,8 +208,7 @@ class ReformerConfig:
             raise ValueError(f"n_local_attn_heads must be in [0, heads={self.heads}], got {self.n_local_attn_heads}")
         if self.n_buckets is not None:
             self.n_buckets = validate_n_buckets(self.n_buckets)
-        if self.ff_activation not in ACTIVATIONS:
-            raise ValueError(f"ff_activation must be one of {sorted(ACTIVATIONS)}, got {self.ff_activation!r}")
+        self.ff_activation = check_activation(self.ff_activation)
         for name in ("axial_position_shape", "axial_position_dims", "attn_layers"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
@@ -199,6 +223,29 @@ class ReformerConfig:
         check_backend(self.attn_backend)
         self._check_compat_fields()
         self._check_ablation_fields()
+
+    def _check_pkm_layers(self) -> None:
+        layers = self.pkm_layers
+        layers = (layers,) if isinstance(layers, int) else layers  # reformer_pytorch takes one int too
+        valid = isinstance(layers, (tuple, list)) and all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= self.depth for n in layers
+        )
+        if not valid:
+            raise ValueError(f"pkm_layers must be layer numbers in [1, depth={self.depth}], got {self.pkm_layers!r}")
+        self.pkm_layers = tuple(layers)
+        if self.pkm_layers and self.pkm_num_keys < PKM_TOPK:
+            raise ValueError(f"pkm_num_keys must be >= {PKM_TOPK} (each memory reads its best {PKM_TOPK} slots), "
+                             f"got {self.pkm_num_keys}")  # fmt: skip
+        if self.pkm_layers and self.twin_attention:
+            raise ValueError("pkm_layers replace feed-forwards, which twin_attention=True does not have")
+
+    def bucket_length(self) -> int | None:
+        """Length the LSH bucket count derives from when ``n_buckets`` is not given: ``max_seq_len``;
+        without it, the input length (None) for a bidirectional stack, but a fixed 4096 for a causal
+        one, whose outputs at a position must not depend on how long the sequence is."""
+        if self.max_seq_len is not None or not self.causal:
+            return self.max_seq_len
+        return UNBOUNDED_CAUSAL_BUCKET_LENGTH
 
     def _check_ablation_fields(self) -> None:
         if self.residual not in ("reversible", "standard"):
@@ -273,6 +320,11 @@ class ReformerConfig:
         return None
 
     def to_dict(self) -> dict:
+        if not isinstance(self.ff_activation, str):
+            raise ValueError(
+                f"ff_activation={self.ff_activation!r} is not a torch.nn class and cannot be saved; "
+                "use a name (gelu, relu, silu) or a torch.nn activation class"
+            )
         return asdict(self)
 
     @classmethod

@@ -17,6 +17,37 @@ from .attention.common import check_int, check_prob
 ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu, "silu": F.silu}
 
 
+def check_activation(spec: object) -> str | type[nn.Module]:
+    """``ff_activation`` in its stored form: a name of :data:`ACTIVATIONS`, or the name of a
+    ``torch.nn`` module class (``nn.LeakyReLU`` -> ``"LeakyReLU"``, so configs stay JSON); another
+    ``nn.Module`` subclass is kept as the class (such a model cannot be saved). None is ``"gelu"``
+    (``reformer_pytorch``'s default)."""
+    if spec is None:
+        return "gelu"
+    if isinstance(spec, type) and issubclass(spec, nn.Module):
+        return spec.__name__ if getattr(nn, spec.__name__, None) is spec else spec
+    if isinstance(spec, str) and (spec in ACTIVATIONS or _nn_class(spec) is not None):
+        return spec
+    raise ValueError(
+        f"ff_activation must be one of {sorted(ACTIVATIONS)}, a torch.nn module class (e.g. nn.LeakyReLU) "
+        f"or its name, got {spec!r}"
+    )
+
+
+def _nn_class(name: str) -> type[nn.Module] | None:
+    cls = getattr(nn, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, nn.Module) else None
+
+
+def make_activation(spec: object) -> nn.Module | object:
+    """The activation of ``spec`` (see :func:`check_activation`): a function, or a module
+    instance built with no arguments, as ``reformer_pytorch`` does with a class."""
+    spec = check_activation(spec)
+    if isinstance(spec, str):
+        return ACTIVATIONS[spec] if spec in ACTIVATIONS else _nn_class(spec)()
+    return spec()
+
+
 class FeedForward(nn.Module):
     """``Linear(dim, dim*mult) -> activation [-> GLU gate] -> dropout -> Linear(dim*mult, dim)``."""
 
@@ -25,16 +56,14 @@ class FeedForward(nn.Module):
         dim: int,
         mult: int = 4,
         dropout: float = 0.0,
-        activation: str = "gelu",
+        activation: str | type[nn.Module] = "gelu",
         glu: bool = False,
         chunks: int = 1,
     ):
         super().__init__()
         check_int("dim", dim, 1)
         check_int("ff_mult", mult, 1)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"ff_activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.act = ACTIVATIONS[activation]
+        self.act = make_activation(activation)
         self.glu = bool(glu)
         self.chunks = check_int("ff_chunks", chunks, 1)
         hidden = dim * mult

@@ -21,11 +21,13 @@ from .attention.decode import DecodingCache
 from .attention.dense import DenseSelfAttention
 from .attention.local import BlockLocalAttention
 from .checkpoint import PretrainedMixin
-from .config import ReformerConfig
+from .config import PEER_ALIASES, ReformerConfig
 from .feedforward import FeedForward
 from .generate import generate, stream
+from .pkm import PKM
 from .positions import AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding
 from .reversible import ReversibleBlock, irreversible_apply, reversible_apply
+from .wrappers import TrainingWrapper, batch_sequences
 
 
 class ScaleNorm(nn.Module):
@@ -86,6 +88,11 @@ def _config(config: ReformerConfig | None, kwargs: dict[str, Any]) -> ReformerCo
         raise TypeError(f"pass either config= or keyword options, not both (got {sorted(kwargs)})")
     if config is not None:
         return config
+    for peer_name, name in PEER_ALIASES.items():
+        if peer_name in kwargs:
+            if name in kwargs:
+                raise TypeError(f"pass {name} or {peer_name} (its reformer_pytorch name), not both")
+            kwargs[name] = kwargs.pop(peer_name)
     known = set(ReformerConfig.__dataclass_fields__)
     unknown = sorted(set(kwargs) - known)
     if unknown:
@@ -102,6 +109,8 @@ class Reformer(PretrainedMixin, nn.Module):
 
     def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
         super().__init__()
+        if config is None:  # a stack on embeddings needs no length limit (as in reformer_pytorch)
+            kwargs.setdefault("max_seq_len", None)
         self.config = cfg = _config(config, kwargs)
 
         def wrap(fn: nn.Module) -> nn.Module:
@@ -157,8 +166,9 @@ class Reformer(PretrainedMixin, nn.Module):
                     n_local_attn_heads=cfg.heads if kind == "local" else cfg.n_local_attn_heads,
                     strict_causal=cfg.strict_causal,
                     n_buckets=cfg.n_buckets,
-                    max_seq_len=cfg.max_seq_len,
+                    max_seq_len=cfg.bucket_length(),
                     hash_seed=cfg.hash_seed,
+                    one_value_head=cfg.one_value_head,
                     rotary_emb=cfg.rotary_emb,
                     qk_logit_scale=cfg.qk_logit_scale,
                     out_bias=cfg.attn_out_bias,
@@ -170,17 +180,20 @@ class Reformer(PretrainedMixin, nn.Module):
                 )
             )
 
-        def feedforward() -> nn.Module:
-            ff = wrap(
-                FeedForward(
-                    cfg.dim,
-                    mult=cfg.ff_mult,
-                    dropout=cfg.ff_dropout,
-                    activation=cfg.ff_activation,
-                    glu=cfg.ff_glu,
-                    chunks=cfg.ff_chunks,
+        def feedforward(use_pkm: bool) -> nn.Module:
+            if use_pkm:
+                ff = wrap(PKM(cfg.dim, num_keys=cfg.pkm_num_keys))
+            else:
+                ff = wrap(
+                    FeedForward(
+                        cfg.dim,
+                        mult=cfg.ff_mult,
+                        dropout=cfg.ff_dropout,
+                        activation=cfg.ff_activation,
+                        glu=cfg.ff_glu,
+                        chunks=cfg.ff_chunks,
+                    )
                 )
-            )
             if not cfg.cross_attention:
                 return ff
             cross = CrossAttention(cfg.dim, heads=cfg.heads, dim_head=cfg.dim_head, dropout=cfg.post_attn_dropout)
@@ -193,12 +206,16 @@ class Reformer(PretrainedMixin, nn.Module):
         else:
             routing = dict(f_args=attn_args, g_args=attn_args if cfg.twin_attention else ())
         blocks = []
+        tied_g: dict[bool, nn.Module] = {}  # weight_tie: the first feed-forward and the first PKM
         for i, kind in enumerate(kinds):
+            use_pkm = i + 1 in cfg.pkm_layers
             if cfg.weight_tie and i > 0:  # same modules at every depth (the same kind each time)
-                blocks.append(ReversibleBlock(blocks[0].f, blocks[0].g, **routing))
-                continue
-            g = attention(kind) if cfg.twin_attention else feedforward()
-            blocks.append(ReversibleBlock(attention(kind), g, **routing))
+                g = tied_g[use_pkm] if use_pkm in tied_g else feedforward(use_pkm)
+                blocks.append(ReversibleBlock(blocks[0].f, g, **routing))
+            else:
+                g = attention(kind) if cfg.twin_attention else feedforward(use_pkm)
+                blocks.append(ReversibleBlock(attention(kind), g, **routing))
+            tied_g.setdefault(use_pkm, g)
         self.blocks = nn.ModuleList(blocks)
 
     def forward(
@@ -219,7 +236,7 @@ class Reformer(PretrainedMixin, nn.Module):
         cfg = self.config
         check_features("x", x, cfg.dim)
         seen = 0 if cache is None else cache.seq_len
-        if seen + x.shape[1] > cfg.max_seq_len:
+        if cfg.max_seq_len is not None and seen + x.shape[1] > cfg.max_seq_len:
             raise ValueError(f"sequence length {seen + x.shape[1]} exceeds max_seq_len={cfg.max_seq_len}")
         check_mask("input_mask", input_mask, tuple(x.shape[:2]))
         length = x.shape[1]
@@ -295,6 +312,8 @@ class ReformerLM(PretrainedMixin, nn.Module):
     def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
         super().__init__()
         self.config = cfg = _config(config, kwargs)
+        if cfg.max_seq_len is None:
+            raise ValueError("ReformerLM needs max_seq_len (its positions and generation are bounded by it)")
         emb_dim = cfg.model_emb_dim
         self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -353,27 +372,27 @@ class ReformerLM(PretrainedMixin, nn.Module):
 
     def forward(
         self,
-        tokens: torch.Tensor,
+        x: torch.Tensor,
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         cache: DecodingCache | None = None,
     ) -> torch.Tensor:
-        """``tokens`` ``(b, n)`` -> logits ``(b, n, num_tokens)``; other arguments as in
+        """Token ids ``x`` ``(b, n)`` -> logits ``(b, n, num_tokens)``; other arguments as in
         :meth:`Reformer.forward`.
 
         With ``cache`` (a :class:`~reformer.attention.decode.DecodingCache`, eval mode) the
         first call is the prefill and each later call continues the same sequence, returning
         the logits of the new tokens only - equal to those of a full forward on the whole
         sequence so far, at a cost per token that does not grow with it (LSH layers)."""
-        self.check_tokens(tokens)
+        self.check_tokens(x)
         if cache is not None:
-            return self._forward_cached(tokens, cache, context, context_mask)
-        x = self.reformer(
-            self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask, context=context
+            return self._forward_cached(x, cache, context, context_mask)
+        hidden = self.reformer(
+            self.embed(x), keys=keys, input_mask=input_mask, context_mask=context_mask, context=context
         )
-        return self._head(x)
+        return self._head(hidden)
 
     def _forward_cached(self, tokens, cache, context, context_mask) -> torch.Tensor:
         if cache.tokens is not None and tokens.shape[0] != cache.tokens.shape[0]:
@@ -428,41 +447,73 @@ class ReformerLM(PretrainedMixin, nn.Module):
         return self.to_logits(x)
 
 
+def _split_enc_dec(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """``enc_*`` and ``dec_*`` keywords (prefix removed), and the rest."""
+    enc = {k[4:]: v for k, v in kwargs.items() if k.startswith("enc_")}
+    dec = {k[4:]: v for k, v in kwargs.items() if k.startswith("dec_")}
+    rest = {k: v for k, v in kwargs.items() if not k.startswith(("enc_", "dec_"))}
+    return enc, dec, rest
+
+
 class ReformerEncDec(nn.Module):
     """Encoder (bidirectional ``ReformerLM`` returning embeddings) + decoder (causal
     ``ReformerLM`` whose blocks cross-attend to every encoder output).
 
     Options as in ``reformer_pytorch``: ``enc_*`` go to the encoder, ``dec_*`` to the decoder,
-    the rest (``dim``, ``heads``, ...) to both. ``forward(src, tgt, return_loss=True)`` gives the
-    next-token loss of ``tgt``; without ``return_loss`` the decoder's logits.
+    the rest (``heads``, ...) to both; the decoder's ``bucket_size`` defaults to twice the
+    encoder's. ``forward(seq_in, seq_out, return_loss=True)`` gives the next-token loss of
+    ``seq_out`` (positions equal to ``ignore_index`` left out); without ``return_loss`` the
+    decoder's logits. Call-time ``enc_*`` / ``dec_*`` keywords go to the encoder's / decoder's
+    forward: ``enc_input_mask`` masks the input (and, unless ``dec_context_mask`` is given, the
+    decoder's view of it), ``dec_input_mask`` the output sequence. Sequences may also be lists
+    of 1-D tensors, padded with ``pad_value`` (as :class:`~reformer.wrappers.TrainingWrapper`).
     """
 
-    def __init__(self, dim: int, ignore_index: int = -100, **kwargs: Any):
+    def __init__(self, dim: int, ignore_index: int = 0, pad_value: int = 0, **kwargs: Any):
         super().__init__()
-        enc = {k[4:]: v for k, v in kwargs.items() if k.startswith("enc_")}
-        dec = {k[4:]: v for k, v in kwargs.items() if k.startswith("dec_")}
-        shared = {k: v for k, v in kwargs.items() if not k.startswith(("enc_", "dec_"))}
+        enc, dec, shared = _split_enc_dec(kwargs)
         for name in ("return_embeddings", "causal", "cross_attention"):
             if name in enc or name in dec or name in shared:
                 raise TypeError(f"ReformerEncDec sets {name} itself; do not pass it")
+        if "bucket_size" not in dec and "bucket_size" not in shared:
+            dec["bucket_size"] = 2 * enc.get("bucket_size", ReformerConfig.bucket_size)
         self.encoder = ReformerLM(dim=dim, **shared, **enc, return_embeddings=True)
         self.decoder = ReformerLM(dim=dim, **shared, **dec, causal=True, cross_attention=True)
         self.ignore_index = ignore_index
+        self.pad_value = pad_value
 
-    def encode(self, src: torch.Tensor, src_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.encoder(src, input_mask=src_mask)
+    def _wrapped_decoder(self) -> TrainingWrapper:
+        return TrainingWrapper(self.decoder, ignore_index=self.ignore_index, pad_value=self.pad_value)
+
+    def encode(self, seq_in: torch.Tensor | list[torch.Tensor], input_mask: torch.Tensor | None = None,
+               **kwargs: Any) -> torch.Tensor:  # fmt: skip
+        """The encoder output ``(b, n, dim)`` the decoder attends to."""
+        return self.encoder(batch_sequences(seq_in, self.pad_value), input_mask=input_mask, **kwargs)
+
+    def _decoder_kwargs(self, seq_in, kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Run the encoder on ``seq_in``; return the decoder's forward keywords (``context``,
+        ``context_mask``, ``dec_*``) and the remaining ones."""
+        enc, dec, rest = _split_enc_dec(kwargs)
+        dec.setdefault("context_mask", enc.get("input_mask"))
+        dec["context"] = self.encode(seq_in, **enc)
+        return dec, rest
 
     def forward(
         self,
-        src: torch.Tensor,
-        tgt: torch.Tensor,
+        seq_in: torch.Tensor | list[torch.Tensor],
+        seq_out: torch.Tensor | list[torch.Tensor],
         return_loss: bool = False,
-        src_mask: torch.Tensor | None = None,
-        tgt_mask: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> torch.Tensor:
-        context = self.encode(src, src_mask)
-        if not return_loss:
-            return self.decoder(tgt, input_mask=tgt_mask, context=context, context_mask=src_mask)
-        mask = None if tgt_mask is None else tgt_mask[:, :-1]
-        logits = self.decoder(tgt[:, :-1], input_mask=mask, context=context, context_mask=src_mask)
-        return F.cross_entropy(logits.transpose(1, 2), tgt[:, 1:], ignore_index=self.ignore_index)
+        dec, rest = self._decoder_kwargs(seq_in, kwargs)
+        if rest:
+            raise TypeError(f"unknown keyword(s) {sorted(rest)}: give encoder / decoder ones with enc_ / dec_")
+        return self._wrapped_decoder()(seq_out, return_loss=return_loss, **dec)
+
+    def generate(self, seq_in: torch.Tensor, seq_out_start: torch.Tensor, seq_len: int, **kwargs: Any) -> torch.Tensor:
+        """Sample ``seq_len`` tokens after ``seq_out_start`` ``(b, n)`` (or ``(n,)``) given
+        ``seq_in``; returns ``(b, <= seq_len)`` (or ``(<= seq_len,)``). Keywords: ``enc_*`` /
+        ``dec_*`` as in :meth:`forward`, the rest (``eos_token``, ``temperature``,
+        ``filter_thres``, ...) as in :meth:`reformer.wrappers.TrainingWrapper.generate`."""
+        dec, rest = self._decoder_kwargs(seq_in, kwargs)
+        return self._wrapped_decoder().generate(seq_out_start, seq_len, **dec, **rest)

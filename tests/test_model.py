@@ -310,13 +310,13 @@ def test_encoder_decoder_cross_attention():
     )
     src, tgt = torch.randint(0, 30, (2, 64)), torch.randint(0, 40, (2, 48))
     src_mask = torch.rand(2, 64) > 0.2
-    loss = model(src, tgt, return_loss=True, src_mask=src_mask)
+    loss = model(src, tgt, return_loss=True, enc_input_mask=src_mask)
     loss.backward()
     assert torch.isfinite(loss)
     assert model.encoder.token_emb.weight.grad.abs().sum() > 0  # gradient reaches the encoder
     model.eval()
     with torch.no_grad():
-        logits = model(src, tgt, src_mask=src_mask)
+        logits = model(src, tgt, enc_input_mask=src_mask)
         assert logits.shape == (2, 48, 40)
         ctx = model.encode(src, src_mask)
         out = model.decoder(tgt, context=ctx, context_mask=src_mask)

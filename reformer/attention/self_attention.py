@@ -46,6 +46,7 @@ class LSHSelfAttention(nn.Module):
         rotary_emb: rotate the sequence's shared query/key vectors by position (RoPE).
         qk_logit_scale: scale of the logits ``q . k / |k|`` (default ``dim_head ** -0.5``).
         out_bias: bias in the output projection.
+        one_value_head: one value projection (``dim_head`` wide) shared by every head.
         pad_bucket, n_buckets_first_major, self_value, exp_lse, backend: as in :class:`LSHAttention`.
     """
 
@@ -68,6 +69,7 @@ class LSHSelfAttention(nn.Module):
         post_attn_dropout: float = 0.0,
         dropout: float = 0.0,
         n_local_attn_heads: int = 0,
+        one_value_head: bool = False,
         *,
         strict_causal: bool = True,
         n_buckets: BucketSpec | None = None,
@@ -105,7 +107,8 @@ class LSHSelfAttention(nn.Module):
 
         inner = dim_head * heads
         self.toqk = nn.Linear(dim, inner, bias=False)
-        self.tov = nn.Linear(dim, inner, bias=False)
+        self.value_heads = 1 if one_value_head else heads  # heads with their own values
+        self.tov = nn.Linear(dim, dim_head * self.value_heads, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=out_bias)
         # Keys are unit vectors and hashing is scale-invariant, so scaling the shared qk
         # vectors scales only the logits: from the kernels' dim_head ** -0.5 to the one asked for.
@@ -199,7 +202,7 @@ class LSHSelfAttention(nn.Module):
         def split_heads(y: torch.Tensor) -> torch.Tensor:  # (b, L, h*dh) -> (b, h, L, dh)
             return y.view(b, length, h, dh).transpose(1, 2)
 
-        qk, v = split_heads(self.toqk(seq)), split_heads(self.tov(seq))
+        qk, v = split_heads(self.toqk(seq)), split_heads(self._values(seq))
         if self.qk_rescale is not None:
             qk = qk * self.qk_rescale
         if self.rotary_emb:  # rotate the sequence's queries/keys by position; the prefix is unrotated
@@ -262,6 +265,12 @@ class LSHSelfAttention(nn.Module):
             )
         return self._merge_heads(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0])
 
+    def _values(self, x: torch.Tensor) -> torch.Tensor:
+        """Values of every head ``(b, L, heads * dim_head)``; with ``one_value_head`` the one
+        head's values repeated."""
+        v = self.tov(x)
+        return v if self.value_heads == self.heads else v.repeat(1, 1, self.heads)
+
     def _merge_heads(self, out: torch.Tensor) -> torch.Tensor:
         """``(b, h, t, dh)`` per-head outputs -> the layer output ``(b, t, dim)``."""
         b, h, t, dh = out.shape
@@ -275,7 +284,7 @@ class LSHSelfAttention(nn.Module):
             raise ValueError(f"after the prefill, cached decoding takes one position at a time, got {t}")
         h, dh, lh = self.heads, self.dim_head, self.n_local_attn_heads
         qk = self.toqk(x).view(b, 1, h, dh).transpose(1, 2)  # (b, h, 1, dh)
-        v = self.tov(x).view(b, 1, h, dh).transpose(1, 2)
+        v = self._values(x).view(b, 1, h, dh).transpose(1, 2)
         if self.qk_rescale is not None:
             qk = qk * self.qk_rescale
         if self.rotary_emb:
