@@ -514,6 +514,13 @@ class ReformerEncDec(nn.Module):
         """Sample ``seq_len`` tokens after ``seq_out_start`` ``(b, n)`` (or ``(n,)``) given
         ``seq_in``; returns ``(b, <= seq_len)`` (or ``(<= seq_len,)``). Keywords: ``enc_*`` /
         ``dec_*`` as in :meth:`forward`, the rest (``eos_token``, ``temperature``,
-        ``filter_thres``, ...) as in :meth:`reformer.wrappers.TrainingWrapper.generate`."""
-        dec, rest = self._decoder_kwargs(seq_in, kwargs)
+        ``filter_thres``, ...) as in :meth:`reformer.wrappers.TrainingWrapper.generate`. Both
+        models run in eval mode."""
+        was_training = self.encoder.training
+        self.encoder.eval()  # (deterministic hashing, no dropout: the decoder samples in eval mode too)
+        try:
+            with torch.no_grad():
+                dec, rest = self._decoder_kwargs(seq_in, kwargs)
+        finally:
+            self.encoder.train(was_training)
         return self._wrapped_decoder().generate(seq_out_start, seq_len, **dec, **rest)

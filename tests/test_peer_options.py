@@ -1,0 +1,215 @@
+"""The options of ``reformer_pytorch`` 1.4.4 do what they do there: each checked against an
+equivalent computation (or the peer's own component where it is the same function)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reformer import LSHSelfAttention, Reformer, ReformerConfig, ReformerEncDec, ReformerLM, TrainingWrapper
+from reformer.attention.decode import DecodingCache
+from reformer.feedforward import FeedForward
+from reformer.pkm import PKM
+
+
+def test_pkm_equals_product_key_memory():
+    """Same parameters -> same outputs as the package reformer_pytorch builds its PKM layers from."""
+    pkm_package = pytest.importorskip("product_key_memory", reason="the compat extra is not installed")
+    torch.manual_seed(0)
+    theirs = pkm_package.PKM(48, num_keys=40, topk=32, dim_head=16)
+    ours = PKM(48, num_keys=40, dim_head=16)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, 37, 48)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=1e-5)
+
+
+def test_pkm_is_per_position():
+    """A memory lookup reads one position: changing others leaves it unchanged (causal-safe)."""
+    pkm = PKM(16, num_keys=32, dim_head=8)
+    x = torch.randn(1, 20, 16)
+    y = x.clone()
+    y[:, 10:] = torch.randn(1, 10, 16)
+    torch.testing.assert_close(pkm(y)[:, :10], pkm(x)[:, :10], atol=0, rtol=0)
+
+
+def test_pkm_layers_replace_those_feedforwards():
+    model = Reformer(dim=16, depth=4, heads=2, bucket_size=4, pkm_layers=(2, 4), pkm_num_keys=32)
+    kinds = [type(block.g.fn).__name__ for block in model.blocks]
+    assert kinds == ["FeedForward", "PKM", "FeedForward", "PKM"]
+    tied = Reformer(dim=16, depth=4, heads=2, bucket_size=4, pkm_layers=(2, 4), pkm_num_keys=32, weight_tie=True)
+    gs = [block.g for block in tied.blocks]
+    assert gs[0] is gs[2] and gs[1] is gs[3] and gs[0] is not gs[1]
+    assert all(block.f is tied.blocks[0].f for block in tied.blocks)
+    out = model(torch.randn(2, 24, 16))
+    out.sum().backward()
+    assert model.blocks[1].g.fn.values.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="pkm_layers"):
+        ReformerConfig(depth=2, pkm_layers=(3,))
+    with pytest.raises(ValueError, match="pkm_num_keys"):
+        ReformerConfig(depth=2, pkm_layers=(1,), pkm_num_keys=16)
+    assert ReformerConfig(depth=2, pkm_layers=2).pkm_layers == (2,)  # one int, as reformer_pytorch takes it
+
+
+def test_one_value_head_equals_repeated_values():
+    """One shared value projection == every head's value projection set to that one."""
+    torch.manual_seed(0)
+    options = dict(dim=32, heads=4, bucket_size=8, n_hashes=2, causal=True, hash_seed=3, n_local_attn_heads=1)
+    one = LSHSelfAttention(**options, one_value_head=True).eval()
+    full = LSHSelfAttention(**options).eval()
+    assert one.tov.weight.shape == (8, 32)
+    full.toqk.load_state_dict(one.toqk.state_dict())
+    full.to_out.load_state_dict(one.to_out.state_dict())
+    full.tov.weight.data = one.tov.weight.data.repeat(4, 1)
+    x = torch.randn(2, 50, 32)
+    torch.testing.assert_close(one(x), full(x), atol=1e-6, rtol=1e-5)
+
+
+def test_one_value_head_cached_decoding_equals_forward():
+    torch.manual_seed(0)
+    model = ReformerLM(num_tokens=20, dim=32, depth=2, heads=4, bucket_size=4, max_seq_len=64, causal=True,
+                       one_value_head=True).eval()  # fmt: skip
+    tokens = torch.randint(0, 20, (2, 30))
+    cache = DecodingCache()
+    model(tokens[:, :29], cache=cache)
+    torch.testing.assert_close(model(tokens[:, 29:], cache=cache), model(tokens)[:, 29:], atol=1e-5, rtol=1e-4)
+
+
+def test_ff_activation_module_class():
+    torch.manual_seed(0)
+    ff = FeedForward(8, mult=2, activation=nn.LeakyReLU)
+    x = torch.randn(3, 5, 8)
+    torch.testing.assert_close(ff(x), ff.w2(F.leaky_relu(ff.w1(x))))
+    cfg = ReformerConfig(ff_activation=nn.LeakyReLU)
+    assert cfg.ff_activation == "LeakyReLU"  # stored by name: the config stays JSON
+    assert ReformerConfig.from_dict(cfg.to_dict()).ff_activation == "LeakyReLU"
+    assert ReformerConfig(ff_activation=None).ff_activation == "gelu"  # reformer_pytorch's default
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x.tanh()
+
+    cfg = ReformerConfig(ff_activation=Custom)
+    model = Reformer(config=ReformerConfig(dim=8, depth=1, heads=2, ff_activation=Custom))
+    assert isinstance(model.blocks[0].g.fn.act, Custom)
+    with pytest.raises(ValueError, match="cannot be saved"):
+        cfg.to_dict()
+    with pytest.raises(ValueError, match="ff_activation"):
+        ReformerConfig(ff_activation="Linear2")
+
+
+def test_lsh_option_names_of_reformer_pytorch():
+    model = Reformer(dim=16, depth=1, heads=2, lsh_allow_duplicate_attention=False, lsh_attend_across_buckets=False)
+    assert not model.config.allow_duplicate_attention and not model.config.attend_across_buckets
+    attn = model.blocks[0].f.fn.lsh_attn
+    assert not attn.allow_duplicate_attention and not attn.attend_across_buckets
+    with pytest.raises(TypeError, match="not both"):
+        Reformer(dim=16, depth=1, attend_across_buckets=True, lsh_attend_across_buckets=False)
+
+
+def test_reformer_without_length_limit():
+    """Built from keywords, ``Reformer`` has no max_seq_len: bidirectional layers derive their
+    bucket count from the input length (as a bare layer); causal ones fix it (4096 positions'
+    worth), so a prefix's outputs do not depend on how long the sequence is."""
+    free = Reformer(dim=16, depth=1, heads=2, bucket_size=8)
+    assert free.config.max_seq_len is None and free.blocks[0].f.fn.lsh_attn.n_buckets is None
+    assert free(torch.randn(1, 5000, 16)).shape == (1, 5000, 16)
+    torch.manual_seed(0)
+    causal = Reformer(dim=16, depth=2, heads=2, bucket_size=8, causal=True).eval()
+    assert causal.blocks[0].f.fn.lsh_attn.n_buckets == 4096 // 8
+    x = torch.randn(1, 900, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(causal(x[:, :300]), causal(x)[:, :300], atol=1e-5, rtol=1e-4)
+    assert Reformer(dim=16, depth=1, max_seq_len=64).config.max_seq_len == 64
+    with pytest.raises(ValueError, match="max_seq_len"):
+        ReformerLM(num_tokens=10, dim=16, depth=1, max_seq_len=None)
+
+
+def _enc_dec(**options) -> ReformerEncDec:
+    torch.manual_seed(0)
+    sizes = dict(enc_num_tokens=30, enc_depth=1, enc_max_seq_len=40, dec_num_tokens=20, dec_depth=1, dec_max_seq_len=24)
+    return ReformerEncDec(dim=32, heads=2, n_hashes=2, enc_bucket_size=4, **sizes, **options)
+
+
+def test_encoder_decoder_masks():
+    # (dense encoder attention: in LSH, masked tokens still take places in the sorted chunks)
+    model = _enc_dec(enc_use_full_attn=True).eval()
+    assert model.decoder.config.bucket_size == 8  # twice the encoder's, as in reformer_pytorch
+    assert model.ignore_index == 0
+    seq_in, seq_out = torch.randint(0, 30, (2, 40)), torch.randint(2, 20, (2, 24))
+    enc_mask = torch.rand(2, 40) > 0.3
+    dec_mask = torch.ones(2, 24, dtype=torch.bool)
+    dec_mask[1, 20:] = False
+    with torch.no_grad():
+        loss = model(seq_in, seq_out, return_loss=True, enc_input_mask=enc_mask, dec_input_mask=dec_mask)
+        changed = seq_in.masked_fill(~enc_mask, 7)  # masked input tokens are not seen
+        same = model(changed, seq_out, return_loss=True, enc_input_mask=enc_mask, dec_input_mask=dec_mask)
+        torch.testing.assert_close(same, loss, atol=1e-6, rtol=1e-6)
+        context = model.encoder(seq_in, input_mask=enc_mask)
+        logits = model.decoder(seq_out[:, :-1], input_mask=dec_mask[:, :-1], context=context, context_mask=enc_mask)
+        torch.testing.assert_close(loss, F.cross_entropy(logits.transpose(1, 2), seq_out[:, 1:]))
+        assert not torch.allclose(model(seq_in, seq_out, return_loss=True), loss)  # the masks are used
+    with pytest.raises(TypeError, match="enc_"):
+        model(seq_in, seq_out, input_mask=enc_mask)
+
+
+def test_encoder_decoder_generate_is_greedy_decoding():
+    model = _enc_dec()
+    seq_in = torch.randint(0, 30, (2, 40))
+    enc_mask = torch.rand(2, 40) > 0.3
+    start = torch.zeros(2, 1, dtype=torch.long)
+    out = model.generate(seq_in, start, seq_len=10, temperature=0, enc_input_mask=enc_mask)
+    assert out.shape == (2, 10) and model.training  # the mode is restored
+    model.eval()
+    with torch.no_grad():
+        context = model.encoder(seq_in, input_mask=enc_mask)
+        tokens = start
+        for _ in range(10):
+            logits = model.decoder(tokens, context=context, context_mask=enc_mask)[:, -1]
+            tokens = torch.cat([tokens, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(out, tokens[:, 1:])
+    assert model.generate(seq_in[:1], start[0], seq_len=5).shape == (5,)  # a 1-D start gives 1-D
+
+
+def test_training_wrapper_on_a_list_of_sequences():
+    torch.manual_seed(0)
+    net = ReformerLM(num_tokens=20, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=64, causal=True)
+    wrapper = TrainingWrapper(net, ignore_index=0, pad_value=0)
+    seqs = [torch.randint(1, 20, (n,)) for n in (5, 17, 11)]
+    padded = torch.zeros(3, 16, dtype=torch.long)
+    targets = torch.zeros(3, 16, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        padded[i, : len(s) - 1], targets[i, : len(s) - 1] = s[:-1], s[1:]
+    net.eval()
+    expected = F.cross_entropy(net(padded).transpose(1, 2), targets, ignore_index=0)
+    torch.testing.assert_close(wrapper(seqs, return_loss=True), expected)
+    assert wrapper(seqs).shape == (3, 17, 20)
+    with pytest.raises(ValueError, match="1-D"):
+        wrapper([torch.zeros(2, 3, dtype=torch.long)])
+
+
+def test_training_wrapper_generate_shapes_and_filters():
+    from reformer.generative_tools import top_k, top_p
+
+    net = ReformerLM(num_tokens=20, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=64, causal=True)
+    wrapper = TrainingWrapper(net)
+    assert wrapper.generate(torch.tensor([3, 4]), 6).shape == (6,)
+    assert wrapper.generate(torch.tensor([[3, 4]]), 6, filter_logits_fn=top_p).shape == (1, 6)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]])
+    assert torch.isfinite(top_k(logits, thres=0.7)).sum() == 3  # the top (1 - 0.7) of 10
+    kept = torch.isfinite(top_p(logits, thres=0.5))  # the most likely tokens up to mass 0.5
+    assert kept[0, -1] and kept.sum() == 1 + int(logits.softmax(-1)[0, -1] < 0.5)
+    with pytest.raises(ValueError, match="filter_logits_fn"):
+        wrapper.generate(torch.tensor([3]), 2, filter_logits_fn=lambda x, thres: x)
+    with pytest.raises(ValueError, match="input_mask"):
+        wrapper.generate(torch.tensor([[3, 4]]), 2, input_mask=torch.tensor([[True, False]]))
+
+
+def test_module_paths_of_reformer_pytorch():
+    import reformer
+    from reformer import autopadder, generative_tools, recorder, reformer_enc_dec, reformer_pytorch
+
+    assert reformer_pytorch.ReformerLM is reformer.ReformerLM and reformer_pytorch.Reformer is reformer.Reformer
+    assert reformer_pytorch.LSHSelfAttention is reformer.LSHSelfAttention
+    assert reformer_enc_dec.ReformerEncDec is reformer.ReformerEncDec
+    assert recorder.Recorder is reformer.Recorder and autopadder.Autopadder is reformer.Autopadder
+    assert generative_tools.TrainingWrapper is reformer.TrainingWrapper
