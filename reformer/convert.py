@@ -23,6 +23,7 @@ Needs the optional dependency: ``pip install 'reformer-torch[interop]'``.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -96,9 +97,6 @@ def config_from_transformers(hf: Any) -> ReformerConfig:
     kinds = tuple(hf.attn_layers)
     if not kinds or set(kinds) - {"lsh", "local"}:
         raise _unsupported("attn_layers", list(kinds), "a non-empty list of 'lsh' and 'local'")
-    if hf.num_buckets is None and "lsh" in kinds:
-        raise _unsupported("num_buckets", None, "an even int or a list of even ints (None lets transformers "
-                           "choose it from the first input's length)")  # fmt: skip
     if "lsh" in kinds and (hf.lsh_num_chunks_before, hf.lsh_num_chunks_after) != (1, 0):
         raise _unsupported("lsh_num_chunks_before/after", (hf.lsh_num_chunks_before, hf.lsh_num_chunks_after), "(1, 0)")
     if hf.hidden_act not in ACTIVATIONS:
@@ -108,6 +106,14 @@ def config_from_transformers(hf: Any) -> ReformerConfig:
     if hf.axial_pos_embds and len(hf.axial_pos_shape) != 2:
         raise _unsupported("axial_pos_shape", list(hf.axial_pos_shape), "two factors")
     num_buckets = hf.num_buckets if hf.num_buckets is None or isinstance(hf.num_buckets, int) else tuple(hf.num_buckets)
+    if num_buckets is None and "lsh" in kinds:
+        num_buckets = _transformers_num_buckets(hf.max_position_embeddings, hf.lsh_attn_chunk_length)
+        warnings.warn(
+            f"num_buckets is not set in the transformers config: the converted model uses n_buckets={num_buckets}, "
+            f"what transformers chooses at its first forward on max_position_embeddings="
+            f"{hf.max_position_embeddings} tokens (it would choose another value for a shorter first input)",
+            stacklevel=3,
+        )
     return ReformerConfig(
         **TRANSFORMERS_LAYOUT,
         axial_position_emb=bool(hf.axial_pos_embds),
@@ -136,6 +142,21 @@ def config_from_transformers(hf: Any) -> ReformerConfig:
         post_attn_dropout=hf.hidden_dropout_prob,
         ff_dropout=hf.hidden_dropout_prob,
     )
+
+
+def _transformers_num_buckets(length: int, chunk_length: int) -> int | tuple[int, int]:
+    """The ``num_buckets`` transformers sets at the first forward of an LSH layer whose config
+    leaves it unset, on ``length`` tokens (``ReformerLSHAttention._set_num_buckets``): about
+    ``2 * length / chunk_length`` rounded down to a power of two, factorised in two when above
+    ``2 * max(sqrt(max_position_embeddings / chunk_length), chunk_length)``."""
+    if length < 2 * chunk_length:
+        raise _unsupported("num_buckets", None, f"an even int or a list of even ints (with max_position_embeddings="
+                           f"{length} < 2 * lsh_attn_chunk_length transformers' rule gives no even count)")  # fmt: skip
+    power = (2 * (length // chunk_length)).bit_length() - 1
+    limit = 2 * max(int((length // chunk_length) ** 0.5), chunk_length)
+    if 2**power > limit:
+        return (2 ** (power // 2), 2 ** (power - power // 2))
+    return 2**power
 
 
 def config_to_transformers(model: ReformerLM) -> Any:

@@ -1,6 +1,8 @@
 """Hugging Face ``transformers`` Reformer <-> ReformerLM: randomly initialised models built
 offline, compared logit for logit, round-tripped, and decoded greedily side by side."""
 
+import re
+
 import pytest
 import torch
 
@@ -125,7 +127,6 @@ def test_byte_vocab_drops_the_two_special_ids(tmp_path, capsys):
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (dict(num_buckets=None), "num_buckets"),
         (dict(hidden_act="gelu_new"), "hidden_act"),
         (dict(feed_forward_size=40), "feed_forward_size"),
         (dict(lsh_num_chunks_before=2), "lsh_num_chunks_before"),
@@ -136,6 +137,28 @@ def test_unrepresentable_configs_name_the_field(overrides, field):
     for key, value in overrides.items():
         setattr(config, key, value)
     with pytest.raises(ValueError, match=field):
+        from_transformers(transformers.ReformerModelWithLMHead(config))
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
+@pytest.mark.parametrize("chunk,expected", [(8, 16), (4, (4, 8))], ids=["int", "factorised"])
+def test_unset_num_buckets_takes_the_value_transformers_chooses(causal, chunk, expected):
+    """transformers fills in num_buckets at its first forward from that input's length; the
+    conversion takes the value for max_position_embeddings (64) tokens, says so, and then equals
+    a transformers model whose first input had that length."""
+    hf = hf_model(causal, ("lsh", "local", "lsh"), num_buckets=None, lsh_attn_chunk_length=chunk)
+    with pytest.warns(UserWarning, match=rf"num_buckets is not set.*n_buckets={re.escape(str(expected))}.*=64 tokens"):
+        ours = from_transformers(hf)
+    assert ours.config.n_buckets == expected
+    assert max_logit_diff(hf, ours, 64) <= 1e-4  # transformers' first forward: 64 tokens
+    chosen = hf.config.num_buckets
+    assert (tuple(chosen) if isinstance(chosen, list) else chosen) == expected
+
+
+def test_unset_num_buckets_with_too_few_positions_is_refused():
+    config = hf_model(True).config
+    config.num_buckets, config.max_position_embeddings, config.axial_pos_shape = None, 4, [2, 2]
+    with pytest.raises(ValueError, match="num_buckets"):
         from_transformers(transformers.ReformerModelWithLMHead(config))
 
 
