@@ -6,7 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reformer import LSHSelfAttention, Reformer, ReformerConfig, ReformerEncDec, ReformerLM, TrainingWrapper
+from reformer import (
+    LSHAttention,
+    LSHSelfAttention,
+    Reformer,
+    ReformerConfig,
+    ReformerEncDec,
+    ReformerLM,
+    TrainingWrapper,
+)
 from reformer.attention.decode import DecodingCache
 from reformer.feedforward import FeedForward
 from reformer.pkm import PKM
@@ -213,3 +221,24 @@ def test_module_paths_of_reformer_pytorch():
     assert reformer_enc_dec.ReformerEncDec is reformer.ReformerEncDec
     assert recorder.Recorder is reformer.Recorder and autopadder.Autopadder is reformer.Autopadder
     assert generative_tools.TrainingWrapper is reformer.TrainingWrapper
+
+
+def test_drop_for_hash_rate_hashes_dropped_out_vectors():
+    """In training, the buckets are those of the vectors after dropout (drawn after the
+    rotations, from torch's RNG); in eval the option does nothing."""
+    from reformer.hashing import draw_rotations, hash_vectors
+
+    layer = LSHAttention(bucket_size=4, n_hashes=2, drop_for_hash_rate=0.5, n_buckets=8)
+    qk = torch.randn(3, 32, 8)
+    torch.manual_seed(1)
+    buckets = layer.hash(qk)
+    torch.manual_seed(1)
+    rotations = draw_rotations(8, 2, 8)
+    torch.testing.assert_close(buckets, hash_vectors(F.dropout(qk, 0.5), rotations, 8), atol=0, rtol=0)
+    assert not torch.equal(buckets, hash_vectors(qk, rotations, 8))
+    plain = LSHAttention(bucket_size=4, n_hashes=2, n_buckets=8, hash_seed=int(layer.hash_seed)).eval()
+    assert torch.equal(layer.eval().hash(qk), plain.hash(qk))
+    with pytest.raises(ValueError, match="rehash_each_round"):
+        LSHAttention(rehash_each_round=False)
+    with pytest.raises(ValueError, match="drop_for_hash_rate"):
+        LSHSelfAttention(dim=8, heads=2, drop_for_hash_rate=1.5)

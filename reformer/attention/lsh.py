@@ -5,6 +5,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..hashing import (
@@ -49,6 +50,9 @@ class LSHAttention(nn.Module):
         attend_across_buckets: if False, keys of other buckets (or other rounds) in the
             window are masked too (the paper's strict ``P_i``).
         random_rotations_per_head: a separate random rotation per head instead of one shared.
+        rehash_each_round: ``reformer_pytorch``'s option; only True (a fresh rotation per round).
+        drop_for_hash_rate: in training, dropout on the vectors that are hashed (not on those
+            attended with), as in ``reformer_pytorch``.
         return_attn: also return the dense ``(batch, len, len)`` attention (costly).
         n_buckets: buckets per round: an even int, or a factorised tuple such as
             ``(64, 128)``. Default: derived from ``max_seq_len``, or else from the input length.
@@ -73,6 +77,8 @@ class LSHAttention(nn.Module):
         causal: bool = False,
         allow_duplicate_attention: bool = True,
         attend_across_buckets: bool = True,
+        rehash_each_round: bool = True,
+        drop_for_hash_rate: float = 0.0,
         random_rotations_per_head: bool = False,
         return_attn: bool = False,
         *,
@@ -93,6 +99,9 @@ class LSHAttention(nn.Module):
         self.pad_bucket = bool(pad_bucket)
         self.n_buckets_first_major = bool(n_buckets_first_major)
         self.dropout = check_prob("dropout", dropout)
+        if not rehash_each_round:
+            raise ValueError("rehash_each_round=False (one rotation for every round) is not offered; use True")
+        self.drop_for_hash_rate = check_prob("drop_for_hash_rate", drop_for_hash_rate)
         self.bucket_size = check_int("bucket_size", bucket_size, 1)
         self.n_hashes = check_int("n_hashes", n_hashes, 1)
         self.causal = bool(causal)
@@ -140,10 +149,11 @@ class LSHAttention(nn.Module):
                 )
                 self._eval_rotations = (key, drawn)
             rotations = self._eval_rotations[1]
+        hashed = qk.detach()
+        if self.training and self.drop_for_hash_rate > 0:  # (drawn on a re-run too: the RNG stays in step)
+            hashed = F.dropout(hashed, self.drop_for_hash_rate)
         with torch.no_grad():  # (a reversible block's re-run reuses its forward's buckets: see remember)
-            return remember(
-                lambda: hash_vectors(qk.detach(), rotations, n_buckets, first_major=self.n_buckets_first_major)
-            )
+            return remember(lambda: hash_vectors(hashed, rotations, n_buckets, first_major=self.n_buckets_first_major))
 
     def forward(
         self,

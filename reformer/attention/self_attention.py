@@ -47,7 +47,8 @@ class LSHSelfAttention(nn.Module):
         qk_logit_scale: scale of the logits ``q . k / |k|`` (default ``dim_head ** -0.5``).
         out_bias: bias in the output projection.
         one_value_head: one value projection (``dim_head`` wide) shared by every head.
-        pad_bucket, n_buckets_first_major, self_value, exp_lse, backend: as in :class:`LSHAttention`.
+        rehash_each_round, drop_for_hash_rate, pad_bucket, n_buckets_first_major, self_value, exp_lse,
+            backend: as in :class:`LSHAttention`.
     """
 
     def __init__(
@@ -71,6 +72,8 @@ class LSHSelfAttention(nn.Module):
         n_local_attn_heads: int = 0,
         one_value_head: bool = False,
         *,
+        rehash_each_round: bool = True,
+        drop_for_hash_rate: float = 0.0,
         strict_causal: bool = True,
         n_buckets: BucketSpec | None = None,
         max_seq_len: int | None = None,
@@ -122,6 +125,8 @@ class LSHSelfAttention(nn.Module):
             causal=causal,
             allow_duplicate_attention=allow_duplicate_attention,
             attend_across_buckets=attend_across_buckets,
+            rehash_each_round=rehash_each_round,
+            drop_for_hash_rate=drop_for_hash_rate,
             random_rotations_per_head=random_rotations_per_head,
             return_attn=return_attn,
             strict_causal=strict_causal,
