@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
@@ -169,8 +168,8 @@ class TrainingWrapper(nn.Module):
             targets = batch_sequences([t[1:] for t in x], self.pad_value)
         if kwargs.get("input_mask") is not None:
             kwargs["input_mask"] = kwargs["input_mask"][:, : inputs.shape[1]]
-        logits = self.net(inputs, **kwargs)  # (b, n-1, vocab)
-        return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=self.ignore_index)
+        # (the model's chunked loss: the (b, n-1, vocab) logits never exist at once)
+        return self.net(inputs, targets=targets.masked_fill(targets == self.ignore_index, -100), **kwargs)
 
     def generate(
         self,
