@@ -121,8 +121,6 @@ def test_peer_defaults_construct(name, required):
     options = {**_peer_defaults(f"{name}.__init__"), **required}
     for not_offered in NOT_OFFERED.get((name, "__init__"), ()):
         options.pop(not_offered)
-    if name == "LSHSelfAttention":
-        options.pop("attn_chunks")  # (its default 1 is ours too)
     getattr(reformer, name)(**options)
 
 
