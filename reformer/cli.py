@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, reproduce
+from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
 from .checkpoint import read_config
 from .config import ReformerConfig
@@ -297,10 +297,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         scale = reproduce.DUPLICATION_SCALES[args.scale]
         cfg = reproduce.with_overrides(scale, eval_batches=args.eval_batches, **sizes)
         print(reproduce.duplication_table(reproduce.run_duplication(cfg, out, args.device, progress)), end="")
+    elif args.experiment == "longctx":
+        return _reproduce_longctx(args, out, progress)
     else:
         lm = reproduce.LMConfig(data=args.data)
         cfg = reproduce.with_overrides(lm, eval_every=args.eval_every, variants=args.variants, **sizes)
         print(reproduce.lm_table(reproduce.run_lm(cfg, out, args.device, progress)), end="")
+    return 0
+
+
+def _reproduce_longctx(args: argparse.Namespace, out: Path, progress) -> int:
+    if args.long and args.seq_len is not None:
+        raise UsageError("--long and --seq-len exclude each other (--long is --seq-len 16384)")
+    scale = longctx.LONGCTX_SCALES[args.scale]
+    if args.long:
+        scale = longctx.with_overrides(scale, seq_len=16_384, position_edges=longctx.LONG_POSITION_EDGES)
+    cfg = longctx.with_overrides(scale, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
+                                 seed=args.seed, eval_windows=args.eval_windows)  # fmt: skip
+    results = longctx.run_longctx(cfg, out, args.device, only=args.models, progress=progress)
+    if args.publish is not None:
+        longctx.publish(out, Path(args.publish))
+    print(longctx.longctx_table(results), end="")
     return 0
 
 
@@ -455,7 +472,32 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--variants", nargs="+", default=None,
                     help="models to train: full, lsh-N, transformer, transformer-shared-qk (default: all "
                          "of full lsh-1 lsh-2 lsh-4 lsh-8 transformer transformer-shared-qk)")  # fmt: skip
-    for x in (dup, lm):
+    lc = experiments.add_parser("longctx", help="far context: dense vs LSH vs local attention on pysrc",
+                                formatter_class=fmt)  # fmt: skip
+    lc.add_argument(
+        "--scale",
+        choices=sorted(longctx.LONGCTX_SCALES),
+        default="cpu",
+        help="cpu: the 2-core study (docs/long-context.md); pilot: minutes per model; gpu: larger",
+    )
+    lc.add_argument("--long", action="store_true", help="context 16,384 instead of 4,096")
+    lc.add_argument("--models", nargs="+", default=None, choices=longctx.ALL_MODELS, metavar="MODEL",
+                    help="train (or resume) only these models now; the results cover every finished model "
+                         f"(default: all of {' '.join(longctx.ALL_MODELS)})")  # fmt: skip
+    lc.add_argument("--out", default="runs/longctx", help="output directory (results, one run per model)")
+    lc.add_argument(
+        "--eval-windows",
+        type=int_at_least(1),
+        default=None,
+        help="validation windows of the final evaluation (override)",
+    )
+    lc.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/long-context",
+    )
+    for x in (dup, lm, lc):
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
         x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")
