@@ -98,7 +98,7 @@ def load_for_inference(path: str, device: str) -> tuple[ReformerLM, object, Path
 
 
 def load_training_data(spec: str, vocab: str, seq_len: int, batch_size: int, seed: int) -> Corpus:
-    """A corpus (``builtin``, a file, ``enwik8:PATH``) or the synthetic ``duplication`` task
+    """A corpus (``builtin``, ``pysrc``, a file, ``enwik8:PATH``) or the synthetic ``duplication`` task
     (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored)."""
     if spec != "duplication":
         return load_corpus(spec, vocab=vocab)
@@ -391,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     t = sub.add_parser("train", help="train a language model", formatter_class=fmt)
-    t.add_argument("--data", default="builtin", help="builtin (no download), a file path, enwik8:PATH, or duplication")
+    t.add_argument(
+        "--data", default="builtin", help="builtin or pysrc (no download), a file path, enwik8:PATH, or duplication"
+    )
     t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
     t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     t.add_argument(
@@ -422,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--data", default="builtin", help="builtin, a file path, enwik8:PATH, or duplication")
+    e.add_argument("--data", default="builtin", help="builtin, pysrc, a file path, enwik8:PATH, or duplication")
     e.add_argument("--seq-len", type=int_at_least(1), default=None, help="window length (default: the model's max)")
     e.add_argument("--batch-size", type=int_at_least(1), default=2, help="windows per batch")
     e.add_argument("--batches", type=int_at_least(1), default=4, help="batches to average")
@@ -466,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     dup.add_argument("--out", default="runs/duplication", help="output directory (table, JSON, one run per model)")
     dup.add_argument("--eval-batches", type=int_at_least(1), default=None, help="batches per accuracy (override)")
     lm = experiments.add_parser("lm", help="language modelling: full vs LSH bits per byte", formatter_class=fmt)
-    lm.add_argument("--data", default="builtin", help="builtin, enwik8:PATH, or a file path")
+    lm.add_argument("--data", default="builtin", help="builtin, pysrc, enwik8:PATH, or a file path")
     lm.add_argument("--out", default="runs/lm", help="output directory (table, JSON, PNG, one run per model)")
     lm.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between curve points (override)")
     lm.add_argument("--variants", nargs="+", default=None,

@@ -290,7 +290,7 @@ def peak_step_memory(config: ReformerConfig, batch_size: int, device: str) -> in
     args = [sys.executable, "-c", _PROBE, json.dumps(config.to_dict()), str(batch_size), device]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"the memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
+        raise ChildProcessError(f"the memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
     return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
 
 
