@@ -161,7 +161,7 @@ LONGCTX_SCALES = {
         dim=512,
         depth=6,
         heads=8,
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -252,7 +252,7 @@ def evaluate_model(model: ReformerLM, cfg: LongCtxConfig, label: str, valid: Doc
 
 
 _PROBE = """
-import json, resource, sys, torch
+import json, sys, torch
 from reformer import ReformerConfig, ReformerLM
 config, batch, device = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
@@ -396,7 +396,7 @@ def longctx_table(results: dict) -> str:
         "validation bits per byte on windows inside one document, +- standard error (clustered by document)",
         "",
         "| model | evaluated with | bits/byte | vs full (paired) | " + " | ".join(head) + " | s/step | peak MB |",
-        "|---" * (5 + len(head)) + "|",
+        "|---" * (6 + len(head)) + "|",
     ]
     for label, m in models.items():
         for setting in [k for k in m if isinstance(m[k], dict) and "bpb" in m[k]]:
