@@ -224,3 +224,12 @@ def test_reproduce_longctx_cli_end_to_end(stdlib, tmp_path, monkeypatch, capsys)
     assert stored["config"]["eval_windows"] == 4 and list(stored["models"]) == ["transformer"]
     assert main(["reproduce", "longctx", "--long", "--seq-len", "64", "--out", str(tmp_path / "x")]) == 2
     assert "exclude each other" in capsys.readouterr().err
+
+
+def test_long_flag_sets_a_16k_context_with_its_position_buckets(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(longctx, "run_longctx", lambda cfg, *a, **k: seen.append(cfg) or {"never": "printed"})
+    monkeypatch.setattr(longctx, "longctx_table", lambda results: "")
+    assert main(["reproduce", "longctx", "--long", "--steps", "5", "--out", str(tmp_path / "x")]) == 0
+    assert seen[0].seq_len == 16_384 and seen[0].steps == 5 and seen[0].dim == LongCtxConfig().dim
+    assert seen[0].buckets()[-3:] == [(2048, 4096), (4096, 8192), (8192, 16_384)]
