@@ -53,21 +53,40 @@ class DenseSelfAttention(nn.Module):
         q = self.to_q(x).view(b, t, h, dh).transpose(1, 2)  # (b, h, t, dh)
         k, v = self.to_kv(seq).view(b, c + t, 2, h, dh).permute(2, 0, 3, 1, 4)  # 2 x (b, h, c + t, dh)
         drop = self.dropout if self.training else 0.0
+        # SDPA hides keys by adding -inf, and 0 * NaN is NaN in p @ v: a non-finite key or value
+        # would reach every query. They are zeroed, and the outputs that see them set to NaN.
+        bad = ~(k.isfinite().all(-1) & v.isfinite().all(-1))  # (b, h, c + t)
+        k, v = k.masked_fill(bad[..., None], 0), v.masked_fill(bad[..., None], 0)
         if keys is None and input_mask is None:  # the fused causal kernel needs no mask tensor
+            real = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self._mask(b, t, c, input_mask, context_mask, x.device), dropout_p=drop
-            )
+            real = self._real_keys(b, t, c, input_mask, context_mask, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(real, t, c), dropout_p=drop)
+        out = out.masked_fill(self._sees(bad, real, c)[..., None], torch.nan)
         return self.post_attn_dropout(self.to_out(out.transpose(1, 2).reshape(b, t, h * dh)))
 
-    def _mask(self, b: int, t: int, c: int, input_mask, context_mask, device: torch.device) -> torch.Tensor:
-        """Which keys each query may see: ``(b, 1, t, c + t)`` bool."""
+    @staticmethod
+    def _real_keys(b: int, t: int, c: int, input_mask, context_mask, device: torch.device) -> torch.Tensor:
+        """``(b, c + t)`` bool: the keys that are not masked out."""
         real = torch.ones(b, c + t, dtype=torch.bool, device=device)
         if context_mask is not None:
             real[:, :c] = context_mask
         if input_mask is not None:
             real[:, c:] = input_mask
+        return real
+
+    def _sees(self, keys: torch.Tensor, real: torch.Tensor | None, c: int) -> torch.Tensor:
+        """``(b, h, t or 1)``: whether each query sees one of ``keys`` ``(b, h, c + t)`` (bool) - a
+        real one of the prefix, of the sequence (an earlier one when causal), or its own."""
+        visible = keys if real is None else keys & real[:, None]
+        prefix, seq = visible[..., :c].any(-1, keepdim=True), visible[..., c:]
+        seq = seq.cummax(dim=-1).values if self.causal else seq.any(-1, keepdim=True)
+        return prefix | seq | keys[..., c:]
+
+    def _mask(self, real: torch.Tensor, t: int, c: int) -> torch.Tensor:
+        """Which keys each query may see: ``(b, 1, t, c + t)`` bool, from the ``real`` keys ``(b, c + t)``."""
+        b, device = real.shape[0], real.device
         mask = real[:, None, :].expand(b, t, c + t).clone()  # (b, t, c + t)
         own = torch.arange(t, device=device)
         if self.causal:  # the extra keys come before every position
