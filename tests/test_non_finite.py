@@ -17,7 +17,7 @@ from reformer.attention import backends
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.decode import DecodingCache
 from reformer.attention.dense import DenseSelfAttention
-from reformer.attention.full import full_qk_attention
+from reformer.attention.full import full_qk_attention, full_qk_attention_sdpa
 from reformer.attention.local import BlockLocalAttention, local_attention_chunked
 from reformer.attention.self_attention import LSHSelfAttention
 
@@ -55,6 +55,8 @@ PATHS = {
     "local": lambda qk, v: local_attention_chunked(qk, v, window_size=4, causal=True),
     "local-fp64": lambda qk, v: local_attention_chunked(qk.double(), v.double(), window_size=5, causal=True),
     "full": lambda qk, v: full_qk_attention(qk, v, causal=True)[0],
+    "full-sdpa": lambda qk, v: full_qk_attention(qk, v, causal=True, need_weights=False)[0],
+    "full-sdpa-masked": lambda qk, v: full_qk_attention_sdpa(qk, v, causal=True, key_mask=_half_masked(qk.shape[1])),
 }
 
 

@@ -100,7 +100,9 @@ def fill_masked_(
     return dots.masked_fill_(is_self, self_logit(dots.dtype, self_value))
 
 
-def quarantine_non_finite(keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quarantine_non_finite(
+    keys: torch.Tensor, values: torch.Tensor, key_fill: float = torch.nan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Non-finite inputs reach exactly the outputs that see them: ``keys`` ``(..., n, d)`` all
     NaN at a position whose key or value ``(..., n, dv)`` has a non-finite entry, the values with
     their non-finite entries replaced by 0, and those positions ``bad`` ``(..., n, 1)``, whose
@@ -112,10 +114,20 @@ def quarantine_non_finite(keys: torch.Tensor, values: torch.Tensor) -> tuple[tor
     hidden logits are replaced by a masked fill. (A whole NaN row, not an inf entry: an infinite
     key gives logits of either sign, which a softmax may round to weights.) The own key's logit
     is a constant (:data:`SELF_ATTN_VALUE`), so a query that sees only itself needs ``bad``.
-    Costs one elementwise pass over each tensor."""
+    ``key_fill=0`` is for kernels that mask by adding a bias (SDPA): the caller then marks the
+    outputs that see ``bad`` itself (:func:`reach_of`). Costs one elementwise pass over each tensor."""
     finite = values.isfinite()
     bad = ~(finite.all(-1, keepdim=True) & keys.isfinite().all(-1, keepdim=True))  # (..., n, 1)
-    return keys.masked_fill(bad, torch.nan), values.masked_fill(~finite, 0), bad
+    return keys.masked_fill(bad, key_fill), values.masked_fill(~finite, 0), bad
+
+
+def reach_of(keys: torch.Tensor, real: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """``(..., n or 1)`` bool: whether each query of dense attention sees one of ``keys``
+    ``(..., n)`` (bool): a ``real`` one (True = not masked out; None = all), an earlier one when
+    ``causal``, or its own."""
+    visible = keys if real is None else keys & real
+    seen = visible.cummax(dim=-1).values if causal else visible.any(-1, keepdim=True)
+    return seen | keys
 
 
 def masked_softmax(dots: torch.Tensor, hidden: torch.Tensor | None, is_self: torch.Tensor) -> torch.Tensor:

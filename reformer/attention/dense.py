@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_extra_keys, check_features, check_mask, check_prob, resolve_dim_head
+from .common import check_extra_keys, check_features, check_mask, check_prob, reach_of, resolve_dim_head
 
 
 class DenseSelfAttention(nn.Module):
@@ -77,12 +77,12 @@ class DenseSelfAttention(nn.Module):
         return real
 
     def _sees(self, keys: torch.Tensor, real: torch.Tensor | None, c: int) -> torch.Tensor:
-        """``(b, h, t or 1)``: whether each query sees one of ``keys`` ``(b, h, c + t)`` (bool) - a
-        real one of the prefix, of the sequence (an earlier one when causal), or its own."""
-        visible = keys if real is None else keys & real[:, None]
-        prefix, seq = visible[..., :c].any(-1, keepdim=True), visible[..., c:]
-        seq = seq.cummax(dim=-1).values if self.causal else seq.any(-1, keepdim=True)
-        return prefix | seq | keys[..., c:]
+        """``(b, h, t or 1)``: whether each query sees one of ``keys`` ``(b, h, c + t)`` (bool): a
+        real one of the prefix, or one of the sequence (:func:`reach_of`)."""
+        real = None if real is None else real[:, None]
+        prefix = keys[..., :c] if real is None else keys[..., :c] & real[..., :c]
+        seq = reach_of(keys[..., c:], None if real is None else real[..., c:], self.causal)
+        return prefix.any(-1, keepdim=True) | seq
 
     def _mask(self, real: torch.Tensor, t: int, c: int) -> torch.Tensor:
         """Which keys each query may see: ``(b, 1, t, c + t)`` bool, from the ``real`` keys ``(b, c + t)``."""
