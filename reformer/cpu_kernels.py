@@ -110,7 +110,7 @@ def strict_softmax(
 ) -> torch.Tensor:
     """Strict-causal window weights: ``dots`` ``(blk, s, c + s)`` raw logits, written as weights
     into ``probs`` (may be ``dots``); ``span_row`` ``(blk * s,)`` int64, each query's
-    ``span * s + i`` (see ``chunked._strict_mask_table``). Returns the log-sum-exp ``(blk, s)``."""
+    ``span * s + i`` (see ``chunked._strict_hidden_table``). Returns the log-sum-exp ``(blk, s)``."""
     lse = dots.new_empty(dots.shape[:2])
     span_row = span_row.contiguous()
     _library().reformer_strict_softmax(

@@ -9,7 +9,7 @@ import torch
 
 from reformer import cpu_kernels
 from reformer.attention import chunked
-from reformer.attention.chunked import _add_block_grads, _strict_mask_table, lsh_attention_chunked
+from reformer.attention.chunked import _add_block_grads, _strict_hidden_table, lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
 
@@ -26,7 +26,8 @@ def _kernels_on(monkeypatch):
 
 def _strict_eager(dots, span_row, c, s, exp_lse):
     """The torch path: table mask, own-key logit, softmax (or exp(x - lse)) and lse."""
-    x = dots + _strict_mask_table(c, s, dots.dtype, dots.device).index_select(0, span_row).view_as(dots)
+    hidden = _strict_hidden_table(c, s, dots.device).index_select(0, span_row).view_as(dots)
+    x = dots.masked_fill(hidden, masked_value(dots.dtype))
     x.view(x.shape[0], -1)[:, c :: c + s + 1] = SELF
     lse = torch.logsumexp(x.double(), -1)
     probs = torch.exp(x.double() - lse[..., None]) if exp_lse else torch.softmax(x.double(), -1)

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 from .chunked import lsh_attention_chunked
+from .common import quarantine_non_finite
 from .slots import SlotInputs, SlotLayout, WindowRules, combine_rounds, sort_into_slots
 
 BACKENDS = ("auto", "chunked", "flex", "triton")
@@ -129,7 +130,8 @@ def lsh_attention(
         return lsh_attention_chunked(qk, v, buckets, **options)
     causal = opts["causal"]
     rules = WindowRules(causal, causal and opts["strict_causal"], opts["attend_across_buckets"], opts["self_value"])
+    qk, v, bad = quarantine_non_finite(qk, v)
     inputs, layout = sort_into_slots(qk, v, buckets, opts["key_mask"], opts["bucket_size"], opts["n_buckets"])
     slot_out, slot_lse = _window_kernel(name)(inputs, layout, rules)
     out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
-    return out, None
+    return out.masked_fill(bad, torch.nan), None

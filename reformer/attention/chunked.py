@@ -38,7 +38,7 @@ Modes:
   its own bucket that precede it in sorted order in the same round (plus itself). That set
   depends on earlier positions only, so no future token can change an earlier output. In
   slot terms it is one interval per query, ``[slot - span, slot]``, so its mask is a row of a
-  fixed table of additive masks, one per (span, place in the window).
+  fixed table of masks, one per (span, place in the window).
 """
 
 from __future__ import annotations
@@ -51,7 +51,16 @@ import torch
 
 from .. import cpu_kernels
 from ..cpu_workers import l2_cache_bytes, run_parts, split_among_workers
-from .common import SELF_ATTN_VALUE, masked_value, norm_floor, self_logit, unit_keys_and_norms
+from .common import (
+    SELF_ATTN_VALUE,
+    dropout_keep,
+    dropout_seed,
+    masked_value,
+    norm_floor,
+    quarantine_non_finite,
+    self_logit,
+    unit_keys_and_norms,
+)
 from .slots import pad_and_sort, round_weights
 
 #: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
@@ -86,6 +95,17 @@ def key_windows(ext: torch.Tensor, s: int, width: int) -> torch.Tensor:
     n = (rows - width) // s + 1
     st = ext.stride()
     return ext.as_strided((b, n, width, *ext.shape[2:]), (st[0], s * st[1], st[1], *st[2:]))
+
+
+class _Dropout(NamedTuple):
+    """Attention dropout of a call (:func:`reformer.attention.common.dropout_keep`): a query's
+    entry for a key is kept by a hash of ``(seed, stream, query position, key position)``, so
+    it does not depend on where the sort put them (strict causality holds in training too)."""
+
+    p: float
+    seed: torch.Tensor  # () int64
+    stream: torch.Tensor  # (b, total) batch row * rounds + round of each query slot
+    ext_pos: torch.Tensor  # (b, c + total) position of each ext slot
 
 
 class _Block(NamedTuple):
@@ -124,6 +144,7 @@ class _WindowPlan:
     self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
     exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
     kernels: bool = False  # fp32 on CPU: the fused row kernels of cpu_kernels.c do the row work
+    dropout: _Dropout | None = None  # attention dropout in training
 
     @property
     def width(self) -> int:
@@ -142,10 +163,10 @@ class _WindowPlan:
     def n_windows(self) -> int:
         return self.rows * self.n
 
-    def parts(self, device: torch.device, serial: bool) -> list[range]:
+    def parts(self, device: torch.device) -> list[range]:
         """Batch rows split among the CPU workers (:mod:`reformer.cpu_workers`): blocks of
         different rows read and write different rows of the inputs and their gradients."""
-        return [range(self.rows)] if serial else split_among_workers(self.rows, device)
+        return split_among_workers(self.rows, device)
 
     def blocks(self, rows: range) -> list[_Block]:
         size = max(1, WINDOW_BLOCK_ELEMENTS // (self.s * self.width))
@@ -207,10 +228,9 @@ class _WindowPlan:
 
         if self.key_valid is not None:
             hide(~self.take(self.key_valid, blk)[:, None, :])
-        if self.strict and strict_part:  # adding rows of a fixed table is much cheaper than a masked fill
+        if self.strict and strict_part:  # rows of a fixed table: much cheaper than comparisons
             rows = self.query_slots(self.span_row, blk).flatten()
-            table = _strict_mask_table(self.c, self.s, dots.dtype, dots.device)
-            dots += table.index_select(0, rows).view_as(dots)
+            hide(_strict_hidden_table(self.c, self.s, dots.device).index_select(0, rows).view_as(dots))
         elif not self.strict:
             k_pos = self.take(self.slot_pos, blk)[:, None, :]  # (blk, 1, c + s)
             if self.causal:
@@ -225,6 +245,13 @@ class _WindowPlan:
             dots.masked_fill_(hidden, masked_value(dots.dtype))
         if strict_part or not self.strict:
             self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
+
+    def kept_by_dropout(self, blk: _Block) -> torch.Tensor:
+        """``(blk, s, c + s)`` bool: the entries of the block's windows that dropout keeps."""
+        drop = self.dropout
+        k_pos = self.take(drop.ext_pos, blk)  # (blk, c + s); a window's queries are its last s keys
+        stream = self.query_slots(drop.stream, blk).reshape(-1, self.s, 1)  # (blk, s, 1)
+        return dropout_keep(drop.seed, drop.p, stream, k_pos[:, self.c :, None], k_pos[:, None, :])
 
     def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """How often each entry's key occurs, visibly, in all of its query's windows.
@@ -249,26 +276,26 @@ class _WindowPlan:
         return count
 
 
-_MASK_TABLES: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+_MASK_TABLES: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
 
-def _strict_mask_table(c: int, s: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``((c + 1) * s, c + s)`` additive masks of strict windows: row ``span * s + i`` is 0 at the
+def _strict_hidden_table(c: int, s: int, device: torch.device) -> torch.Tensor:
+    """``((c + 1) * s, c + s)`` bool masks of strict windows: row ``span * s + i`` is False at the
     keys query ``i`` sees when ``span`` keys before it share its bucket - the ``span`` slots just
-    before it, ``[c + i - span, c + i)`` - and the most negative finite value elsewhere (adding
-    it to a logit leaves that value). The own key ``c + i`` is set separately."""
-    key = (c, s, dtype, device)
+    before it, ``[c + i - span, c + i)`` - and True (hidden) elsewhere. The own key ``c + i`` is
+    set separately. (A mask, not an additive table: a NaN logit of a hidden key must be replaced,
+    and NaN + most negative is NaN.)"""
+    key = (c, s, device)
     if key not in _MASK_TABLES:
         back = c + torch.arange(s, device=device)[:, None] - torch.arange(c + s, device=device)  # (s, c + s)
         span = torch.arange(c + 1, device=device)[:, None, None]
         visible = (back >= 1) & (back <= span)  # (c + 1, s, c + s)
-        table = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill_(~visible, masked_value(dtype))
-        _MASK_TABLES[key] = table.view(-1, c + s)
+        _MASK_TABLES[key] = ~visible.view(-1, c + s)
     return _MASK_TABLES[key]
 
 
 def _strict_span_rows(slot_bucket: torch.Tensor, lp: int, c: int, s: int) -> torch.Tensor:
-    """``(b, total)``: each slot's row of :func:`_strict_mask_table`, from its span - how many slots
+    """``(b, total)``: each slot's row of :func:`_strict_hidden_table`, from its span - how many slots
     before it share its bucket within its round, at most ``c`` (buckets are contiguous runs of a
     sorted round) - and its place among its window's ``s`` queries."""
     total = slot_bucket.shape[1]
@@ -397,7 +424,7 @@ class _LSHWindows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, qk, v, plan: _WindowPlan, dropout: float, keep_probs: bool, save: bool):
+    def forward(ctx, qk, v, plan: _WindowPlan, keep_probs: bool, save: bool):
         s, d, dv, total = plan.s, qk.shape[-1], v.shape[-1], plan.slot_row.shape[1]
         qkv, norm = _pack_qkv(plan, qk, v)  # (b * lp, 2d + dv), (b * lp, 1)
         # Online (fp32 kernels, softmax round weights): each block's outputs are added to their
@@ -406,7 +433,7 @@ class _LSHWindows(torch.autograd.Function):
         slot_out = None if online else v.new_empty(plan.n_windows, s, dv)
         slot_lse = qk.new_empty(plan.n_windows, s)
         all_probs = qk.new_empty(plan.n_windows, s, plan.width) if save or keep_probs else None
-        kept_by_dropout = qk.new_empty(plan.n_windows, s, plan.width, dtype=torch.bool) if dropout > 0 else None
+        dropout = 0.0 if plan.dropout is None else plan.dropout.p
         out = (torch.zeros if online else torch.empty)(plan.rows, plan.lp, dv, dtype=v.dtype, device=v.device)
         slot_weight = slot_lse.new_empty(slot_lse.numel())
         top = torch.full((plan.rows * plan.lp,), -torch.inf, device=qk.device) if online else None
@@ -428,9 +455,8 @@ class _LSHWindows(torch.autograd.Function):
                     probs = dots if all_probs is None else all_probs[blk.start : blk.end]
                     lse = slot_lse[blk.start : blk.end]
                     lse.copy_(_block_probs(plan, dots, blk, probs))
-                    if kept_by_dropout is not None:
-                        keep = kept_by_dropout[blk.start : blk.end].bernoulli_(1 - dropout)
-                        probs = probs * keep / (1 - dropout)
+                    if dropout > 0:  # (the backward recomputes the mask from the seed: nothing kept)
+                        probs = probs * plan.kept_by_dropout(blk) / (1 - dropout)
                     if online:
                         query_rows = plan.query_slots(plan.slot_row, blk) - first
                         o = torch.bmm(probs, x.v)  # (blk, s, dv)
@@ -443,14 +469,14 @@ class _LSHWindows(torch.autograd.Function):
                 cpu_kernels.finish_rounds_(part_out, part_top, part_total, slot_lse.view(-1)[slots], slot_rows,
                                            slot_weight[slots])  # fmt: skip
 
-        parts = plan.parts(qk.device, serial=dropout > 0)  # dropout draws random numbers: in order
+        parts = plan.parts(qk.device)
         run_parts([partial(attend, rows) for rows in parts])
         if not online:
             combine = partial(_combine_rounds, plan, slot_out.view(-1, dv), slot_lse.view(-1), out, slot_weight)
             run_parts([partial(combine, rows) for rows in parts])
         if save:
             ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
-            ctx.plan, ctx.dropout, ctx.kept_by_dropout = plan, dropout, kept_by_dropout
+            ctx.plan, ctx.dropout = plan, dropout
         kept = all_probs if keep_probs else qk.new_empty(0)
         ctx.mark_non_differentiable(kept, slot_weight)
         return out, kept, slot_weight.view(plan.rows, total)
@@ -488,11 +514,7 @@ class _LSHWindows(torch.autograd.Function):
                     go = _gather(plan, grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
                     shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w
                     probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
-                    keep = (
-                        None
-                        if dropout == 0
-                        else ctx.kept_by_dropout[blk.start : blk.end].to(probs.dtype) / (1 - dropout)
-                    )
+                    keep = None if dropout == 0 else plan.kept_by_dropout(blk).to(probs.dtype) / (1 - dropout)
                     used = probs if keep is None else probs * keep
                     grad_v = torch.bmm(used.transpose(1, 2), go)  # (blk, c + s, dv) per window key
                     grad_dots = torch.bmm(go, x.v.transpose(1, 2))  # (blk, s, c + s)
@@ -510,8 +532,8 @@ class _LSHWindows(torch.autograd.Function):
                     grad_k = torch.bmm(grad_dots.transpose(1, 2), x.q)  # (blk, c + s, d) per window key
                     _add_block_grads(plan, part_grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
 
-        run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device, serial=False)])
-        return _shared_qk_grad(plan, qkv, norm, grad, d), grad[:, 2 * d :], None, None, None, None
+        run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device)])
+        return _shared_qk_grad(plan, qkv, norm, grad, d), grad[:, 2 * d :], None, None, None
 
 
 def _fuses_windows(plan: _WindowPlan, d: int, dv: int) -> bool:
@@ -620,6 +642,13 @@ def _shared_qk_grad(
     return grad_q.mul_(d**-0.5).add_(grad_k)
 
 
+def _dropout_plan(p: float, stream: torch.Tensor, lp: int, ext_pos: torch.Tensor) -> _Dropout:
+    """Dropout ``p`` for slots whose rounds' streams (batch row * rounds + round) are ``stream``
+    ``(b, h, 1)``; ``ext_pos`` ``(b, c + total)``: the position of each ext slot."""
+    b, h, _ = stream.shape
+    return _Dropout(p, dropout_seed(ext_pos.device), stream.expand(b, h, lp).reshape(b, h * lp), ext_pos)
+
+
 def lsh_attention_chunked(
     qk: torch.Tensor,
     v: torch.Tensor,
@@ -648,12 +677,14 @@ def lsh_attention_chunked(
     """
     b, length, _ = qk.shape
     h = buckets.shape[1]
+    qk, v, bad = quarantine_non_finite(qk, v)
     qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets)
     c, lp, perm, inv = layout.c, layout.lp, layout.perm, layout.inv
     total = h * lp
     strict = causal and strict_causal
     slot_pos = perm.reshape(b, total)  # position of each slot
-    ext_pos = with_wrap(slot_pos, c) if not strict or return_attn else None  # (b, c + total)
+    dropout = dropout if training else 0.0
+    ext_pos = with_wrap(slot_pos, c) if not strict or return_attn or dropout > 0 else None  # (b, c + total)
     dup_info = None
     if not allow_duplicate_attention:
         rank_or_chunk = inv if strict else (torch.arange(h, device=qk.device)[:, None] * lp + inv) // c
@@ -685,12 +716,12 @@ def lsh_attention_chunked(
         self_value=self_value,
         exp_lse=exp_lse,
         kernels=cpu_kernels.available(qk, c + queries_per_window(c, strict), qk.shape[-1] + v.shape[-1]),
+        dropout=_dropout_plan(dropout, round_offset // lp, lp, ext_pos) if dropout > 0 else None,
     )
-    dropout = dropout if training else 0.0
     save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
     qk, v = qk.reshape(b * lp, -1), v.to(qk.dtype).reshape(b * lp, -1)
-    out, probs, slot_weight = _LSHWindows.apply(qk, v, plan, dropout, return_attn, save)
-    out = out[:, :length]
+    out, probs, slot_weight = _LSHWindows.apply(qk, v, plan, return_attn, save)
+    out = out[:, :length].masked_fill(bad, torch.nan)
 
     attn = None
     if return_attn:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 #: Logit given to a query's own key: large but finite, so a query whose every other key
 #: is masked still attends to itself (and never produces NaN). Representable in fp16.
@@ -101,18 +100,82 @@ def fill_masked_(
     return dots.masked_fill_(is_self, self_logit(dots.dtype, self_value))
 
 
-def masked_softmax(
-    dots: torch.Tensor,
-    hidden: torch.Tensor | None,
-    is_self: torch.Tensor,
-    dropout: float,
-    training: bool,
-) -> torch.Tensor:
+def quarantine_non_finite(
+    keys: torch.Tensor, values: torch.Tensor, key_fill: float = torch.nan
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Non-finite inputs reach exactly the outputs that see them: ``keys`` ``(..., n, d)`` all
+    NaN at a position whose key or value ``(..., n, dv)`` has a non-finite entry, the values with
+    their non-finite entries replaced by 0, and those positions ``bad`` ``(..., n, 1)``, whose
+    own outputs the caller sets to NaN.
+
+    A hidden key's weight is exactly 0, but 0 * NaN is NaN: a non-finite value at a later
+    position would turn every earlier output into NaN through ``p @ v``. Zeroing it stops that;
+    its NaN key still reaches every query that sees it (a NaN logit, so a NaN softmax row), while
+    hidden logits are replaced by a masked fill. (A whole NaN row, not an inf entry: an infinite
+    key gives logits of either sign, which a softmax may round to weights.) The own key's logit
+    is a constant (:data:`SELF_ATTN_VALUE`), so a query that sees only itself needs ``bad``.
+    ``key_fill=0`` is for kernels that mask by adding a bias (SDPA): the caller then marks the
+    outputs that see ``bad`` itself (:func:`reach_of`). Costs one elementwise pass over each tensor."""
+    finite = values.isfinite()
+    bad = ~(finite.all(-1, keepdim=True) & keys.isfinite().all(-1, keepdim=True))  # (..., n, 1)
+    return keys.masked_fill(bad, key_fill), values.masked_fill(~finite, 0), bad
+
+
+def reach_of(keys: torch.Tensor, real: torch.Tensor | None, causal: bool) -> torch.Tensor:
+    """``(..., n or 1)`` bool: whether each query of dense attention sees one of ``keys``
+    ``(..., n)`` (bool): a ``real`` one (True = not masked out; None = all), an earlier one when
+    ``causal``, or its own."""
+    visible = keys if real is None else keys & real
+    seen = visible.cummax(dim=-1).values if causal else visible.any(-1, keepdim=True)
+    return seen | keys
+
+
+def masked_softmax(dots: torch.Tensor, hidden: torch.Tensor | None, is_self: torch.Tensor) -> torch.Tensor:
     """Attention weights over the last dim of ``dots`` (a fresh matmul output, overwritten)."""
-    probs = torch.softmax(fill_masked_(dots, hidden, is_self), dim=-1)
-    if dropout > 0 and training:
-        probs = F.dropout(probs, dropout)
-    return probs
+    return torch.softmax(fill_masked_(dots, hidden, is_self), dim=-1)
+
+
+# Attention dropout is counter-based: whether query position i keeps key position j is a hash
+# of (a per-call seed, the row - batch and head -, the round, i, j), not the next draw of a
+# stream in the order the entries happen to be laid out. So a query's mask never depends on
+# where other tokens hash (LSH sorts by bucket), and the backends agree on it. The seed is one
+# draw of torch's RNG per call: torch.manual_seed fixes it and a reversible block's re-run,
+# which replays the RNG state, draws it again. It stays a tensor: no host sync.
+
+_MASK32 = 0xFFFFFFFF
+
+
+def dropout_seed(device: torch.device) -> torch.Tensor:
+    """A seed ``()`` int64 in ``[0, 2^31)`` for :func:`dropout_keep`, drawn from torch's RNG on ``device``."""
+    return torch.randint(0, 2**31, (), device=device)
+
+
+def _mix32(h: torch.Tensor) -> torch.Tensor:
+    """An avalanche of 32-bit ints held in int64 (multipliers below 2^31: products stay below 2^63)."""
+    h = h ^ (h >> 16)
+    h = (h * 0x7FEB352D) & _MASK32
+    h = h ^ (h >> 15)
+    h = (h * 0x5BD1E995) & _MASK32
+    return h ^ (h >> 16)
+
+
+def dropout_keep(seed: torch.Tensor, p: float, *coords: torch.Tensor) -> torch.Tensor:
+    """Bool keep-mask, True with probability ``1 - p``, a function of ``seed`` and the int
+    coordinates alone (broadcast together; give the small ones first: each is hashed at the
+    shape reached so far)."""
+    h = _mix32(seed)  # (mixed first: seed ^ row would collide for small seeds and rows)
+    for c in coords:
+        h = _mix32(h ^ (c & _MASK32))
+    return h < round((1 - p) * 2**32)
+
+
+def position_dropout(
+    probs: torch.Tensor, p: float, row: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor
+) -> torch.Tensor:
+    """``probs`` with entry (query ``q_pos``, key ``k_pos``) of ``row`` kept with probability
+    ``1 - p`` and scaled by ``1 / (1 - p)`` (index tensors broadcast to ``probs``)."""
+    keep = dropout_keep(dropout_seed(probs.device), p, row, q_pos, k_pos)
+    return probs * keep / (1 - p)
 
 
 def check_int(name: str, value: object, minimum: int) -> int:

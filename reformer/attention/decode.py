@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .common import SELF_ATTN_VALUE, fill_masked_, masked_value, normalize_keys
+from .common import SELF_ATTN_VALUE, fill_masked_, masked_value, normalize_keys, quarantine_non_finite
 
 
 @dataclass
@@ -43,11 +43,17 @@ class LayerCache:
         attended densely, so everything stored after this layer was computed differently."""
         return self.dense and self.dense_below >= 0 and length > self.dense_below
 
+    def poisoned_newest(self) -> torch.Tensor:
+        """``(b, h, 1)`` True where the newest position's key or value was not finite (its key
+        is stored as NaN): its output is NaN, as in the parallel forward."""
+        return self.keys[:, :, self.length - 1].isnan().any(-1, keepdim=True)
+
     def append(self, qk: torch.Tensor, value: torch.Tensor) -> None:
         """Store one position's ``(b, h, 1, dh)`` query/key (as a unit key) and value."""
         if self.length == self.keys.shape[2]:  # full: double the capacity
             self.keys = torch.cat([self.keys, torch.empty_like(self.keys)], dim=2)
             self.values = torch.cat([self.values, torch.empty_like(self.values)], dim=2)
+        qk, value, _ = quarantine_non_finite(qk, value)  # (see poisoned_newest)
         self.keys[:, :, self.length : self.length + 1] = normalize_keys(qk)
         self.values[:, :, self.length : self.length + 1] = value
         self.length += 1
@@ -71,6 +77,7 @@ def prefill_cache(
     b, h, length, dh = qk.shape
     keys = qk.new_empty(b, h, max(capacity, length), dh)
     values = v.new_empty(b, h, max(capacity, length), v.shape[-1])
+    qk, v, _ = quarantine_non_finite(qk, v)  # (as the parallel paths do)
     keys[:, :, :length] = normalize_keys(qk)
     values[:, :, :length] = v
     rings = counts = None

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_extra_keys, check_features, check_mask, check_prob, resolve_dim_head
+from .common import check_extra_keys, check_features, check_mask, check_prob, reach_of, resolve_dim_head
 
 
 class DenseSelfAttention(nn.Module):
@@ -53,21 +53,40 @@ class DenseSelfAttention(nn.Module):
         q = self.to_q(x).view(b, t, h, dh).transpose(1, 2)  # (b, h, t, dh)
         k, v = self.to_kv(seq).view(b, c + t, 2, h, dh).permute(2, 0, 3, 1, 4)  # 2 x (b, h, c + t, dh)
         drop = self.dropout if self.training else 0.0
+        # SDPA hides keys by adding -inf, and 0 * NaN is NaN in p @ v: a non-finite key or value
+        # would reach every query. They are zeroed, and the outputs that see them set to NaN.
+        bad = ~(k.isfinite().all(-1) & v.isfinite().all(-1))  # (b, h, c + t)
+        k, v = k.masked_fill(bad[..., None], 0), v.masked_fill(bad[..., None], 0)
         if keys is None and input_mask is None:  # the fused causal kernel needs no mask tensor
+            real = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=self.causal)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self._mask(b, t, c, input_mask, context_mask, x.device), dropout_p=drop
-            )
+            real = self._real_keys(b, t, c, input_mask, context_mask, x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(real, t, c), dropout_p=drop)
+        out = out.masked_fill(self._sees(bad, real, c)[..., None], torch.nan)
         return self.post_attn_dropout(self.to_out(out.transpose(1, 2).reshape(b, t, h * dh)))
 
-    def _mask(self, b: int, t: int, c: int, input_mask, context_mask, device: torch.device) -> torch.Tensor:
-        """Which keys each query may see: ``(b, 1, t, c + t)`` bool."""
+    @staticmethod
+    def _real_keys(b: int, t: int, c: int, input_mask, context_mask, device: torch.device) -> torch.Tensor:
+        """``(b, c + t)`` bool: the keys that are not masked out."""
         real = torch.ones(b, c + t, dtype=torch.bool, device=device)
         if context_mask is not None:
             real[:, :c] = context_mask
         if input_mask is not None:
             real[:, c:] = input_mask
+        return real
+
+    def _sees(self, keys: torch.Tensor, real: torch.Tensor | None, c: int) -> torch.Tensor:
+        """``(b, h, t or 1)``: whether each query sees one of ``keys`` ``(b, h, c + t)`` (bool): a
+        real one of the prefix, or one of the sequence (:func:`reach_of`)."""
+        real = None if real is None else real[:, None]
+        prefix = keys[..., :c] if real is None else keys[..., :c] & real[..., :c]
+        seq = reach_of(keys[..., c:], None if real is None else real[..., c:], self.causal)
+        return prefix.any(-1, keepdim=True) | seq
+
+    def _mask(self, real: torch.Tensor, t: int, c: int) -> torch.Tensor:
+        """Which keys each query may see: ``(b, 1, t, c + t)`` bool, from the ``real`` keys ``(b, c + t)``."""
+        b, device = real.shape[0], real.device
         mask = real[:, None, :].expand(b, t, c + t).clone()  # (b, t, c + t)
         own = torch.arange(t, device=device)
         if self.causal:  # the extra keys come before every position

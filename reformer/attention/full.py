@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import masked_softmax, masked_value, normalize_keys, self_logit
+from .common import (
+    masked_softmax,
+    masked_value,
+    normalize_keys,
+    position_dropout,
+    quarantine_non_finite,
+    reach_of,
+    self_logit,
+)
 
 
 def full_qk_attention(
@@ -25,6 +33,7 @@ def full_qk_attention(
     if not need_weights and not (training and dropout > 0):
         return full_qk_attention_sdpa(qk, v, causal=causal, key_mask=key_mask), None
     length, d = qk.shape[1], qk.shape[2]
+    qk, v, bad = quarantine_non_finite(qk, v)
     dots = torch.matmul(qk, normalize_keys(qk).transpose(-1, -2)) * d**-0.5  # (b, len, len)
     pos = torch.arange(length, device=qk.device)
     hidden = None
@@ -34,8 +43,11 @@ def full_qk_attention(
         future = (pos[None, :] > pos[:, None])[None]
         hidden = future if hidden is None else hidden | future
     is_self = torch.eye(length, dtype=torch.bool, device=qk.device)[None]
-    probs = masked_softmax(dots, hidden, is_self, dropout, training)
-    return torch.matmul(probs, v), probs
+    probs = masked_softmax(dots, hidden, is_self)
+    if dropout > 0 and training:
+        rows = torch.arange(qk.shape[0], device=qk.device)[:, None, None]
+        probs = position_dropout(probs, dropout, rows, pos[:, None], pos[None, :])
+    return torch.matmul(probs, v).masked_fill(bad, torch.nan), probs
 
 
 def full_qk_attention_sdpa(
@@ -50,7 +62,17 @@ def full_qk_attention_sdpa(
     visible key), so it is plain causal attention of queries ``1..`` over keys ``..len-2``, and
     query 0, which sees only itself, returns its value. Otherwise the masks become an additive
     bias: hidden keys the dtype's most negative value, the own key ``self_logit`` (added to
-    ``q.k``: still weight 0 next to a visible key, and 1 when nothing else is visible)."""
+    ``q.k``: still weight 0 next to a visible key, and 1 when nothing else is visible).
+
+    SDPA hides keys by adding a bias, and NaN + bias is NaN: non-finite keys and values are
+    zeroed instead, and the outputs that see them set to NaN (:func:`reach_of`)."""
+    qk, v, bad = quarantine_non_finite(qk, v, key_fill=0.0)
+    out = _full_sdpa(qk, v, causal, key_mask)
+    return out.masked_fill(reach_of(bad[..., 0], key_mask, causal)[..., None], torch.nan)
+
+
+def _full_sdpa(qk: torch.Tensor, v: torch.Tensor, causal: bool, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`full_qk_attention_sdpa` of finite inputs."""
     length, scale = qk.shape[1], qk.shape[-1] ** -0.5
     keys = normalize_keys(qk)
     if causal and key_mask is None:

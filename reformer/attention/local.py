@@ -23,6 +23,8 @@ from .common import (
     masked_softmax,
     masked_value,
     normalize_keys,
+    position_dropout,
+    quarantine_non_finite,
     resolve_dim_head,
 )
 from .slots import padded_length
@@ -54,6 +56,7 @@ def local_attention_chunked(
         raise ValueError(f"look_forward must be 0 or 1, got {look_forward!r}")
     b, length, d = qk.shape
     w = window_size
+    qk, v, bad = quarantine_non_finite(qk, v)
     lp = padded_length(length, w)
     pad = lp - length
     valid = torch.ones(b, length, dtype=torch.bool, device=qk.device) if key_mask is None else key_mask
@@ -74,9 +77,12 @@ def local_attention_chunked(
     if causal:
         hidden = hidden | (k_pos[..., None, :] > q_pos[..., :, None])
     is_self = k_pos[..., None, :] == q_pos[..., :, None]
-    probs = masked_softmax(dots, hidden, is_self, dropout, training)
+    probs = masked_softmax(dots, hidden, is_self)
+    if dropout > 0 and training:
+        rows = torch.arange(b, device=qk.device)[:, None, None, None]
+        probs = position_dropout(probs, dropout, rows, q_pos[..., :, None], k_pos[..., None, :])
     out = torch.matmul(probs, vv).view(b, lp, -1)
-    return out[:, :length]
+    return out[:, :length].masked_fill(bad, torch.nan)
 
 
 class BlockLocalAttention(nn.Module):
@@ -149,8 +155,8 @@ class BlockLocalAttention(nn.Module):
             return y.view(b, lp // c, c, h, dh).permute(0, 3, 1, 2, 4)
 
         q = blocks(self.to_q)
-        k = self._neighbours(blocks(self.to_k) * dh**-0.5)  # (b, h, n, w, dh)
-        v = self._neighbours(blocks(self.to_v))
+        k, v, _ = quarantine_non_finite(blocks(self.to_k), blocks(self.to_v))  # (no own-key logit here)
+        k, v = self._neighbours(k * dh**-0.5), self._neighbours(v)  # (b, h, n, w, dh)
         dots = torch.matmul(q, k.transpose(-1, -2))  # (b, h, n, c, w)
         pos = torch.arange(lp, device=x.device).view(1, 1, lp // c, c)
         k_pos = self._neighbours(pos[..., None])[..., 0]  # (1, 1, n, w)
@@ -158,7 +164,9 @@ class BlockLocalAttention(nn.Module):
         if self.causal:
             hidden = hidden | (k_pos[..., None, :] > pos[..., None])
         probs = torch.softmax(dots.masked_fill(hidden, masked_value(dots.dtype)), dim=-1)
-        probs = F.dropout(probs, self.attn_dropout, training=self.training)
+        if self.attn_dropout > 0 and self.training:
+            rows = torch.arange(b * h, device=x.device).view(b, h, 1, 1, 1)  # (batch, head)
+            probs = position_dropout(probs, self.attn_dropout, rows, pos[..., None], k_pos[..., None, :])
         out = torch.matmul(probs, v)  # (b, h, n, c, dh)
         out = out.permute(0, 2, 3, 1, 4).reshape(b, lp, h * dh)[:, :t]
         return self.post_attn_dropout(self.to_out(out))

@@ -316,4 +316,5 @@ class LSHSelfAttention(nn.Module):
                     )
                 )
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)
+        out = out.masked_fill(state.poisoned_newest(), torch.nan)
         return self._merge_heads(out[:, :, None])
