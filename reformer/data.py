@@ -67,6 +67,8 @@ class CharVocab:
 
 
 def vocab_from_dict(data: dict) -> ByteVocab | CharVocab:
+    if not isinstance(data, dict):
+        raise ValueError(f"unknown vocabulary description {data!r}")
     if data.get("kind") == "byte":
         return ByteVocab()
     if data.get("kind") == "char" and isinstance(data.get("chars"), str):
@@ -85,15 +87,17 @@ class Corpus:
     vocab: ByteVocab | CharVocab
 
 
-def load_corpus(spec: str, vocab: str = "byte", valid_fraction: float = 0.05) -> Corpus:
+def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fraction: float = 0.05) -> Corpus:
     """``spec``: ``builtin``, a file path, or ``enwik8:PATH``. Files other than enwik8 keep
-    their last ``valid_fraction`` for validation."""
-    if vocab not in ("byte", "char"):
+    their last ``valid_fraction`` for validation. ``vocab``: ``"byte"``, ``"char"`` (built from
+    the text), or a vocabulary (a model's), which must cover the text."""
+    kind = vocab if isinstance(vocab, str) else vocab.kind
+    if kind not in ("byte", "char"):
         raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
     if spec.startswith("enwik8:"):
-        if vocab != "byte":
+        if kind != "byte":
             raise ValueError("enwik8 is byte-level: use vocab='byte'")
         train, valid, _ = load_enwik8(spec.split(":", 1)[1])
         return Corpus("enwik8", train, valid, ByteVocab())
@@ -101,10 +105,27 @@ def load_corpus(spec: str, vocab: str = "byte", valid_fraction: float = 0.05) ->
         raw, name = builtin_text().encode("utf-8"), "builtin"
     else:
         raw, name = _read_file(spec), Path(spec).name
-    tokens = CharVocab(raw.decode("utf-8", errors="replace")) if vocab == "char" else ByteVocab()
-    ids = tokens.encode(raw.decode("utf-8", errors="replace") if vocab == "char" else raw)
+    if kind == "byte":
+        tokens, ids = ByteVocab(), ByteVocab().encode(raw)
+    else:
+        text = _utf8_text(raw, name)
+        tokens = CharVocab(text) if isinstance(vocab, str) else vocab
+        try:
+            ids = tokens.encode(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc} (the model's vocabulary has {tokens.num_tokens})") from None
     split = int(len(ids) * (1 - valid_fraction))
     return Corpus(name, ids[:split], ids[split:], tokens)
+
+
+def _utf8_text(raw: bytes, name: str) -> str:
+    """``raw`` decoded, refusing bytes that are not UTF-8 (a character vocabulary of U+FFFD
+    replacements would learn nothing of them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start:,}); "
+                         "use the byte vocabulary for binary data") from None  # fmt: skip
 
 
 def _read_file(path: str) -> bytes:
