@@ -132,8 +132,18 @@ def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         meta = json.loads(path.read_text())
-        arch = meta.pop("architecture", "ReformerLM")
-        meta.pop("format_version", None)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt {path}: not a JSON object")
+    if "model_type" in meta:
+        raise ValueError(f"{directory} holds a Hugging Face transformers checkpoint; convert it first: "
+                         f"reformer convert --from-transformers {directory} --out DIR")  # fmt: skip
+    arch, version = meta.pop("architecture", "ReformerLM"), meta.pop("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is newer than this version of reformer-torch "
+                         f"reads ({FORMAT_VERSION}); upgrade it")  # fmt: skip
+    try:
         return arch, ReformerConfig.from_dict(meta)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+    except TypeError as exc:
         raise ValueError(f"corrupt {path}: {exc}") from None

@@ -7,6 +7,7 @@ The model constructors accept these fields as keyword arguments (the names of
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -171,6 +172,7 @@ class ReformerConfig:
     padding. Needed to reproduce its outputs when LSH and local chunks differ."""
 
     def __post_init__(self) -> None:
+        self._check_field_types()
         for name in ("num_tokens", "dim", "depth", "max_seq_len", "heads", "bucket_size", "n_hashes",
                      "attn_chunks", "ff_mult", "ff_chunks"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
@@ -197,8 +199,35 @@ class ReformerConfig:
         if self.emb_dim is not None:
             check_int("emb_dim", self.emb_dim, 1)
         check_backend(self.attn_backend)
+        if self.hash_seed is not None and not -(2**63) <= self.hash_seed < 2**63:
+            raise ValueError(f"hash_seed must be an int64 (or None), got {self.hash_seed!r}")
+        shape = self.axial_position_shape
+        if self.axial_position_emb and shape is not None and math.prod(shape) < self.max_seq_len:
+            raise ValueError(f"axial_position_shape {shape} has {math.prod(shape)} positions, "
+                             f"fewer than max_seq_len={self.max_seq_len}")  # fmt: skip
         self._check_compat_fields()
         self._check_ablation_fields()
+
+    def _check_field_types(self) -> None:
+        """Each field holds a value of its declared type: a config read from JSON can hold any
+        type anywhere (``"false"`` would be a true ``causal``), and floats must be finite."""
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), f.type.split(" | ")
+            if value is None:
+                ok = "None" in allowed
+            elif isinstance(value, bool):
+                ok = "bool" in allowed
+            elif isinstance(value, int):
+                ok = "int" in allowed or "float" in allowed
+            elif isinstance(value, float):
+                ok = "float" in allowed and math.isfinite(value)
+            elif isinstance(value, str):
+                ok = "str" in allowed
+            else:
+                ok = isinstance(value, (tuple, list)) and any(a.startswith("tuple") for a in allowed)
+            if not ok:
+                finite = " (finite)" if "float" in allowed else ""
+                raise ValueError(f"{f.name} must be {' or '.join(allowed)}{finite}, got {value!r}")
 
     def _check_ablation_fields(self) -> None:
         if self.residual not in ("reversible", "standard"):
