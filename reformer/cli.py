@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import importlib.util
 import json
+import math
+import os
 import signal
 import subprocess
 import sys
@@ -49,8 +52,8 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARK_SCRIPTS = ("training", "attention", "generate", "profile_attention", "bucket_recall", "page_faults")
 
 
-def int_at_least(minimum: int):
-    """argparse ``type=``: an int >= ``minimum`` (argparse names the option in its error)."""
+def int_at_least(minimum: int, maximum: int | None = None):
+    """argparse ``type=``: an int >= ``minimum`` (and <= ``maximum``); argparse names the option in its error."""
 
     def parse(text: str) -> int:
         try:
@@ -59,9 +62,15 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
+
+
+#: ``--seed``: what ``torch.manual_seed`` takes everywhere, an int64.
+seed_type = int_at_least(-(2**63), 2**63 - 1)
 
 
 def float_in(low: float, high: float = float("inf"), *, low_open: bool = False):
@@ -72,12 +81,48 @@ def float_in(low: float, high: float = float("inf"), *, low_open: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if not (value > low if low_open else value >= low) or value > high:
             interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
         return value
 
     return parse
+
+
+def device_type(text: str) -> str:
+    """argparse ``type=``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (no GPU, or a CPU-only torch)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def check_backend_runs(config: ReformerConfig, device: str) -> None:
+    """Refuse a config whose ``attn_backend`` cannot run here, before any work."""
+    if config.attn_backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise UsageError("the model's attn_backend 'triton' needs the triton package (pip install 'reformer-torch"
+                         "[gpu]'); set attn_backend to 'auto' in its config.json to run without")  # fmt: skip
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"the model's attn_backend 'triton' needs --device cuda (got {device}); set attn_backend "
+                         "to 'auto' in its config.json to run here")  # fmt: skip
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -109,6 +154,7 @@ def check_vocab(ckpt: Path, vocab: ByteVocab | CharVocab, config: ReformerConfig
 
 def load_for_inference(path: str, device: str) -> tuple[ReformerLM, ByteVocab | CharVocab, Path]:
     ckpt = resolve_checkpoint(path)
+    check_backend_runs(read_config(ckpt)[1], device)
     model = ReformerLM.from_pretrained(ckpt).to(device).eval()
     vocab = read_vocab(ckpt)
     check_vocab(ckpt, vocab, model.config)
@@ -201,8 +247,6 @@ class _Progress:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if not args.dist_timeout > 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     keep_freed_memory()  # CPU steps reuse their memory instead of faulting in fresh pages
     device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
     try:
@@ -282,6 +326,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
         config.num_tokens = corpus.vocab.num_tokens
     if args.seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    check_backend_runs(config, device)
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
@@ -371,6 +416,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     batches = args.batches or trained.get("eval_batches", 4)
     cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, eval_batches=batches, seed=trained.get("seed", 0))
     corpus = load_training_data(data, vocab, seq_len, cfg.batch_size, 0)
+    try:
+        batch_source(corpus.valid, cfg, seed=0)
+    except ValueError as exc:
+        raise UsageError(f"the validation split of --data {data}: {exc}") from None
     result = evaluate(model, corpus.valid, cfg)
     windows = f"{batches} x {batch_size} windows of {seq_len} tokens, seed {cfg.seed + 1}, of {data}{switched}"
     unlike = _unlike_training(trainer, cfg, data_identity(data), run_data, switched)
@@ -422,6 +471,10 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
+        raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
     model, vocab, _ = load_for_inference(args.checkpoint, args.device)
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
@@ -510,14 +563,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --resume: continue with other --steps, --lr, --batch-size, --grad-accum, --warmup, "
                         "--schedule or --precision than the run's (--data, --vocab, --preset, --seq-len and "
                         "--seed never change)")  # fmt: skip
-    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument(
+        "--device",
+        type=device_type,
+        default="cpu",
+        help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)",
+    )
+    t.add_argument("--seed", type=seed_type, default=0, help="random seed")
     t.add_argument(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
     )
-    t.add_argument("--dist-timeout", type=float, default=600,
+    t.add_argument("--dist-timeout", type=float_in(0, 1e9, low_open=True), default=600,
                    help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
@@ -546,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="batches to average (default: those of the run's validation, else 4)",
     )
-    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     e.add_argument("--n-hashes", type=int_at_least(1), default=None,
                    help="evaluate with LSH attention of this many hashing rounds (also a model trained "
                         "with full attention; default: as trained)")  # fmt: skip
@@ -561,9 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")
     g.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.95, help="nucleus sampling mass")
-    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--seed", type=seed_type, default=None, help="random seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a run or checkpoint", formatter_class=fmt)
@@ -596,8 +654,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
         x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")
-        x.add_argument("--seed", type=int, default=None, help="random seed (override; default 0)")
-        x.add_argument("--device", default="cpu", help="cpu or cuda")
+        x.add_argument("--seed", type=seed_type, default=None, help="random seed (override; default 0)")
+        x.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     r.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="run a benchmark script of the source checkout", formatter_class=fmt)
@@ -608,12 +666,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What to lower when a command runs out of memory.
+OUT_OF_MEMORY_ADVICE = {
+    "train": "lower --batch-size (--grad-accum keeps the batch) or --seq-len",
+    "eval": "lower --batch-size or --seq-len",
+    "generate": "use a shorter --prompt or fewer --max-new-tokens",
+    "reproduce": "lower --batch-size or --seq-len",
+}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: Python's, torch's (CUDA, our CPU pool) or torch's default CPU allocator's."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, TrainingDiverged) as exc:  # OSError: e.g. a full disk while saving
         print(f"reformer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        advice = OUT_OF_MEMORY_ADVICE.get(args.command, "ask for less")
+        print(f"reformer {args.command}: error: out of memory ({detail}); {advice}", file=sys.stderr)
         return 2
 
 

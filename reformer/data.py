@@ -101,14 +101,12 @@ def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fr
             raise ValueError("enwik8 is byte-level: use vocab='byte'")
         train, valid, _ = load_enwik8(spec.split(":", 1)[1])
         return Corpus("enwik8", train, valid, ByteVocab())
-    if spec == "builtin":
-        raw, name = builtin_text().encode("utf-8"), "builtin"
+    name = "builtin" if spec == "builtin" else Path(spec).name
+    if kind == "byte":  # a file is mapped, not read
+        tokens = ByteVocab()
+        ids = tokens.encode(builtin_text()) if spec == "builtin" else map_bytes(spec)
     else:
-        raw, name = _read_file(spec), Path(spec).name
-    if kind == "byte":
-        tokens, ids = ByteVocab(), ByteVocab().encode(raw)
-    else:
-        text = _utf8_text(raw, name)
+        text = builtin_text() if spec == "builtin" else _utf8_text(_read_file(spec), name)
         tokens = CharVocab(text) if isinstance(vocab, str) else vocab
         try:
             ids = tokens.encode(text)
@@ -128,23 +126,39 @@ def _utf8_text(raw: bytes, name: str) -> str:
                          "use the byte vocabulary for binary data") from None  # fmt: skip
 
 
-def _read_file(path: str) -> bytes:
+def _check_file(path: str) -> int:
+    """The size of the data file ``path``, which must be a non-empty regular file."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"data file {path} is a directory; give a file")
+    if p.exists() and not p.is_file():  # reading a FIFO or a device would block or never end
+        raise ValueError(f"data file {path} is not a regular file (a FIFO, socket or device); give a file")
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    raw = p.read_bytes()
-    if not raw:
+    size = p.stat().st_size
+    if not size:
         raise ValueError(f"data file is empty: {path}")
-    return raw
+    return size
+
+
+def _read_file(path: str) -> bytes:
+    _check_file(path)
+    return Path(path).read_bytes()
+
+
+def map_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor mapped from disk (copy-on-write): pages are read as
+    windows touch them, so the file need not fit in memory (``WindowSampler`` makes int64
+    windows)."""
+    return torch.from_file(str(path), shared=False, size=_check_file(path), dtype=torch.uint8)
 
 
 def load_enwik8(path: str, split: tuple[int, int, int] = ENWIK8_SPLIT) -> tuple[torch.Tensor, ...]:
     """The train / valid / test byte splits of an enwik8 file (``split`` sizes, in order)."""
-    raw = _read_file(path)
-    if len(raw) < sum(split):
-        raise ValueError(f"{path} has {len(raw):,} bytes; enwik8 has {sum(split):,} (is it the right file?)")
-    ids = ByteVocab().encode(raw[: sum(split)])
-    return tuple(ids.split(list(split)))
+    ids = map_bytes(path)
+    if len(ids) < sum(split):
+        raise ValueError(f"{path} has {len(ids):,} bytes; enwik8 has {sum(split):,} (is it the right file?)")
+    return tuple(ids[: sum(split)].split(list(split)))
 
 
 class WindowSampler:
@@ -163,7 +177,7 @@ class WindowSampler:
         """``(batch_size, seq_len + 1)`` token ids."""
         starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self.generator)
         offsets = torch.arange(self.seq_len + 1)
-        return self.data[starts[:, None] + offsets]
+        return self.data[starts[:, None] + offsets].long()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from . import distributed
 from .attention.common import check_int
-from .checkpoint import fsync_path, verify_manifest, write_manifest
+from .checkpoint import current_umask, fsync_path, verify_manifest, write_file, write_manifest
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
 from .runs import run_lock
@@ -84,6 +84,12 @@ class TrainConfig:
                      "keep_last"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
         check_int("warmup_steps", self.warmup_steps, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int64, got {self.seed!r}")
+        for name in ("lr", "weight_decay", "clip_grad", "min_lr_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         for name in ("weight_decay", "clip_grad"):
@@ -235,9 +241,10 @@ def save_checkpoint(
     final = root / f"step-{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # as any new directory (mkdtemp's is 0700)
         model.save_pretrained(tmp)
         if vocab is not None:
-            (tmp / "vocab.json").write_text(json.dumps(vocab) + "\n")
+            write_file(tmp / "vocab.json", lambda path: path.write_text(json.dumps(vocab) + "\n"))
         trainer = {
             "step": state.step,
             "history": state.history,
@@ -247,7 +254,7 @@ def save_checkpoint(
             "torch_rng": torch.get_rng_state(),
             "grad_scaler": None if scaler is None else scaler.state_dict(),  # fp16 loss scale
         }
-        torch.save(trainer, tmp / "trainer.pt")
+        write_file(tmp / "trainer.pt", lambda path: torch.save(trainer, path))
         write_manifest(tmp)
         for file in tmp.iterdir():
             fsync_path(file)

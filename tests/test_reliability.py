@@ -3,12 +3,18 @@ run never runs code from it, a model is never scored or trained with another voc
 writer per run directory, nothing of the user's overwritten, numeric checkpoint order, configs
 checked field by field, ``--resume`` continues the same run. See docs/reliability.md."""
 
+import csv
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +22,7 @@ import torch
 from reformer import ReformerConfig, ReformerLM
 from reformer.checkpoint import write_manifest
 from reformer.cli import main
-from reformer.data import load_corpus
+from reformer.data import ByteVocab, WindowSampler, load_corpus
 from reformer.train import TrainConfig, checkpoint_dirs, load_checkpoint, train
 
 TRAIN = ["train", "--preset", "tiny", "--seq-len", "64", "--batch-size", "2", "--eval-every", "2", "--save-every", "2"]
@@ -276,3 +282,227 @@ def test_a_run_of_an_earlier_version_resumes_with_its_checkpoints_settings(run, 
         capsys, *TRAIN, "--steps", "4", "--seq-len", "32", "--out", run, "--resume", match="--seq-len 32 (run: 64)"
     )
     assert _run(capsys, *TRAIN, "--steps", "3", "--out", run, "--resume", "--allow-change")[0] == 0
+
+
+# 8. a really full disk (a small tmpfs, mounted in a private user + mount namespace) ----------------------
+
+
+def _can_mount_tmpfs() -> bool:
+    if not sys.platform.startswith("linux") or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs Linux user namespaces to mount a private tmpfs")
+def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    worker = Path(__file__).with_name("disk_full_worker.py")
+    done = subprocess.run(["unshare", "-rm", sys.executable, str(worker), str(mnt)], capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert "No space left on device" in summary["cli, 0 bytes free"]  # run.json (JSON) could not be written
+    assert "model.safetensors" in summary["cli, 65536 bytes free"]  # safetensors
+    assert "trainer.pt" in summary["api: first free space at which each file's write failed"]  # torch.save
+
+
+# 9. signals ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGHUP, 143), (signal.SIGTERM, 143)])
+def test_hangup_and_terminate_save_a_checkpoint_and_exit_128_plus(tmp_path, capsys, sig, code):
+    run = tmp_path / "run"
+
+    def send_once_training():
+        log, deadline = run / "log.csv", time.monotonic() + 120
+        while not (log.exists() and len(log.read_text().splitlines()) >= 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)  # handled in the main thread, at the end of the step
+
+    threading.Thread(target=send_once_training, daemon=True).start()
+    returned, out, err = _run(capsys, *TRAIN, "--steps", "100000", "--save-every", "100000", "--out", run)
+    assert returned == code, err
+    step = int(out.split("interrupted at step ")[1].split(":")[0])
+    assert [p.name for p in checkpoint_dirs(run)] == [f"step-{step:07d}"]
+
+
+# 10. every flag and config field range-checked --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--lr", "inf"], "argument --lr: must be a finite number"),
+        (["--lr", "nan"], "argument --lr: must be a finite number"),
+        (["--dist-timeout", "inf"], "argument --dist-timeout: must be a finite number"),
+        (["--dist-timeout", "1e300"], "argument --dist-timeout: must be in"),
+        (["--seed", str(2**63)], "argument --seed: must be <="),
+        (["--seed", "1.5"], "argument --seed: expected an integer"),
+        (["--device", "foo"], "argument --device: expected cpu, cuda, cuda:N or mps"),
+        (["--device", "cuda:7"], "argument --device: 'cuda:7'"),
+        (["--device", "meta"], "argument --device: expected cpu"),
+    ],
+)
+def test_flags_out_of_range_are_one_line_errors(tmp_path, capsys, argv, match):
+    if argv == ["--device", "cuda:7"] and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*TRAIN, "--steps", "2", *argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and match in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "match"),
+    [(["generate", "--prompt", "a", "--seed", "-9223372036854775809"], "argument --seed"),
+     (["generate", "--prompt", "a", "--temperature", "inf"], "argument --temperature: must be a finite number"),
+     (["eval", "--device", "cuda:7"], "argument --device")],
+)  # fmt: skip
+def test_generate_and_eval_flags_are_range_checked(trained, capsys, command, match):
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    with pytest.raises(SystemExit) as exit_info:
+        main([command[0], "--checkpoint", str(trained), *command[1:]])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and match in err, err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [("lr", float("inf"), "lr must be a finite number"), ("weight_decay", float("inf"), "weight_decay must be"),
+     ("clip_grad", float("nan"), "clip_grad must be"), ("seed", 2**63, "seed must be an int64"),
+     ("seed", 1.5, "seed must be an int64")],
+)  # fmt: skip
+def test_train_config_fields_are_range_checked(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
+
+
+def test_a_backend_that_cannot_run_here_is_named(tmp_path, capsys, monkeypatch):
+    model = ReformerLM(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True,
+                       attn_backend="triton")  # fmt: skip
+    model.save_pretrained(tmp_path / "ckpt")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if not torch.cuda.is_available():
+        _refused(capsys, "eval", "--checkpoint", tmp_path / "ckpt", match="attn_backend 'triton' needs --device cuda")
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a)
+    )
+    _refused(capsys, "generate", "--checkpoint", tmp_path / "ckpt", "--prompt", "a",
+             match="attn_backend 'triton' needs the triton package")  # fmt: skip
+
+
+# 11. out of memory, and data that does not fit in memory -----------------------------------------------
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="limits the address space with RLIMIT_AS")
+def test_out_of_memory_says_what_to_lower(tmp_path):
+    limit = 6 << 30  # address space: enough for torch, far too little for a batch of 512 x 16K tokens
+    code = (f"import resource, sys; resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit})); "
+            "from reformer.cli import main; sys.exit(main(sys.argv[1:]))")  # fmt: skip
+    argv = ["train", "--preset", "tiny", "--seq-len", "16384", "--batch-size", "512", "--steps", "1",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if "error" in line]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr[-3000:]
+    assert "out of memory" in errors[0] and "lower --batch-size" in errors[0] and "--seq-len" in errors[0]
+    assert not checkpoint_dirs(tmp_path / "run")
+
+
+def _resident_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the resident set from /proc")
+def test_a_byte_data_file_is_memory_mapped_not_read(tmp_path):
+    big = tmp_path / "big.bin"
+    with big.open("wb") as f:
+        f.truncate(4 << 30)  # 4 GiB, sparse: reading it in would take 4 GiB (32 GiB as int64 ids)
+    before = _resident_mb()
+    corpus = load_corpus(str(big))
+    batch = WindowSampler(corpus.train, 64, 2).next_batch()
+    grew = _resident_mb() - before
+    assert grew < 200, f"resident set grew by {grew:.0f} MB"
+    assert corpus.train.dtype == torch.uint8 and len(corpus.train) + len(corpus.valid) == 4 << 30
+    assert batch.dtype == torch.long and tuple(batch.shape) == (2, 65)
+
+
+# 13. clear messages --------------------------------------------------------------------------------
+
+
+def test_data_that_is_not_a_regular_file_is_named(tmp_path, capsys):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for data, match in [(tmp_path, "is a directory"), (fifo, "is not a regular file (a FIFO"),
+                        ("/dev/zero", "is not a regular file")]:  # fmt: skip
+        _refused(capsys, *TRAIN, "--data", data, "--out", tmp_path / "run", match=match)
+    short_valid = tmp_path / "short.txt"
+    short_valid.write_text("x" * 1000)  # 5% of 1,000 bytes validate: 50, too few for --seq-len 64
+    _refused(capsys, *TRAIN, "--data", short_valid, "--out", tmp_path / "run",
+             match=f"the validation split of --data {short_valid}: the data has 50 tokens, too few")  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_prompt_that_is_not_utf8_is_named(trained, capsys):
+    _refused(capsys, "generate", "--checkpoint", trained, "--prompt", "caf\udce9", match="--prompt is not UTF-8")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [("manifest.json", '{"files": {"model.safetensors": {}}}', "manifest.json does not list files"),
+     ("manifest.json", '{"files": [1, 2]}', "manifest.json does not list files"),
+     ("manifest.json", '{"files": {"../../x": {"bytes": 1, "sha256": "0"}}}', "manifest.json does not list files"),
+     ("vocab.json", "[1]", "corrupt"), ("vocab.json", "{", "corrupt"),
+     ("vocab.json", '{"kind": "char", "chars": 5}', "corrupt")],
+)  # fmt: skip
+def test_malformed_checkpoint_json_is_named(run, capsys, name, text, match):
+    (checkpoint_dirs(run)[-1] / name).write_text(text)
+    _refused(capsys, "generate", "--checkpoint", run, "--prompt", "a", "--max-new-tokens", "1", match=match)
+
+
+# 15. checkpoints get the user's permissions ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_checkpoints_are_written_with_the_users_umask(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        corpus = load_corpus("builtin")
+        torch.manual_seed(0)
+        model = ReformerLM(num_tokens=256, dim=16, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
+        cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, eval_every=100, eval_batches=1)
+        train(model, corpus.train, corpus.valid, cfg, tmp_path, vocab=ByteVocab().to_dict())
+    finally:
+        os.umask(previous)
+    latest = checkpoint_dirs(tmp_path)[-1]
+    assert latest.stat().st_mode & 0o777 == 0o777 & ~umask
+    modes = {p.name: p.stat().st_mode & 0o777 for p in latest.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and len(modes) == 5, modes
+
+
+# 16. figures the user reads are true ---------------------------------------------------------------------
+
+
+def test_tokens_per_second_is_tokens_over_wall_time(tmp_path, capsys, monkeypatch):
+    import reformer.cli as cli
+
+    clock = iter([0.0, 100.0])  # the run's start and end, as the command reads them
+    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    code, out, err = _run(capsys, *TRAIN, "--steps", "4", "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "5 tokens/s (512 tokens in 100 s)" in out  # 4 steps x 2 x 64 tokens / 100 s
+
+
+def test_eval_scores_trainings_windows_and_says_when_it_does_not(trained, capsys):
+    with (trained / "log.csv").open() as f:
+        logged = [row for row in csv.DictReader(f) if row["eval_bpc"]][-1]
+    code, out, _ = _run(capsys, "eval", "--checkpoint", trained)
+    assert code == 0 and f"{float(logged['eval_bpc']):.4f} bits/token" in out and "not comparable" not in out, out
+    assert "4 x 2 windows of 64 tokens, seed 1, of builtin" in out
+    code, out, _ = _run(capsys, "eval", "--checkpoint", trained, "--batch-size", "1")
+    assert code == 0 and "not comparable with training's validation bpc" in out and "batch_size 2" in out, out
