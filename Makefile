@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: demo test test-slow test-gpu lint bench bench-gpu clean
+.PHONY: demo test test-slow test-gpu lint bench bench-gpu gpu-check clean
 
 # One stamp per set of extras; reinstalls when pyproject.toml changes.
 $(VENV)/.stamp-%: pyproject.toml
@@ -50,6 +50,12 @@ bench: $(VENV)/.stamp-bench
 
 bench-gpu: $(VENV)/.stamp-gpu
 	$(BIN)/python benchmarks/gpu.py
+
+# The prepared GPU run for a bare CUDA machine without a package registry: installs nothing, runs
+# from the source tree with the interpreter that has torch (PYTHON=...); results in $$OUT or
+# runs/gpu-check. Without CUDA it is a dry run.
+gpu-check:
+	benchmarks/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

@@ -134,23 +134,37 @@ def system_flops(system: str, length: int, depth: int) -> float:
 # --- the measuring process ------------------------------------------------------------------
 
 
-def build(system: str, length: int, depth: int) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
-    """The model (training mode) and its ``tokens (1, L) -> logits (1, L, 256)`` function."""
+Loss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def build(system: str, length: int, depth: int) -> tuple[nn.Module, Loss]:
+    """The model (training mode) and its ``tokens (1, L) -> loss`` function: our models'
+    chunked cross-entropy (``model(x, targets=y)``, the whole logits never held), the peers'
+    cross-entropy on their full logits ``(1, L, 256)``."""
     kw = dict(SIZE, depth=depth, max_seq_len=length, causal=True)
     if system == "reformer_pytorch":
         from reformer_pytorch import ReformerLM as PeerLM
 
         model = PeerLM(**kw)
-        return model, model
+        return model, _full_logits_loss(model)
     if system == "transformers":
-        return _transformers_lm(length, depth)
+        model, logits_of = _transformers_lm(length, depth)
+        return model, _full_logits_loss(logits_of)
     from reformer import ReformerLM
 
     if system == "dense":
         model = ReformerLM(**kw, residual="standard", shared_qk=False, use_full_attn=True)
     else:
         model = ReformerLM(**kw, reverse_thres=10**9 if system == "ours-plain" else 0)
-    return model, model
+    return model, lambda tokens: model(tokens, targets=tokens)
+
+
+def _full_logits_loss(logits_of: Callable[[torch.Tensor], torch.Tensor]) -> Loss:
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
+        logits = logits_of(tokens)  # (1, L, num_tokens)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1))
+
+    return loss
 
 
 def _transformers_lm(length: int, depth: int) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor]]:
@@ -177,13 +191,12 @@ def measure(system: str, length: int, depth: int, threads: int, repeats: int, me
     resource.setrlimit(resource.RLIMIT_DATA, (memory_limit, memory_limit))
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model, logits_of = build(system, length, depth)
+    model, loss_of = build(system, length, depth)
     tokens = torch.randint(0, SIZE["num_tokens"], (1, length))
 
     def step() -> float:
         start = time.perf_counter()
-        logits = logits_of(tokens)  # (1, L, num_tokens)
-        F.cross_entropy(logits.view(-1, logits.shape[-1]), tokens.view(-1)).backward()
+        loss_of(tokens).backward()
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 

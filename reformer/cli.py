@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, reproduce
+from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
 from .checkpoint import read_config
 from .config import ReformerConfig
@@ -164,8 +164,8 @@ def load_for_inference(path: str, device: str) -> tuple[ReformerLM, ByteVocab | 
 def load_training_data(
     spec: str, vocab: str | ByteVocab | CharVocab, seq_len: int, batch_size: int, seed: int
 ) -> Corpus:
-    """A corpus (``builtin``, a file, ``enwik8:PATH``) or the synthetic ``duplication`` task
-    (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored). ``vocab``: a
+    """A corpus (``builtin``, ``pysrc``, a file, ``enwik8:PATH``) or the synthetic ``duplication``
+    task (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored). ``vocab``: a
     kind, or a checkpoint's vocabulary, which then encodes the data."""
     if spec != "duplication":
         return load_corpus(spec, vocab=vocab)
@@ -461,10 +461,27 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         scale = reproduce.DUPLICATION_SCALES[args.scale]
         cfg = reproduce.with_overrides(scale, eval_batches=args.eval_batches, **sizes)
         print(reproduce.duplication_table(reproduce.run_duplication(cfg, out, args.device, progress)), end="")
+    elif args.experiment == "longctx":
+        return _reproduce_longctx(args, out, progress)
     else:
         lm = reproduce.LMConfig(data=args.data)
         cfg = reproduce.with_overrides(lm, eval_every=args.eval_every, variants=args.variants, **sizes)
         print(reproduce.lm_table(reproduce.run_lm(cfg, out, args.device, progress)), end="")
+    return 0
+
+
+def _reproduce_longctx(args: argparse.Namespace, out: Path, progress) -> int:
+    if args.long and args.seq_len is not None:
+        raise UsageError("--long and --seq-len exclude each other (--long is --seq-len 16384)")
+    scale = longctx.LONGCTX_SCALES[args.scale]
+    if args.long:
+        scale = longctx.with_overrides(scale, seq_len=16_384, position_edges=longctx.LONG_POSITION_EDGES)
+    cfg = longctx.with_overrides(scale, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
+                                 seed=args.seed, eval_windows=args.eval_windows)  # fmt: skip
+    results = longctx.run_longctx(cfg, out, args.device, only=args.models, progress=progress)
+    if args.publish is not None:
+        longctx.publish(out, Path(args.publish))
+    print(longctx.longctx_table(results), end="")
     return 0
 
 
@@ -541,7 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
     t = sub.add_parser("train", help="train a language model", formatter_class=fmt)
-    t.add_argument("--data", default="builtin", help="builtin (no download), a file path, enwik8:PATH, or duplication")
+    t.add_argument(
+        "--data", default="builtin", help="builtin or pysrc (no download), a file path, enwik8:PATH, or duplication"
+    )
     t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
     t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     t.add_argument(
@@ -584,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--data",
         default=None,
-        help="builtin, a file path, enwik8:PATH, or duplication (default: the run's data, else builtin)",
+        help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, else builtin)",
     )
     e.add_argument(
         "--seq-len",
@@ -644,13 +663,38 @@ def build_parser() -> argparse.ArgumentParser:
     dup.add_argument("--out", default="runs/duplication", help="output directory (table, JSON, one run per model)")
     dup.add_argument("--eval-batches", type=int_at_least(1), default=None, help="batches per accuracy (override)")
     lm = experiments.add_parser("lm", help="language modelling: full vs LSH bits per byte", formatter_class=fmt)
-    lm.add_argument("--data", default="builtin", help="builtin, enwik8:PATH, or a file path")
+    lm.add_argument("--data", default="builtin", help="builtin, pysrc, enwik8:PATH, or a file path")
     lm.add_argument("--out", default="runs/lm", help="output directory (table, JSON, PNG, one run per model)")
     lm.add_argument("--eval-every", type=int_at_least(1), default=None, help="steps between curve points (override)")
     lm.add_argument("--variants", nargs="+", default=None,
                     help="models to train: full, lsh-N, transformer, transformer-shared-qk (default: all "
                          "of full lsh-1 lsh-2 lsh-4 lsh-8 transformer transformer-shared-qk)")  # fmt: skip
-    for x in (dup, lm):
+    lc = experiments.add_parser("longctx", help="far context: dense vs LSH vs local attention on pysrc",
+                                formatter_class=fmt)  # fmt: skip
+    lc.add_argument(
+        "--scale",
+        choices=sorted(longctx.LONGCTX_SCALES),
+        default="cpu",
+        help="cpu: the 2-core study (docs/long-context.md); pilot: minutes per model; gpu: larger",
+    )
+    lc.add_argument("--long", action="store_true", help="context 16,384 instead of 4,096")
+    lc.add_argument("--models", nargs="+", default=None, choices=longctx.ALL_MODELS, metavar="MODEL",
+                    help="train (or resume) only these models now; the results cover every finished model "
+                         f"(default: all of {' '.join(longctx.ALL_MODELS)})")  # fmt: skip
+    lc.add_argument("--out", default="runs/longctx", help="output directory (results, one run per model)")
+    lc.add_argument(
+        "--eval-windows",
+        type=int_at_least(1),
+        default=None,
+        help="validation windows of the final evaluation (override)",
+    )
+    lc.add_argument(
+        "--publish",
+        default=None,
+        metavar="DIR",
+        help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/long-context",
+    )
+    for x in (dup, lm, lc):
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
         x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")

@@ -1,4 +1,7 @@
-"""Training data: a built-in corpus (no download), user files, enwik8, the duplication task.
+"""Training data: built-in corpora (no download), user files, enwik8, the duplication task.
+
+``pysrc`` is the source of the running interpreter's standard library: long documents (files)
+split by a hash of their path, read into one buffer (see :func:`load_pysrc`).
 
 Text is byte-level by default (vocab 256: every file works, nothing to build); a character
 vocabulary is available for text. Batches are random contiguous windows drawn from a seeded
@@ -7,6 +10,10 @@ generator whose state can be saved and restored, so a resumed run sees the same 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,9 +95,10 @@ class Corpus:
 
 
 def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fraction: float = 0.05) -> Corpus:
-    """``spec``: ``builtin``, a file path, or ``enwik8:PATH``. Files other than enwik8 keep
-    their last ``valid_fraction`` for validation. ``vocab``: ``"byte"``, ``"char"`` (built from
-    the text), or a vocabulary (a model's), which must cover the text."""
+    """``spec``: ``builtin``, ``pysrc``, a file path, or ``enwik8:PATH``. Files other than enwik8
+    keep their last ``valid_fraction`` for validation; ``pysrc`` has its own split by file.
+    ``vocab``: ``"byte"``, ``"char"`` (built from the text), or a vocabulary (a model's), which
+    must cover the text."""
     kind = vocab if isinstance(vocab, str) else vocab.kind
     if kind not in ("byte", "char"):
         raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
@@ -101,6 +109,10 @@ def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fr
             raise ValueError("enwik8 is byte-level: use vocab='byte'")
         train, valid, _ = load_enwik8(spec.split(":", 1)[1])
         return Corpus("enwik8", train, valid, ByteVocab())
+    if spec == "pysrc":
+        if kind != "byte":
+            raise ValueError("pysrc is byte-level: use vocab='byte'")
+        return pysrc_corpus(load_pysrc())
     name = "builtin" if spec == "builtin" else Path(spec).name
     if kind == "byte":  # a file is mapped, not read
         tokens = ByteVocab()
@@ -161,6 +173,113 @@ def load_enwik8(path: str, split: tuple[int, int, int] = ENWIK8_SPLIT) -> tuple[
     return tuple(ids[: sum(split)].split(list(split)))
 
 
+#: ``pysrc`` split of a file: its share of the hash space (train, valid, test; in this order).
+PYSRC_SPLIT = (("train", 0.90), ("valid", 0.05), ("test", 0.05))
+#: Directories of installed packages, which are not the standard library.
+PYSRC_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
+
+
+def pysrc_root() -> Path:
+    """The running interpreter's standard-library directory (``sysconfig``'s ``stdlib``)."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def pysrc_files(root: Path) -> list[str]:
+    """Relative POSIX paths of the ``.py`` files under ``root`` (symbolic links not followed),
+    outside :data:`PYSRC_EXCLUDED_DIRS`, sorted."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in PYSRC_EXCLUDED_DIRS]
+        base = Path(folder).relative_to(root)
+        found += [(base / f).as_posix() for f in files if f.endswith(".py") and (Path(folder) / f).is_file()]
+    return sorted(found)
+
+
+def pysrc_split_of(rel_path: str) -> str:
+    """``train``, ``valid`` or ``test``: fixed by the SHA-256 of the path, not by listing order."""
+    u = int.from_bytes(hashlib.sha256(rel_path.encode("utf-8")).digest()[:8], "big") / 2**64  # in [0, 1)
+    edge = 0.0
+    for name, share in PYSRC_SPLIT:
+        edge += share
+        if u < edge:
+            return name
+    return PYSRC_SPLIT[-1][0]
+
+
+@dataclass
+class Documents:
+    """Documents stored end to end: ``tokens`` (1-D) with document ``i`` at
+    ``tokens[offsets[i]:offsets[i + 1]]``; ``names`` one per document."""
+
+    tokens: torch.Tensor
+    offsets: torch.Tensor
+    names: list[str]
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+
+@dataclass
+class PySrc:
+    """The stdlib corpus: one uint8 buffer holding every split, each a :class:`Documents`
+    viewing its contiguous part, and the facts a result records (:meth:`metadata`)."""
+
+    splits: dict[str, Documents]
+    python_version: str
+    root: str
+    sha256: str
+
+    def metadata(self) -> dict:
+        counts = {name: {"files": len(d.names), "bytes": int(d.offsets[-1] - d.offsets[0])}
+                  for name, d in self.splits.items()}  # fmt: skip
+        return {
+            "corpus": "pysrc", "python_version": self.python_version, "stdlib": self.root,
+            "files": sum(c["files"] for c in counts.values()), "bytes": sum(c["bytes"] for c in counts.values()),
+            "sha256": self.sha256, "splits": counts,
+            "order": "files sorted by (split train/valid/test, relative path); sha256 over each file's "
+                     "relative path, a NUL byte, its length as 8 bytes big-endian, then its bytes",
+        }  # fmt: skip
+
+
+def load_pysrc(root: str | os.PathLike | None = None) -> PySrc:
+    """Read every ``.py`` file under ``root`` (default :func:`pysrc_root`) into one
+    preallocated uint8 tensor, file by file (the corpus is never held twice), ordered by split
+    then path; hash it on the way."""
+    root = pysrc_root() if root is None else Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"standard-library directory not found: {root}")
+    order = {name: i for i, (name, _) in enumerate(PYSRC_SPLIT)}
+    files = sorted(pysrc_files(root), key=lambda rel: (order[pysrc_split_of(rel)], rel))
+    if not files:
+        raise ValueError(f"no .py files under {root}")
+    sizes = [(root / rel).stat().st_size for rel in files]
+    raw = bytearray(sum(sizes))  # the one copy: the tensor below shares its memory
+    view = memoryview(raw)
+    digest, pos = hashlib.sha256(), 0
+    for rel, size in zip(files, sizes, strict=True):
+        with open(root / rel, "rb") as f:
+            if f.readinto(view[pos : pos + size]) != size or f.read(1):
+                raise ValueError(f"{root / rel} changed while the corpus was read (size {size:,} at listing)")
+        digest.update(rel.encode("utf-8") + b"\0" + size.to_bytes(8, "big"))
+        digest.update(view[pos : pos + size])
+        pos += size
+    buffer = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+    offsets = torch.tensor([0, *sizes]).cumsum(0)  # (n_files + 1,)
+    splits, first = {}, 0
+    for name, _ in PYSRC_SPLIT:
+        last = first + sum(1 for rel in files if pysrc_split_of(rel) == name)
+        start, end = int(offsets[first]), int(offsets[last])
+        splits[name] = Documents(buffer[start:end], offsets[first : last + 1] - start, files[first:last])
+        first = last
+    version = ".".join(map(str, sys.version_info[:3]))
+    return PySrc(splits, version, str(root), digest.hexdigest())
+
+
+def pysrc_corpus(src: PySrc) -> Corpus:
+    """The training and validation splits of ``src`` as a byte :class:`Corpus` (views of its buffer)."""
+    return Corpus("pysrc", src.splits["train"].tokens, src.splits["valid"].tokens, ByteVocab())
+
+
 class WindowSampler:
     """Random contiguous windows of ``seq_len + 1`` tokens (inputs and next-token targets)
     from ``data``, from a seeded generator whose state travels with checkpoints."""
@@ -177,7 +296,7 @@ class WindowSampler:
         """``(batch_size, seq_len + 1)`` token ids."""
         starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self.generator)
         offsets = torch.arange(self.seq_len + 1)
-        return self.data[starts[:, None] + offsets].long()
+        return self.data[starts[:, None] + offsets].long()  # (a uint8 buffer gives int64 ids)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}

@@ -24,6 +24,7 @@ from .checkpoint import PretrainedMixin
 from .config import ReformerConfig
 from .feedforward import FeedForward
 from .generate import generate, stream
+from .loss import chunked_cross_entropy, default_chunk_size
 from .positions import AbsolutePositionalEmbedding, AxialPositionalEmbedding, FixedPositionalEmbedding
 from .reversible import ReversibleBlock, irreversible_apply, reversible_apply
 
@@ -359,21 +360,46 @@ class ReformerLM(PretrainedMixin, nn.Module):
         context_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
         cache: DecodingCache | None = None,
+        targets: torch.Tensor | None = None,
+        loss_chunk_size: int | None = None,
     ) -> torch.Tensor:
         """``tokens`` ``(b, n)`` -> logits ``(b, n, num_tokens)``; other arguments as in
         :meth:`Reformer.forward`.
+
+        With ``targets`` ``(b, n)`` (the token each position should predict, ``-100`` where
+        none) it returns instead the mean cross-entropy in nats, fp32, computed
+        ``loss_chunk_size`` positions at a time (default: about 16M logits per chunk) so the
+        whole ``(b, n, num_tokens)`` logits never exist, in the backward either
+        (:mod:`reformer.loss`). Training through ``model(x, targets=y)`` keeps DDP and FSDP
+        in the loop, which a separate method would bypass.
 
         With ``cache`` (a :class:`~reformer.attention.decode.DecodingCache`, eval mode) the
         first call is the prefill and each later call continues the same sequence, returning
         the logits of the new tokens only - equal to those of a full forward on the whole
         sequence so far, at a cost per token that does not grow with it (LSH layers)."""
         self.check_tokens(tokens)
+        if targets is not None:
+            self._check_targets(tokens, targets, cache)
         if cache is not None:
             return self._forward_cached(tokens, cache, context, context_mask)
         x = self.reformer(
             self.embed(tokens), keys=keys, input_mask=input_mask, context_mask=context_mask, context=context
         )
-        return self._head(x)
+        if targets is None:
+            return self._head(x)
+        chunk = default_chunk_size(self.config.num_tokens) if loss_chunk_size is None else loss_chunk_size
+        return chunked_cross_entropy(x, self._head, targets, chunk)
+
+    def _check_targets(self, tokens: torch.Tensor, targets: torch.Tensor, cache: DecodingCache | None) -> None:
+        if not isinstance(targets, torch.Tensor) or targets.shape != tokens.shape:
+            got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+            raise ValueError(f"targets must have the shape of tokens {tuple(tokens.shape)}, got {got}")
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.is_complex():
+            raise ValueError(f"targets must be an integer tensor, got dtype {targets.dtype}")
+        if self.config.return_embeddings:
+            raise ValueError("targets needs logits: this model has return_embeddings=True")
+        if cache is not None:
+            raise ValueError("targets (a training loss) cannot be combined with a decoding cache")
 
     def _forward_cached(self, tokens, cache, context, context_mask) -> torch.Tensor:
         if cache.tokens is not None and tokens.shape[0] != cache.tokens.shape[0]:
@@ -418,7 +444,7 @@ class ReformerLM(PretrainedMixin, nn.Module):
         return stream(self, prompt, max_new_tokens, **options)
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
-        """Final hidden states ``(b, n, dim)`` -> logits (or the normed states)."""
+        """Final hidden states ``(..., dim)`` -> logits (or the normed states), position by position."""
         x = self.norm(x)
         if self.config.return_embeddings:
             return x

@@ -250,7 +250,7 @@ class LMConfig:
     defaults take about an hour on 2 CPU cores (see docs/reproduction.md)."""
 
     data: str = "builtin"
-    """``builtin``, a file, or ``enwik8:PATH`` (bytes; validated on the held-out split)."""
+    """``builtin``, ``pysrc``, a file, or ``enwik8:PATH`` (bytes; validated on the held-out split)."""
     seq_len: int = 256
     """Tokens per training window (also the model's max_seq_len)."""
     steps: int = 2500

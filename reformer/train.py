@@ -28,7 +28,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from . import distributed
 from .attention.common import check_int
@@ -143,11 +142,11 @@ def lm_loss(
     model: torch.nn.Module, batch: torch.Tensor, precision: str, scored: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Mean next-token cross-entropy (nats) of ``batch`` ``(b, n + 1)``; with ``scored``
-    (bool, like ``batch``) only the targets it marks count."""
-    with autocast_for(precision, batch.device):
-        logits = model(batch[:, :-1])
+    (bool, like ``batch``) only the targets it marks count. Chunked: the whole logits never
+    exist (:mod:`reformer.loss`)."""
     targets = batch[:, 1:] if scored is None else batch[:, 1:].masked_fill(~scored[:, 1:], -100)
-    return F.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=-100)
+    with autocast_for(precision, batch.device):
+        return model(batch[:, :-1], targets=targets)
 
 
 Data = torch.Tensor | DuplicationTask

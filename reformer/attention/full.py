@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .common import masked_softmax, normalize_keys
+from .common import masked_softmax, masked_value, normalize_keys, self_logit
 
 
 def full_qk_attention(
@@ -15,8 +16,14 @@ def full_qk_attention(
     key_mask: torch.Tensor | None = None,
     dropout: float = 0.0,
     training: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``qk``/``v`` ``(b, len, d)`` -> ``(out (b, len, dv), attn (b, len, len))``."""
+    need_weights: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``qk``/``v`` ``(b, len, d)`` -> ``(out (b, len, dv), attn (b, len, len) or None)``.
+
+    ``need_weights=False`` (and no dropout in training) takes the fused path,
+    :func:`full_qk_attention_sdpa`, and returns no weights."""
+    if not need_weights and not (training and dropout > 0):
+        return full_qk_attention_sdpa(qk, v, causal=causal, key_mask=key_mask), None
     length, d = qk.shape[1], qk.shape[2]
     dots = torch.matmul(qk, normalize_keys(qk).transpose(-1, -2)) * d**-0.5  # (b, len, len)
     pos = torch.arange(length, device=qk.device)
@@ -29,3 +36,34 @@ def full_qk_attention(
     is_self = torch.eye(length, dtype=torch.bool, device=qk.device)[None]
     probs = masked_softmax(dots, hidden, is_self, dropout, training)
     return torch.matmul(probs, v), probs
+
+
+def full_qk_attention_sdpa(
+    qk: torch.Tensor, v: torch.Tensor, *, causal: bool = False, key_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`full_qk_attention`'s output on ``scaled_dot_product_attention``, whose fused CPU
+    and GPU kernels keep no ``len x len`` weights (the rows go in as heads of one 4-D batch:
+    3-D inputs take the unfused path on CPU).
+
+    Causal without a padding mask, the self-mask is a shift: query ``i > 0`` sees exactly keys
+    ``0..i-1`` (its own logit, ``self_logit``, has weight 0 in every float dtype next to any
+    visible key), so it is plain causal attention of queries ``1..`` over keys ``..len-2``, and
+    query 0, which sees only itself, returns its value. Otherwise the masks become an additive
+    bias: hidden keys the dtype's most negative value, the own key ``self_logit`` (added to
+    ``q.k``: still weight 0 next to a visible key, and 1 when nothing else is visible)."""
+    length, scale = qk.shape[1], qk.shape[-1] ** -0.5
+    keys = normalize_keys(qk)
+    if causal and key_mask is None:
+        if length == 1:
+            return v
+        rest = F.scaled_dot_product_attention(qk[None, :, 1:], keys[None, :, :-1], v[None, :, :-1], is_causal=True,
+                                              scale=scale)[0]  # (b, len - 1, dv)  # fmt: skip
+        return torch.cat([v[:, :1], rest], dim=1)
+    pos = torch.arange(length, device=qk.device)
+    hidden = (pos[None, :] > pos[:, None]) if causal else torch.zeros(length, length, dtype=torch.bool,
+                                                                       device=qk.device)  # fmt: skip
+    if key_mask is not None:
+        hidden = hidden[None] | ~key_mask[:, None, :]  # (b, len, len)
+    bias = torch.zeros(hidden.shape, dtype=qk.dtype, device=qk.device)
+    bias.masked_fill_(hidden, masked_value(qk.dtype)).masked_fill_(pos[:, None] == pos[None, :], self_logit(qk.dtype))
+    return F.scaled_dot_product_attention(qk[None], keys[None], v[None], attn_mask=bias[None], scale=scale)[0]

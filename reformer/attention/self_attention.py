@@ -234,6 +234,7 @@ class LSHSelfAttention(nn.Module):
                     key_mask=row_mask,
                     dropout=self.attn_dropout,
                     training=self.training,
+                    need_weights=self.callback is not None or self.lsh_attn.return_attn,
                 )
             else:
                 out, attn, buckets = self.lsh_attn(lqk, lv, row_mask, chunks=self.attn_chunks)
