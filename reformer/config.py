@@ -226,8 +226,9 @@ class ReformerConfig:
             else:
                 ok = isinstance(value, (tuple, list)) and any(a.startswith("tuple") for a in allowed)
             if not ok:
+                expected = " or ".join("True or False" if a == "bool" else a for a in allowed)
                 finite = " (finite)" if "float" in allowed else ""
-                raise ValueError(f"{f.name} must be {' or '.join(allowed)}{finite}, got {value!r}")
+                raise ValueError(f"{f.name} must be {expected}{finite}, got {value!r}")
 
     def _check_ablation_fields(self) -> None:
         if self.residual not in ("reversible", "standard"):

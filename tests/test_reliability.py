@@ -217,10 +217,10 @@ def test_pruning_ignores_other_names_and_never_follows_symlinks(tmp_path):
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [
-        ("causal", None, "causal must be bool, got None"),
-        ("causal", "false", "causal must be bool, got 'false'"),
-        ("causal", 0, "causal must be bool, got 0"),
-        ("use_full_attn", "true", "use_full_attn must be bool"),
+        ("causal", None, "causal must be True or False, got None"),
+        ("causal", "false", "causal must be True or False, got 'false'"),
+        ("causal", 0, "causal must be True or False, got 0"),
+        ("use_full_attn", "true", "use_full_attn must be True or False"),
         ("norm_eps", "1e-5", "norm_eps must be float"),
         ("dim", 32.0, "dim must be int"),
         ("hash_seed", 2**64, "hash_seed must be an int64"),
