@@ -23,7 +23,7 @@ import torch
 
 from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
-from .checkpoint import read_config
+from .checkpoint import read_config, verify_manifest
 from .config import ReformerConfig
 from .data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
@@ -312,6 +312,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
         raise UsageError(f"--resume: {run} holds no run to resume (no checkpoint); drop --resume to start one")
     settings = run_settings(args)
     if latest is not None:  # the run's own model and vocabulary, checked against what was asked
+        verify_manifest(latest)  # a corrupt or altered file is named before anything is read
         trainer, vocab = load_trainer_state(latest), read_vocab(latest)
         _, config = read_config(latest)
         check_vocab(latest, vocab, config)
