@@ -35,12 +35,38 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's umask: from /proc on Linux, else read by setting it (there is no getter;
+    a file another thread creates meanwhile would get 0o022)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def write_file(path: str | os.PathLike, write) -> None:
+    """Call ``write(path)``; a failure (Python's ``OSError``, torch's ``RuntimeError`` "file write
+    failed", safetensors' ``SafetensorError`` on a full disk) becomes an ``OSError`` naming the
+    file and the space left."""
+    try:
+        write(path)
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        fs = os.statvfs(Path(path).parent)
+        detail = str(exc).strip().splitlines()[-1][:200]
+        raise OSError(f"could not write {path} ({fs.f_bavail * fs.f_frsize:,} bytes free there): {detail}") from None
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file, and
+    it gets the permissions of any new file (the umask's, not ``mkstemp``'s 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        write_file(tmp, write)
+        os.chmod(tmp, 0o666 & ~current_umask())
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -75,8 +101,14 @@ def verify_manifest(directory: Path) -> None:
         return
     try:
         entries = json.loads(path.read_text())["files"]
+        well_formed = isinstance(entries, dict) and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            and "/" not in name for name, e in entries.items()
+        )  # fmt: skip
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
         raise ValueError(f"corrupt checkpoint {directory}: unreadable {MANIFEST_NAME} ({exc})") from None
+    if not well_formed:
+        raise ValueError(f"corrupt checkpoint {directory}: {MANIFEST_NAME} does not list files with bytes and sha256")
     for name, entry in entries.items():
         file = directory / name
         if not file.is_file():
@@ -132,8 +164,18 @@ def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         meta = json.loads(path.read_text())
-        arch = meta.pop("architecture", "ReformerLM")
-        meta.pop("format_version", None)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt {path}: not a JSON object")
+    if "model_type" in meta:
+        raise ValueError(f"{directory} holds a Hugging Face transformers checkpoint; convert it first: "
+                         f"reformer convert --from-transformers {directory} --out DIR")  # fmt: skip
+    arch, version = meta.pop("architecture", "ReformerLM"), meta.pop("format_version", FORMAT_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {version!r} is newer than this version of reformer-torch "
+                         f"reads ({FORMAT_VERSION}); upgrade it")  # fmt: skip
+    try:
         return arch, ReformerConfig.from_dict(meta)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as exc:
+    except TypeError as exc:
         raise ValueError(f"corrupt {path}: {exc}") from None

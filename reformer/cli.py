@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import codecs
 import csv
+import importlib.util
 import json
+import math
+import os
 import signal
 import subprocess
 import sys
@@ -20,14 +23,24 @@ import torch
 
 from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
-from .checkpoint import read_config
+from .checkpoint import read_config, verify_manifest
 from .config import ReformerConfig
-from .data import ByteVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
+from .data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
 from .model import ReformerLM
 from .presets import PRESETS
+from .runs import check_not_in_use, check_out_dir, read_settings, run_lock, setting_differences, write_settings
 from .switch import switch_attention
-from .train import TrainConfig, TrainingDiverged, TrainState, batch_source, checkpoint_dirs, evaluate, train
+from .train import (
+    TrainConfig,
+    TrainingDiverged,
+    TrainState,
+    batch_source,
+    checkpoint_dirs,
+    evaluate,
+    load_trainer_state,
+    train,
+)  # fmt: skip
 
 
 class UsageError(ValueError):
@@ -39,8 +52,8 @@ BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 BENCHMARK_SCRIPTS = ("training", "attention", "generate", "profile_attention", "bucket_recall", "page_faults")
 
 
-def int_at_least(minimum: int):
-    """argparse ``type=``: an int >= ``minimum`` (argparse names the option in its error)."""
+def int_at_least(minimum: int, maximum: int | None = None):
+    """argparse ``type=``: an int >= ``minimum`` (and <= ``maximum``); argparse names the option in its error."""
 
     def parse(text: str) -> int:
         try:
@@ -49,9 +62,15 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {value}")
         return value
 
     return parse
+
+
+#: ``--seed``: what ``torch.manual_seed`` takes everywhere, an int64.
+seed_type = int_at_least(-(2**63), 2**63 - 1)
 
 
 def float_in(low: float, high: float = float("inf"), *, low_open: bool = False):
@@ -62,12 +81,48 @@ def float_in(low: float, high: float = float("inf"), *, low_open: bool = False):
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
         if not (value > low if low_open else value >= low) or value > high:
             interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"must be in {interval}, got {value:g}")
         return value
 
     return parse
+
+
+def device_type(text: str) -> str:
+    """argparse ``type=``: ``cpu``, ``cuda``, ``cuda:N`` or ``mps``, present on this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available here (no GPU, or a CPU-only torch)")
+        if device.index is not None and device.index >= count:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: MPS is not available here")
+    elif device.type != "cpu":
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def check_backend_runs(config: ReformerConfig, device: str) -> None:
+    """Refuse a config whose ``attn_backend`` cannot run here, before any work."""
+    if config.attn_backend != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise UsageError("the model's attn_backend 'triton' needs the triton package (pip install 'reformer-torch"
+                         "[gpu]'); set attn_backend to 'auto' in its config.json to run without")  # fmt: skip
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise UsageError(f"the model's attn_backend 'triton' needs --device cuda (got {device}); set attn_backend "
+                         "to 'auto' in its config.json to run here")  # fmt: skip
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -81,28 +136,40 @@ def resolve_checkpoint(path: str) -> Path:
     raise FileNotFoundError(f"no checkpoint at {path} (expected a run directory or a checkpoint directory)")
 
 
-def load_for_inference(path: str, device: str) -> tuple[ReformerLM, object, Path]:
+def read_vocab(ckpt: Path) -> ByteVocab | CharVocab:
+    """A checkpoint's vocabulary (``vocab.json``; bytes when there is none)."""
+    path = ckpt / "vocab.json"
+    if not path.is_file():
+        return ByteVocab()
+    try:
+        return vocab_from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None
+
+
+def check_vocab(ckpt: Path, vocab: ByteVocab | CharVocab, config: ReformerConfig) -> None:
+    if vocab.num_tokens != config.num_tokens:
+        raise UsageError(f"{ckpt}: the model has {config.num_tokens} tokens but its vocabulary {vocab.num_tokens}")
+
+
+def load_for_inference(path: str, device: str) -> tuple[ReformerLM, ByteVocab | CharVocab, Path]:
     ckpt = resolve_checkpoint(path)
+    check_backend_runs(read_config(ckpt)[1], device)
     model = ReformerLM.from_pretrained(ckpt).to(device).eval()
-    vocab_file = ckpt / "vocab.json"
-    vocab = (
-        vocab_from_dict(json.loads(vocab_file.read_text()))
-        if vocab_file.is_file()
-        else vocab_from_dict({"kind": "byte"})
-    )
-    if vocab.num_tokens != model.config.num_tokens:
-        raise UsageError(
-            f"{ckpt}: the model has {model.config.num_tokens} tokens but its vocabulary {vocab.num_tokens}"
-        )
+    vocab = read_vocab(ckpt)
+    check_vocab(ckpt, vocab, model.config)
     return model, vocab, ckpt
 
 
-def load_training_data(spec: str, vocab: str, seq_len: int, batch_size: int, seed: int) -> Corpus:
-    """A corpus (``builtin``, ``pysrc``, a file, ``enwik8:PATH``) or the synthetic ``duplication`` task
-    (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored)."""
+def load_training_data(
+    spec: str, vocab: str | ByteVocab | CharVocab, seq_len: int, batch_size: int, seed: int
+) -> Corpus:
+    """A corpus (``builtin``, ``pysrc``, a file, ``enwik8:PATH``) or the synthetic ``duplication``
+    task (sequences ``0w0w`` of ``seq_len`` bytes; only the second ``w`` is scored). ``vocab``: a
+    kind, or a checkpoint's vocabulary, which then encodes the data."""
     if spec != "duplication":
         return load_corpus(spec, vocab=vocab)
-    if vocab != "byte":
+    if (vocab if isinstance(vocab, str) else vocab.kind) != "byte":
         raise UsageError("the duplication task uses byte tokens: drop --vocab")
     task = DuplicationTask(seq_len, batch_size, n_symbols=255, seed=seed)
     return Corpus("duplication", task, task, ByteVocab())
@@ -180,8 +247,6 @@ class _Progress:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if not args.dist_timeout > 0:
-        raise UsageError(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     keep_freed_memory()  # CPU steps reuse their memory instead of faulting in fresh pages
     device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
     try:
@@ -190,36 +255,96 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.shutdown()
 
 
+#: Settings that define a run, with their flags: ``--resume`` must be given the run's values ...
+RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "seq_len": "--seq-len", "seed": "--seed"}
+#: ... and these too, unless ``--allow-change`` says that a change is deliberate.
+RUN_SCHEDULE = {"steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+                "warmup": "--warmup", "schedule": "--schedule", "precision": "--precision"}  # fmt: skip
+
+
+def data_identity(spec: str) -> str:
+    """``--data`` as stored in ``run.json``: file paths made absolute."""
+    if spec in ("builtin", "duplication"):
+        return spec
+    prefix = "enwik8:" if spec.startswith("enwik8:") else ""
+    return prefix + str(Path(spec[len(prefix) :]).resolve())
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    return {k: data_identity(args.data) if k == "data" else getattr(args, k) for k in [*RUN_IDENTITY, *RUN_SCHEDULE]}
+
+
+def stored_settings(run: Path, trainer: dict, vocab: ByteVocab | CharVocab) -> dict:
+    """The run's settings: ``run.json``, or for a run without one (older versions) what its
+    checkpoint records."""
+    stored = read_settings(run)
+    if stored is not None:
+        return stored
+    trained = trainer.get("train_config", {})
+    names = {"warmup": "warmup_steps"}
+    return {"vocab": vocab.kind, **{k: trained[names.get(k, k)] for k in [*RUN_IDENTITY, *RUN_SCHEDULE]
+                                     if names.get(k, k) in trained}}  # fmt: skip
+
+
+def check_same_run(run: Path, step: int, stored: dict, settings: dict, allow_change: bool) -> None:
+    """Refuse a ``--resume`` that would not continue the stored run, listing the differences."""
+    if settings["steps"] <= step:
+        raise UsageError(f"--steps {settings['steps']}: the run in {run} is already at step {step}; "
+                         "pass a larger --steps (with --allow-change) to train further")  # fmt: skip
+    flags = {**RUN_IDENTITY, **RUN_SCHEDULE}
+    fixed = setting_differences(stored, {k: settings[k] for k in RUN_IDENTITY}, flags)
+    changed = setting_differences(stored, {k: settings[k] for k in RUN_SCHEDULE}, flags)
+    if fixed:
+        raise UsageError(f"--resume: {run} is another run: {'; '.join(fixed + changed)}")
+    if changed and not allow_change:
+        raise UsageError(f"--resume: {run} was trained with other settings: {'; '.join(changed)}; "
+                         "pass --allow-change to continue it with these")  # fmt: skip
+
+
 def _train(args: argparse.Namespace, device: str) -> int:
     run = Path(args.out)
-    if checkpoint_dirs(run) and not args.resume:
+    check_out_dir(run)
+    check_not_in_use(run)
+    latest = checkpoint_dirs(run)[-1] if checkpoint_dirs(run) else None
+    if latest is not None and not args.resume:
         raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
-    corpus = load_training_data(args.data, args.vocab, args.seq_len, args.batch_size, args.seed)
-    if args.resume and checkpoint_dirs(run):
-        _, config = read_config(checkpoint_dirs(run)[-1])
+    if latest is None and args.resume:
+        raise UsageError(f"--resume: {run} holds no run to resume (no checkpoint); drop --resume to start one")
+    settings = run_settings(args)
+    if latest is not None:  # the run's own model and vocabulary, checked against what was asked
+        verify_manifest(latest)  # a corrupt or altered file is named before anything is read
+        trainer, vocab = load_trainer_state(latest), read_vocab(latest)
+        _, config = read_config(latest)
+        check_vocab(latest, vocab, config)
+        check_same_run(run, trainer["step"], stored_settings(run, trainer, vocab), settings, args.allow_change)
+        resume_step = trainer["step"]
     else:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
-        config = PRESETS[args.preset](max_seq_len=args.seq_len)
+        vocab, config, resume_step = args.vocab, PRESETS[args.preset](max_seq_len=args.seq_len), 0
+    corpus = load_training_data(args.data, vocab, args.seq_len, args.batch_size, args.seed)
+    if latest is None:
         config.num_tokens = corpus.vocab.num_tokens
-    if config.num_tokens != corpus.vocab.num_tokens:
-        raise UsageError(
-            f"the run's model has {config.num_tokens} tokens, the data's vocabulary {corpus.vocab.num_tokens}"
-        )
     if args.seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    check_backend_runs(config, device)
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp,
     )  # fmt: skip
-    for split in (corpus.train, corpus.valid):  # fail before anything is printed or written
-        batch_source(split, cfg, seed=0)
+    for split, data in (("training", corpus.train), ("validation", corpus.valid)):  # fail before writing
+        try:
+            batch_source(data, cfg, seed=0)
+        except ValueError as exc:
+            raise UsageError(f"the {split} split of --data {args.data}: {exc}") from None
     torch.manual_seed(args.seed)
     model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
-    progress = None
-    if distributed.is_main():
-        run.mkdir(parents=True, exist_ok=True)
+    if not distributed.is_main():
+        _run_training(args, run, model, corpus, cfg, None)
+        return 0
+    with run_lock(run):
+        write_settings(run, settings)
         n_params = sum(p.numel() for p in model.parameters())
         sizes = (
             "synthetic"
@@ -228,40 +353,50 @@ def _train(args: argparse.Namespace, device: str) -> int:
         )
         procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
-        resume_step = int(checkpoint_dirs(run)[-1].name[5:]) if args.resume and checkpoint_dirs(run) else 0
         progress = _Progress(run, cfg.steps, resume_step)
+        return _run_training(args, run, model, corpus, cfg, progress)
 
-    interrupted = {"flag": False}
+
+#: Exit codes of a run stopped by a signal (after its checkpoint), as a shell reports a killed
+#: command: 128 + the signal; SIGHUP (a closed terminal) is reported as a termination.
+INTERRUPTED_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 143}
+
+
+def _run_training(args, run: Path, model, corpus: Corpus, cfg: TrainConfig, progress: _Progress | None) -> int:
+    """Train until done or a signal, then (rank 0) print the summary; the exit code."""
+    received: list[int] = []
 
     def on_signal(signum, frame):  # finish the step, save, exit
-        interrupted["flag"] = True
+        received.append(signum)
 
-    # SIGTERM too: torchrun (on Ctrl-C) and job schedulers send it, then SIGKILL 30 s later
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGTERM: torchrun (on Ctrl-C) and job schedulers send it, then SIGKILL 30 s later; SIGHUP: the terminal closed
+    previous = {sig: signal.signal(sig, on_signal) for sig in INTERRUPTED_EXIT}
     start = time.perf_counter()
     try:
         state = train(
             model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
-            should_stop=lambda: interrupted["flag"], on_step=progress, vocab=corpus.vocab.to_dict(),
+            should_stop=lambda: bool(received), on_step=progress, vocab=corpus.vocab.to_dict(),
         )  # fmt: skip
     finally:
         if progress is not None:
             progress.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    code = INTERRUPTED_EXIT[received[0]] if received else 0
     if progress is None:
-        return 0
+        return code
+    seconds = time.perf_counter() - start
     evals = [r for r in state.history if "eval_bpc" in r]
     first, last = evals[0], evals[-1]
-    speed = sum(r["tokens_per_s"] for r in progress.history) / max(1, len(progress.history))
-    verb = "interrupted at" if interrupted["flag"] else "finished"
+    trained = len(progress.history) * cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+    verb = "interrupted at" if received else "finished"
     print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
-          f"{last['eval_bpc']:.3f} (step {last['step']}); {speed:,.0f} tokens/s; "
-          f"{time.perf_counter() - start:.0f} s; checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
+          f"{last['eval_bpc']:.3f} (step {last['step']}); {trained / seconds:,.0f} tokens/s "
+          f"({trained:,} tokens in {seconds:.0f} s); checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
     if progress.overflows:
         skipped = progress.overflows
         print(f"fp16: {len(skipped)} step(s) skipped for gradient overflow: {skipped[:10]}", file=sys.stderr)
-    return 0
+    return code
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -272,17 +407,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.full_attention or args.n_hashes is not None:  # in memory only: the checkpoint is not changed
         switch_attention(model, n_hashes=args.n_hashes, full_attention=args.full_attention)
         switched = "; full attention" if args.full_attention else f"; LSH with {args.n_hashes} hashes"
-    corpus = load_training_data(args.data, vocab.kind, args.seq_len or model.config.max_seq_len, args.batch_size, 0)
-    if corpus.vocab.num_tokens != model.config.num_tokens:
-        raise UsageError(
-            f"{ckpt} has {model.config.num_tokens} tokens; this data's vocabulary {corpus.vocab.num_tokens}"
-        )
-    seq_len = min(args.seq_len or model.config.max_seq_len, model.config.max_seq_len)
-    cfg = TrainConfig(seq_len=seq_len, batch_size=args.batch_size, eval_batches=args.batches)
+    trainer = load_trainer_state(ckpt) if (ckpt / "trainer.pt").is_file() else None
+    trained = trainer["train_config"] if trainer else {}
+    run_data = (read_settings(ckpt.parent.parent) or {}).get("data") if trainer else None
+    # by default the windows training validated on (same length, count, seed), so the figures compare
+    data = args.data or run_data or "builtin"
+    seq_len = min(args.seq_len or trained.get("seq_len") or model.config.max_seq_len, model.config.max_seq_len)
+    batch_size = args.batch_size or trained.get("batch_size", 2)
+    batches = args.batches or trained.get("eval_batches", 4)
+    cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, eval_batches=batches, seed=trained.get("seed", 0))
+    corpus = load_training_data(data, vocab, seq_len, cfg.batch_size, 0)
+    try:
+        batch_source(corpus.valid, cfg, seed=0)
+    except ValueError as exc:
+        raise UsageError(f"the validation split of --data {data}: {exc}") from None
     result = evaluate(model, corpus.valid, cfg)
+    windows = f"{batches} x {batch_size} windows of {seq_len} tokens, seed {cfg.seed + 1}, of {data}{switched}"
+    unlike = _unlike_training(trainer, cfg, data_identity(data), run_data, switched)
     print(f"{ckpt}: validation loss {result['eval_loss']:.4f} nats/token, {result['eval_bpc']:.4f} bits/token "
-          f"({args.batches} x {args.batch_size} windows of {seq_len}{switched})")  # fmt: skip
+          f"({windows}){unlike}")  # fmt: skip
     return 0
+
+
+def _unlike_training(trainer: dict | None, cfg: TrainConfig, data: str, run_data: str | None, switched: str) -> str:
+    """How this evaluation differs from the training run's last validation (empty if it does not)."""
+    evals = [r for r in trainer["history"] if "eval_bpc" in r] if trainer else []
+    if not evals:
+        return ""
+    trained = trainer["train_config"]
+    ours = {"seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "eval_batches": cfg.eval_batches}
+    differs = [f"{k} {trained.get(k)}" for k, v in ours.items() if trained.get(k) != v]
+    if run_data is not None and run_data != data:
+        differs.append(f"data {run_data}")
+    if trained.get("precision", "fp32") != "fp32":
+        differs.append(f"precision {trained['precision']}")
+    if switched:
+        differs.append("the trained attention")
+    if not differs:
+        return ""
+    last = evals[-1]
+    return (f"; not comparable with training's validation bpc {float(last['eval_bpc']):.4f} at step {last['step']}, "
+            f"which scored other windows ({', '.join(differs)})")  # fmt: skip
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
@@ -324,6 +489,10 @@ def _reproduce_longctx(args: argparse.Namespace, out: Path, progress) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
+        raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
     model, vocab, _ = load_for_inference(args.checkpoint, args.device)
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
@@ -343,9 +512,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.path)
     arch, config = read_config(ckpt)
     info = {"checkpoint": str(ckpt), "architecture": arch}
-    trainer = ckpt / "trainer.pt"
-    if trainer.is_file():
-        state = torch.load(trainer, weights_only=False, map_location="cpu")
+    if (ckpt / "trainer.pt").is_file():
+        state = load_trainer_state(ckpt)
         evals = [r["eval_bpc"] for r in state["history"] if "eval_bpc" in r]
         info.update(step=state["step"], best_eval_bpc=min(evals) if evals else None)
     with torch.device("meta"):
@@ -410,25 +578,53 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=int_at_least(1), default=50, help="checkpoint every N steps")
     t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out")
-    t.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")
-    t.add_argument("--seed", type=int, default=0, help="random seed")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (with the same settings)")
+    t.add_argument("--allow-change", action="store_true",
+                   help="with --resume: continue with other --steps, --lr, --batch-size, --grad-accum, --warmup, "
+                        "--schedule or --precision than the run's (--data, --vocab, --preset, --seq-len and "
+                        "--seed never change)")  # fmt: skip
+    t.add_argument(
+        "--device",
+        type=device_type,
+        default="cpu",
+        help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)",
+    )
+    t.add_argument("--seed", type=seed_type, default=0, help="random seed")
     t.add_argument(
         "--fsdp",
         action="store_true",
         help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
     )
-    t.add_argument("--dist-timeout", type=float, default=600,
+    t.add_argument("--dist-timeout", type=float_in(0, 1e9, low_open=True), default=600,
                    help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument("--data", default="builtin", help="builtin, pysrc, a file path, enwik8:PATH, or duplication")
-    e.add_argument("--seq-len", type=int_at_least(1), default=None, help="window length (default: the model's max)")
-    e.add_argument("--batch-size", type=int_at_least(1), default=2, help="windows per batch")
-    e.add_argument("--batches", type=int_at_least(1), default=4, help="batches to average")
-    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument(
+        "--data",
+        default=None,
+        help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, else builtin)",
+    )
+    e.add_argument(
+        "--seq-len",
+        type=int_at_least(1),
+        default=None,
+        help="window length (default: the run's --seq-len, else the model's max)",
+    )
+    e.add_argument(
+        "--batch-size",
+        type=int_at_least(1),
+        default=None,
+        help="windows per batch (default: the run's --batch-size, else 2)",
+    )
+    e.add_argument(
+        "--batches",
+        type=int_at_least(1),
+        default=None,
+        help="batches to average (default: those of the run's validation, else 4)",
+    )
+    e.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     e.add_argument("--n-hashes", type=int_at_least(1), default=None,
                    help="evaluate with LSH attention of this many hashing rounds (also a model trained "
                         "with full attention; default: as trained)")  # fmt: skip
@@ -443,9 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")
     g.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.95, help="nucleus sampling mass")
-    g.add_argument("--seed", type=int, default=None, help="random seed")
+    g.add_argument("--seed", type=seed_type, default=None, help="random seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
-    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     g.set_defaults(func=cmd_generate)
 
     i = sub.add_parser("info", help="describe a run or checkpoint", formatter_class=fmt)
@@ -503,8 +699,8 @@ def build_parser() -> argparse.ArgumentParser:
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
         x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")
-        x.add_argument("--seed", type=int, default=None, help="random seed (override; default 0)")
-        x.add_argument("--device", default="cpu", help="cpu or cuda")
+        x.add_argument("--seed", type=seed_type, default=None, help="random seed (override; default 0)")
+        x.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     r.set_defaults(func=cmd_reproduce)
 
     b = sub.add_parser("bench", help="run a benchmark script of the source checkout", formatter_class=fmt)
@@ -515,12 +711,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: What to lower when a command runs out of memory.
+OUT_OF_MEMORY_ADVICE = {
+    "train": "lower --batch-size (--grad-accum keeps the batch) or --seq-len",
+    "eval": "lower --batch-size or --seq-len",
+    "generate": "use a shorter --prompt or fewer --max-new-tokens",
+    "reproduce": "lower --batch-size or --seq-len",
+}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: Python's, torch's (CUDA, our CPU pool) or torch's default CPU allocator's."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError, TrainingDiverged) as exc:  # OSError: e.g. a full disk while saving
         print(f"reformer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
+            raise
+        detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        advice = OUT_OF_MEMORY_ADVICE.get(args.command, "ask for less")
+        print(f"reformer {args.command}: error: out of memory ({detail}); {advice}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ The model constructors accept these fields as keyword arguments (the names of
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -191,8 +192,14 @@ class ReformerConfig:
     padding. Needed to reproduce its outputs when LSH and local chunks differ."""
 
     def __post_init__(self) -> None:
-        if self.attn_chunks is None:  # reformer_pytorch's Reformer default
+        # reformer_pytorch's spellings, normalised before the type checks: attn_chunks=None,
+        # pkm_layers as one int, ff_activation as None or a torch.nn class
+        if self.attn_chunks is None:
             self.attn_chunks = 1
+        if isinstance(self.pkm_layers, int) and not isinstance(self.pkm_layers, bool):
+            self.pkm_layers = (self.pkm_layers,)
+        self.ff_activation = check_activation(self.ff_activation)
+        self._check_field_types()
         for name in ("num_tokens", "dim", "depth", "heads", "bucket_size", "n_hashes", "attn_chunks",
                      "ff_mult", "ff_chunks", "pkm_num_keys"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
@@ -208,7 +215,6 @@ class ReformerConfig:
             raise ValueError(f"n_local_attn_heads must be in [0, heads={self.heads}], got {self.n_local_attn_heads}")
         if self.n_buckets is not None:
             self.n_buckets = validate_n_buckets(self.n_buckets)
-        self.ff_activation = check_activation(self.ff_activation)
         for name in ("axial_position_shape", "axial_position_dims", "attn_layers"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
@@ -221,12 +227,17 @@ class ReformerConfig:
         if self.emb_dim is not None:
             check_int("emb_dim", self.emb_dim, 1)
         check_backend(self.attn_backend)
+        if self.hash_seed is not None and not -(2**63) <= self.hash_seed < 2**63:
+            raise ValueError(f"hash_seed must be an int64 (or None), got {self.hash_seed!r}")
+        shape, length = self.axial_position_shape, self.max_seq_len
+        if self.axial_position_emb and shape is not None and length is not None and math.prod(shape) < length:
+            raise ValueError(f"axial_position_shape {shape} has {math.prod(shape)} positions, "
+                             f"fewer than max_seq_len={self.max_seq_len}")  # fmt: skip
         self._check_compat_fields()
         self._check_ablation_fields()
 
     def _check_pkm_layers(self) -> None:
         layers = self.pkm_layers
-        layers = (layers,) if isinstance(layers, int) else layers  # reformer_pytorch takes one int too
         valid = isinstance(layers, (tuple, list)) and all(
             isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= self.depth for n in layers
         )
@@ -246,6 +257,30 @@ class ReformerConfig:
         if self.max_seq_len is not None or not self.causal:
             return self.max_seq_len
         return UNBOUNDED_CAUSAL_BUCKET_LENGTH
+
+    def _check_field_types(self) -> None:
+        """Each field holds a value of its declared type: a config read from JSON can hold any
+        type anywhere (``"false"`` would be a true ``causal``), and floats must be finite."""
+        for f in fields(self):
+            value, allowed = getattr(self, f.name), f.type.split(" | ")
+            if value is None:
+                ok = "None" in allowed
+            elif isinstance(value, bool):
+                ok = "bool" in allowed
+            elif isinstance(value, int):
+                ok = "int" in allowed or "float" in allowed
+            elif isinstance(value, float):
+                ok = "float" in allowed and math.isfinite(value)
+            elif isinstance(value, str):
+                ok = "str" in allowed
+            elif isinstance(value, type):
+                ok = "type" in allowed
+            else:
+                ok = isinstance(value, (tuple, list)) and any(a.startswith("tuple") for a in allowed)
+            if not ok:
+                expected = " or ".join("True or False" if a == "bool" else a for a in allowed)
+                finite = " (finite)" if "float" in allowed else ""
+                raise ValueError(f"{f.name} must be {expected}{finite}, got {value!r}")
 
     def _check_ablation_fields(self) -> None:
         if self.residual not in ("reversible", "standard"):

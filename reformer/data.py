@@ -74,6 +74,8 @@ class CharVocab:
 
 
 def vocab_from_dict(data: dict) -> ByteVocab | CharVocab:
+    if not isinstance(data, dict):
+        raise ValueError(f"unknown vocabulary description {data!r}")
     if data.get("kind") == "byte":
         return ByteVocab()
     if data.get("kind") == "char" and isinstance(data.get("chars"), str):
@@ -92,49 +94,83 @@ class Corpus:
     vocab: ByteVocab | CharVocab
 
 
-def load_corpus(spec: str, vocab: str = "byte", valid_fraction: float = 0.05) -> Corpus:
+def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fraction: float = 0.05) -> Corpus:
     """``spec``: ``builtin``, ``pysrc``, a file path, or ``enwik8:PATH``. Files other than enwik8
-    keep their last ``valid_fraction`` for validation; ``pysrc`` has its own split by file."""
-    if vocab not in ("byte", "char"):
+    keep their last ``valid_fraction`` for validation; ``pysrc`` has its own split by file.
+    ``vocab``: ``"byte"``, ``"char"`` (built from the text), or a vocabulary (a model's), which
+    must cover the text."""
+    kind = vocab if isinstance(vocab, str) else vocab.kind
+    if kind not in ("byte", "char"):
         raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")
     if spec.startswith("enwik8:"):
-        if vocab != "byte":
+        if kind != "byte":
             raise ValueError("enwik8 is byte-level: use vocab='byte'")
         train, valid, _ = load_enwik8(spec.split(":", 1)[1])
         return Corpus("enwik8", train, valid, ByteVocab())
     if spec == "pysrc":
-        if vocab != "byte":
+        if kind != "byte":
             raise ValueError("pysrc is byte-level: use vocab='byte'")
         return pysrc_corpus(load_pysrc())
-    if spec == "builtin":
-        raw, name = builtin_text().encode("utf-8"), "builtin"
+    name = "builtin" if spec == "builtin" else Path(spec).name
+    if kind == "byte":  # a file is mapped, not read
+        tokens = ByteVocab()
+        ids = tokens.encode(builtin_text()) if spec == "builtin" else map_bytes(spec)
     else:
-        raw, name = _read_file(spec), Path(spec).name
-    tokens = CharVocab(raw.decode("utf-8", errors="replace")) if vocab == "char" else ByteVocab()
-    ids = tokens.encode(raw.decode("utf-8", errors="replace") if vocab == "char" else raw)
+        text = builtin_text() if spec == "builtin" else _utf8_text(_read_file(spec), name)
+        tokens = CharVocab(text) if isinstance(vocab, str) else vocab
+        try:
+            ids = tokens.encode(text)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc} (the model's vocabulary has {tokens.num_tokens})") from None
     split = int(len(ids) * (1 - valid_fraction))
     return Corpus(name, ids[:split], ids[split:], tokens)
 
 
-def _read_file(path: str) -> bytes:
+def _utf8_text(raw: bytes, name: str) -> str:
+    """``raw`` decoded, refusing bytes that are not UTF-8 (a character vocabulary of U+FFFD
+    replacements would learn nothing of them)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{name} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start:,}); "
+                         "use the byte vocabulary for binary data") from None  # fmt: skip
+
+
+def _check_file(path: str) -> int:
+    """The size of the data file ``path``, which must be a non-empty regular file."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"data file {path} is a directory; give a file")
+    if p.exists() and not p.is_file():  # reading a FIFO or a device would block or never end
+        raise ValueError(f"data file {path} is not a regular file (a FIFO, socket or device); give a file")
     if not p.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    raw = p.read_bytes()
-    if not raw:
+    size = p.stat().st_size
+    if not size:
         raise ValueError(f"data file is empty: {path}")
-    return raw
+    return size
+
+
+def _read_file(path: str) -> bytes:
+    _check_file(path)
+    return Path(path).read_bytes()
+
+
+def map_bytes(path: str) -> torch.Tensor:
+    """A file's bytes as a uint8 tensor mapped from disk (copy-on-write): pages are read as
+    windows touch them, so the file need not fit in memory (``WindowSampler`` makes int64
+    windows)."""
+    return torch.from_file(str(path), shared=False, size=_check_file(path), dtype=torch.uint8)
 
 
 def load_enwik8(path: str, split: tuple[int, int, int] = ENWIK8_SPLIT) -> tuple[torch.Tensor, ...]:
     """The train / valid / test byte splits of an enwik8 file (``split`` sizes, in order)."""
-    raw = _read_file(path)
-    if len(raw) < sum(split):
-        raise ValueError(f"{path} has {len(raw):,} bytes; enwik8 has {sum(split):,} (is it the right file?)")
-    ids = ByteVocab().encode(raw[: sum(split)])
-    return tuple(ids.split(list(split)))
+    ids = map_bytes(path)
+    if len(ids) < sum(split):
+        raise ValueError(f"{path} has {len(ids):,} bytes; enwik8 has {sum(split):,} (is it the right file?)")
+    return tuple(ids[: sum(split)].split(list(split)))
 
 
 #: ``pysrc`` split of a file: its share of the hash space (train, valid, test; in this order).

@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import tempfile
 import time
@@ -29,9 +31,10 @@ import torch
 
 from . import distributed
 from .attention.common import check_int
-from .checkpoint import fsync_path, verify_manifest, write_manifest
+from .checkpoint import current_umask, fsync_path, verify_manifest, write_file, write_manifest
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
+from .runs import run_lock
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "rsqrt", "constant")
@@ -80,6 +83,12 @@ class TrainConfig:
                      "keep_last"):  # fmt: skip
             check_int(name, getattr(self, name), 1)
         check_int("warmup_steps", self.warmup_steps, 0)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**63:
+            raise ValueError(f"seed must be an int64, got {self.seed!r}")
+        for name in ("lr", "weight_decay", "clip_grad", "min_lr_ratio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         for name in ("weight_decay", "clip_grad"):
@@ -181,10 +190,22 @@ def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
+CHECKPOINT_NAME = re.compile(r"step-([0-9]+)")
+
+
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, in step order: the real directories named ``step-<digits>``
+    (anything else, symlinks included, is not ours: never listed, so never pruned)."""
     root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if CHECKPOINT_NAME.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory ``step-<digits>``."""
+    return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
 def _full_model(model: ReformerLM) -> ReformerLM:
@@ -219,9 +240,10 @@ def save_checkpoint(
     final = root / f"step-{state.step:07d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # as any new directory (mkdtemp's is 0700)
         model.save_pretrained(tmp)
         if vocab is not None:
-            (tmp / "vocab.json").write_text(json.dumps(vocab) + "\n")
+            write_file(tmp / "vocab.json", lambda path: path.write_text(json.dumps(vocab) + "\n"))
         trainer = {
             "step": state.step,
             "history": state.history,
@@ -231,10 +253,12 @@ def save_checkpoint(
             "torch_rng": torch.get_rng_state(),
             "grad_scaler": None if scaler is None else scaler.state_dict(),  # fp16 loss scale
         }
-        torch.save(trainer, tmp / "trainer.pt")
+        write_file(tmp / "trainer.pt", lambda path: torch.save(trainer, path))
         write_manifest(tmp)
         for file in tmp.iterdir():
             fsync_path(file)
+        if final.is_symlink():
+            raise ValueError(f"{final} is a symlink, not a checkpoint written here; move it away")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -256,7 +280,23 @@ def load_checkpoint(path: Path, model) -> dict:
 
     verify_manifest(path)
     load_model(model, path / "model.safetensors", strict=True)
-    return torch.load(path / "trainer.pt", weights_only=False)
+    return load_trainer_state(path)
+
+
+def load_trainer_state(checkpoint: Path) -> dict:
+    """``trainer.pt`` of a checkpoint directory, read without unpickling objects: only tensors,
+    numbers, strings, lists and dicts load, so a planted file cannot run code."""
+    path = checkpoint / "trainer.pt"
+    try:
+        state = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise ValueError(f"refusing to load {path}: it holds objects other than tensors, numbers, strings, "
+                         "lists and dicts (it was not written by reformer)") from None  # fmt: skip
+    except (RuntimeError, EOFError) as exc:  # not a torch zip file, or a truncated one
+        raise ValueError(f"corrupt {path}: {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError(f"corrupt {path}: not a trainer state (no step)")
+    return state
 
 
 def restore_trainer(trainer: dict, optimizer, sampler, scaler: torch.amp.GradScaler | None = None) -> TrainState:
@@ -294,57 +334,58 @@ def train(
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
     run_dir = Path(run_dir)
-    device = next(model.parameters()).device
-    torch.manual_seed(cfg.seed)
-    sampler = batch_source(train_data, cfg, seed=cfg.seed)
-    batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
-    trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
-    net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
-    optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler, scaler)
-    model.train()
-    start_step = state.step
-    while state.step < cfg.steps:
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * lr_factor(state.step, cfg)
-        total = torch.zeros((), device=device)
-        for i in range(cfg.grad_accum):
-            tokens, scored = next_batch(sampler, device)
-            with distributed.sync_gradients(net, sync=i == cfg.grad_accum - 1):
-                loss = lm_loss(net, tokens, cfg.precision, scored)
-                scaler.scale(loss / cfg.grad_accum).backward()
-            total += loss.detach() / cfg.grad_accum
-        total = distributed.mean(total)  # the same on every process, so all of them stop here together
-        if not math.isfinite(total):
-            raise TrainingDiverged(f"loss is {total} at step {state.step + 1}; last good checkpoint kept")
-        if cfg.clip_grad > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
-        record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
-                  "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
-        if scale is not None and scaler.get_scale() < scale:  # fp16: inf/NaN gradients, update skipped
-            record["overflow"] = True
-        last = (
-            state.step == cfg.steps
-            or (stop_after is not None and state.step - start_step >= stop_after)
-            or distributed.any_process(should_stop is not None and should_stop())
-        )
-        if state.step % cfg.eval_every == 0 or last:
-            record.update(evaluate(model, valid_data, cfg))
-        state.history.append(record)
-        if on_step is not None and distributed.is_main():
-            on_step(record, state)
-        if state.step % cfg.save_every == 0 or last:
-            save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab, scaler)
-        if last:
-            break
-    distributed.barrier()  # every process returns once the last checkpoint is written
-    return state
+    with run_lock(run_dir) if distributed.is_main() else nullcontext():  # one writer per run
+        device = next(model.parameters()).device
+        torch.manual_seed(cfg.seed)
+        sampler = batch_source(train_data, cfg, seed=cfg.seed)
+        batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
+        trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
+        net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
+        optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+        state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler, scaler)
+        model.train()
+        start_step = state.step
+        while state.step < cfg.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr * lr_factor(state.step, cfg)
+            total = torch.zeros((), device=device)
+            for i in range(cfg.grad_accum):
+                tokens, scored = next_batch(sampler, device)
+                with distributed.sync_gradients(net, sync=i == cfg.grad_accum - 1):
+                    loss = lm_loss(net, tokens, cfg.precision, scored)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                total += loss.detach() / cfg.grad_accum
+            total = distributed.mean(total)  # the same on every process, so all of them stop here together
+            if not math.isfinite(total):
+                raise TrainingDiverged(f"loss is {total} at step {state.step + 1}; last good checkpoint kept")
+            if cfg.clip_grad > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+            record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
+                      "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
+            if scale is not None and scaler.get_scale() < scale:  # fp16: inf/NaN gradients, update skipped
+                record["overflow"] = True
+            last = (
+                state.step == cfg.steps
+                or (stop_after is not None and state.step - start_step >= stop_after)
+                or distributed.any_process(should_stop is not None and should_stop())
+            )
+            if state.step % cfg.eval_every == 0 or last:
+                record.update(evaluate(model, valid_data, cfg))
+            state.history.append(record)
+            if on_step is not None and distributed.is_main():
+                on_step(record, state)
+            if state.step % cfg.save_every == 0 or last:
+                save_checkpoint(run_dir, model, optimizer, sampler, state, cfg, vocab, scaler)
+            if last:
+                break
+        distributed.barrier()  # every process returns once the last checkpoint is written
+        return state

@@ -12,7 +12,9 @@ def test_every_field_has_a_doc():
 
 
 def test_json_round_trip(tmp_path):
-    cfg = ReformerConfig(num_tokens=300, dim=64, heads=4, n_buckets=(4, 8), axial_position_shape=[8, 16])
+    cfg = ReformerConfig(
+        num_tokens=300, dim=64, heads=4, n_buckets=(4, 8), axial_position_shape=[8, 16], max_seq_len=128
+    )
     cfg.save(tmp_path / "config.json")
     loaded = ReformerConfig.load(tmp_path / "config.json")
     assert loaded == cfg

@@ -41,7 +41,7 @@ def test_user_files_and_their_errors(tmp_path):
     path.write_bytes(bytes(range(256)) * 40)
     corpus = load_corpus(str(path), valid_fraction=0.1)
     assert len(corpus.train) + len(corpus.valid) == 256 * 40 and corpus.name == "data.bin"
-    torch.testing.assert_close(corpus.valid[:4], torch.tensor([0, 1, 2, 3]))
+    torch.testing.assert_close(corpus.valid[:4].long(), torch.tensor([0, 1, 2, 3]))  # a file is mapped as uint8
     with pytest.raises(FileNotFoundError, match="not found"):
         load_corpus(str(tmp_path / "missing.txt"))
     (tmp_path / "empty.txt").write_bytes(b"")

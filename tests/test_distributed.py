@@ -61,7 +61,7 @@ def train_2proc(spec: dict) -> None:
 
 def final(run: Path) -> tuple[dict, dict]:
     ckpt = checkpoint_dirs(run)[-1]
-    return load_file(ckpt / "model.safetensors"), torch.load(ckpt / "trainer.pt", weights_only=False)
+    return load_file(ckpt / "model.safetensors"), torch.load(ckpt / "trainer.pt", weights_only=True)
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -167,7 +167,8 @@ def test_killing_one_process_fails_the_job_and_resume_continues(tmp_path, capsys
     assert "SIGKILL" in err  # torchrun's report names the killed process as the root cause
     last = int(checkpoint_dirs(run)[-1].name.split("-")[1])
     # one process with the same global batch takes over from the last checkpoint
-    assert main(["train", *FAST, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume"]) == 0
+    assert main(["train", *FAST, "--batch-size", "4", "--steps", str(last + 2), "--out", str(run), "--resume",
+                 "--allow-change"]) == 0  # fmt: skip
     assert f"finished step {last + 2}" in capsys.readouterr().out
     assert not list((run / "checkpoints").glob(".tmp-*"))
 
@@ -185,7 +186,7 @@ def test_sigterm_to_every_process_saves_the_same_step(tmp_path):
         for rank in (1, 0):
             os.kill(_worker_pid(launcher, rank), signal.SIGTERM)
         out, err = launcher.communicate(timeout=TIMEOUT)
-    assert launcher.returncode == 0, err[-3000:]
+    assert launcher.returncode != 0 and "exitcode  : 143" in err, err[-3000:]  # each saved, then exited 128 + SIGTERM
     step = int(out.split("interrupted at step ")[1].split(":")[0])
     assert [p.name for p in checkpoint_dirs(run)] == [f"step-{step:07d}"]
 
