@@ -23,6 +23,7 @@ Needs the optional dependency: ``pip install 'reformer-torch[interop]'``.
 from __future__ import annotations
 
 import os
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -270,7 +271,11 @@ def _load_transformers(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path} holds a {hf_config.model_type!r} model, not a Reformer")
     config_from_transformers(hf_config)  # refuse before loading the weights
     cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
-    return cls.from_pretrained(path)
+    try:  # transformers reads a pytorch_model.bin with torch.load(weights_only=True): code is refused
+        return cls.from_pretrained(path)
+    except pickle.UnpicklingError:
+        raise ValueError(f"refusing to load the weights in {path}: they hold objects other than tensors "
+                         "(a pickle that could run code)") from None  # fmt: skip
 
 
 def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM:

@@ -39,7 +39,7 @@ def chunked_cross_entropy(
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"loss_chunk_size must be an integer >= 1, got {chunk_size!r}")
     rows = hidden.reshape(-1, hidden.shape[-1])  # (b*n, d)
-    labels = targets.reshape(-1)  # (b*n,)
+    labels = targets.reshape(-1).long()  # (b*n,)
     recompute = torch.is_grad_enabled()
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):

@@ -338,7 +338,7 @@ class ReformerLM(PretrainedMixin, nn.Module):
 
     def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Token + position embeddings (positions from ``offset``) at the model width: ``(b, n, dim)``."""
-        x = self.token_emb(tokens)
+        x = self.token_emb(tokens.long())  # (any integer dtype: uint8 and int16 ids too)
         if self.pos_emb is not None:
             x = x + self.pos_emb(tokens.shape[1], device=tokens.device, offset=offset).to(x.dtype)
         return self.to_model_dim(x)

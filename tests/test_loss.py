@@ -120,3 +120,13 @@ def test_bad_targets_and_chunk_sizes_are_refused_by_name(targets, chunk, message
 def test_targets_need_logits():
     with pytest.raises(ValueError, match="return_embeddings"):
         _lm(return_embeddings=True)(torch.zeros(1, 4, dtype=torch.long), targets=torch.zeros(1, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_narrow_integer_tokens_and_targets_work_as_int64_ones(dtype):
+    model = _lm()
+    tokens = torch.randint(0, 37, (2, 12))
+    targets = tokens.roll(-1, dims=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens.to(dtype)), model(tokens))
+        torch.testing.assert_close(model(tokens.to(dtype), targets=targets.to(dtype)), model(tokens, targets=targets))

@@ -90,6 +90,22 @@ def test_a_planted_pickle_is_refused_and_never_runs(run, tmp_path, capsys):
     assert not marker.exists()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs the interop extra")
+def test_convert_refuses_a_planted_pickle_in_a_hugging_face_checkpoint(tmp_path, capsys):
+    import transformers
+
+    hf = tmp_path / "hf"
+    transformers.ReformerConfig(vocab_size=32, hidden_size=16, num_attention_heads=2, attention_head_size=8,
+                                attn_layers=["lsh"], axial_pos_shape=[4, 8], axial_pos_embds_dim=[8, 8],
+                                max_position_embeddings=32, is_decoder=True, feed_forward_size=16,
+                                lsh_attn_chunk_length=8, num_buckets=4).save_pretrained(hf)  # fmt: skip
+    marker = tmp_path / "pwned"
+    torch.save({"weight": _RunsACommand(marker)}, hf / "pytorch_model.bin")
+    _refused(capsys, "convert", "--from-transformers", str(hf), "--out", str(tmp_path / "out"),
+             match="refusing to load the weights")  # fmt: skip
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_our_own_trainer_state_loads_without_unpickling(run):
     latest = checkpoint_dirs(run)[-1]
     state = torch.load(latest / "trainer.pt", weights_only=True)
