@@ -23,7 +23,7 @@ import torch
 
 from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
-from .checkpoint import read_config, verify_manifest
+from .checkpoint import atomic_write, read_config, verify_manifest
 from .config import ReformerConfig
 from .data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
@@ -191,10 +191,10 @@ def _plot(history: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(".loss.png.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    try:  # a failed write (a full disk) names the file, as the checkpoints' do
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    finally:
+        plt.close(fig)
 
 
 class _Progress:

@@ -324,6 +324,33 @@ def test_a_full_disk_is_a_one_line_error_and_keeps_the_previous_checkpoint(tmp_p
     assert "trainer.pt" in summary["api: first free space at which each file's write failed"]  # torch.save
 
 
+_FILE_SIZE_LIMITED = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+limit = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+from reformer.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_writes_failing_at_the_file_level_are_a_one_line_error_on_any_platform(run):
+    """Where no tmpfs can be mounted the test above is skipped; this one needs only
+    RLIMIT_FSIZE: the kernel refuses every write past 16 KiB, as a full disk refuses them."""
+    before = _snapshot(run / "checkpoints")
+    argv = [*TRAIN, "--steps", "4", "--out", str(run), "--resume", "--allow-change"]
+    done = subprocess.run([sys.executable, "-c", _FILE_SIZE_LIMITED, str(16 * 1024), *argv], capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    errors = [line for line in done.stderr.splitlines() if "error" in line]  # (stderr has the progress bar too)
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-4000:]
+    assert errors[0].startswith("reformer train: error: could not write ") and "File too large" in errors[0]
+    after = _snapshot(run / "checkpoints")
+    assert {k: v for k, v in after.items() if k in before} == before  # the previous checkpoint untouched
+    latest = checkpoint_dirs(run)[-1]
+    assert latest.name == "step-0000002"
+    load_checkpoint(latest, ReformerLM.from_pretrained(latest))  # and loadable
+
+
 # 9. signals ---------------------------------------------------------------------------------------
 
 
