@@ -115,9 +115,15 @@ def quarantine_non_finite(
     key gives logits of either sign, which a softmax may round to weights.) The own key's logit
     is a constant (:data:`SELF_ATTN_VALUE`), so a query that sees only itself needs ``bad``.
     ``key_fill=0`` is for kernels that mask by adding a bias (SDPA): the caller then marks the
-    outputs that see ``bad`` itself (:func:`reach_of`). Costs one elementwise pass over each tensor."""
+    outputs that see ``bad`` itself (:func:`reach_of`). Costs one elementwise pass over each tensor.
+
+    Eager, when every entry is finite (one host sync), the inputs come back as they are: two
+    full-size copies per call would cost memory traffic, and fresh heap pages every step where
+    freed memory is left to glibc. Compiled, the copies stay (no sync), fused by the compiler."""
     finite = values.isfinite()
     bad = ~(finite.all(-1, keepdim=True) & keys.isfinite().all(-1, keepdim=True))  # (..., n, 1)
+    if not torch.compiler.is_compiling() and not bool(bad.any()):
+        return keys, values, bad
     return keys.masked_fill(bad, key_fill), values.masked_fill(~finite, 0), bad
 
 
