@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from reformer import allocator
+from reformer.native import allocator
 
 
 def rss_bytes() -> int:
@@ -64,7 +64,7 @@ MEASURE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 def keep_freed_memory() -> str | None:
     """For the timed steps, after the memory step: freed memory kept for the next step
-    (:func:`reformer.allocator.keep_freed_memory`: torch's CPU tensors from the caching pool, or
+    (:func:`reformer.native.allocator.keep_freed_memory`: torch's CPU tensors from the caching pool, or
     from glibc's heap where the pool cannot be built), as ``reformer train`` runs. Otherwise every
     tensor over glibc's mmap threshold (64 KiB in the memory step, at most 32 MiB by default)
     would time the kernel's page faults, for every system alike. Returns how (see there)."""
@@ -80,7 +80,7 @@ def kept_memory_text(results: list[dict]) -> str:
     names = {"pool": "the caching CPU allocator", "heap": "glibc's malloc keeping its heap", None: "nothing"}
     by = " / ".join(sorted({names[r["kept"]] for r in results if "kept" in r}))
     how = f"freed memory kept{f' by {by}' if by else ''}"
-    return f"{how} (`reformer.allocator.keep_freed_memory`, as `reformer train` runs)"
+    return f"{how} (`reformer.native.allocator.keep_freed_memory`, as `reformer train` runs)"
 
 
 def restore_default_malloc() -> None:

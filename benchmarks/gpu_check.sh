@@ -55,7 +55,7 @@ for name in ("triton", "safetensors", "numpy", "tqdm", "matplotlib", "pytest", "
         print(f"{name} {getattr(module, '__version__', 'present')}")
     except Exception as exc:
         print(f"{name} MISSING ({type(exc).__name__}: {exc})")
-from reformer import cpu_kernels
+from reformer.native import kernels as cpu_kernels
 print("CPU C kernels:", "built" if cpu_kernels.serves(torch.empty(0)) else "not available (no compiler?): torch ops serve")
 EOF
 if command -v nvidia-smi >/dev/null; then

@@ -1,6 +1,6 @@
 """What keeping freed memory is worth: CPU steps with glibc's default malloc, with glibc's heap
-kept (``reformer.allocator.keep_heap``: every block from the heap, never trimmed) and with the
-caching CPU allocator (``reformer.allocator.keep_freed_memory``, what ``reformer train`` uses).
+kept (``reformer.native.allocator.keep_heap``: every block from the heap, never trimmed) and with the
+caching CPU allocator (``reformer.native.allocator.keep_freed_memory``, what ``reformer train`` uses).
 
 With glibc's defaults every block over the mmap threshold (which adapts, up to 32 MiB) gets
 fresh pages and each of its 4 KiB pages costs a fault when first touched; the steps of long
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from common import keep_freed_memory, machine_line, markdown_table, print_and_write, rss_bytes, run_isolated
 
-from reformer import allocator
+from reformer.native import allocator
 
 LAYER = dict(dim=512, heads=8, bucket_size=64, n_hashes=4, causal=True)
 
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Each cell: wall time / system CPU time / minor page faults of one step (best of "
         f"{args.repeats} after two untimed steps, each case in a fresh process) / resident set above the built "
-        'model after the steps. "glibc heap kept": `reformer.allocator.keep_heap()` (every block from the heap, '
+        'model after the steps. "glibc heap kept": `reformer.native.allocator.keep_heap()` (every block from the heap, '
         'never trimmed; the fallback where the allocator cannot be built); "caching allocator": '
-        "`reformer.allocator.keep_freed_memory()` (what `reformer train` does). Layer: "
+        "`reformer.native.allocator.keep_freed_memory()` (what `reformer train` does). Layer: "
         "`LSHSelfAttention(dim=512, heads=8, bucket_size=64, n_hashes=4, causal=True)`, batch 1; the LM is "
         "`ReformerLM(num_tokens=256, depth=6)` with the same layer options.",
         "",

@@ -24,8 +24,10 @@ from pathlib import Path
 import torch
 from common import gemm_gflops, keep_freed_memory, machine_line, markdown_table, print_and_write
 
-from reformer import LSHSelfAttention, cpu_kernels, cpu_workers, hashing
+from reformer import LSHSelfAttention, hashing
 from reformer.attention import chunked, lsh
+from reformer.native import kernels as cpu_kernels
+from reformer.native import workers as cpu_workers
 
 SECONDS: dict[str, float] = defaultdict(float)
 FLOPS: dict[str, float] = defaultdict(float)
@@ -49,7 +51,7 @@ def bmm_flops(a: torch.Tensor, b: torch.Tensor, *_) -> float:
     return 2 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
 
 
-#: The fused C kernels of the fp32 CPU path (reformer/cpu_kernels.c), timed per kind.
+#: The fused C kernels of the fp32 CPU path (reformer/native/kernels.c), timed per kind.
 KERNELS = {
     "gather_rows": "  row kernels: gathers",
     "strict_softmax": "  row kernels: masks, softmax, lse",
@@ -136,10 +138,10 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "`LSHSelfAttention(dim=512, heads=8, bucket_size=64, n_hashes=4, causal=True)`, batch 1, one fwd+bwd "
         'step after a warm-up (freed memory kept). Indented rows are parts of the window attention; "row '
-        "kernels\" are the fused C kernels of `reformer/cpu_kernels.c`. The breakdown's step runs on one "
+        "kernels\" are the fused C kernels of `reformer/native/kernels.c`. The breakdown's step runs on one "
         f"thread (fp32 GEMM {gflops_one:.0f} GFLOP/s there), so that its timers add up and its shares are "
         f"those of one core's work; as normally run, with {args.threads} threads and the CPU worker threads "
-        f"(`reformer/cpu_workers.py`), the step took {as_run * 1e3:,.0f} ms.",
+        f"(`reformer/native/workers.py`), the step took {as_run * 1e3:,.0f} ms.",
         "",
         machine_line(args.threads, gflops),
         "",

@@ -22,12 +22,12 @@ from pathlib import Path
 import torch
 
 from . import distributed, longctx, reproduce
-from .allocator import keep_freed_memory
 from .checkpoint import atomic_write, read_config, verify_manifest
 from .config import ReformerConfig
 from .data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream
 from .model import ReformerLM
+from .native.allocator import keep_freed_memory
 from .presets import PRESETS
 from .runs import check_not_in_use, check_out_dir, read_settings, run_lock, setting_differences, write_settings
 from .switch import switch_attention

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import cpu_kernels
-from .cpu_workers import l2_cache_bytes, run_parts, split_among_workers
+from .native import kernels as cpu_kernels
+from .native.workers import l2_cache_bytes, run_parts, split_among_workers
 
 BucketSpec = int | tuple[int, ...]
 

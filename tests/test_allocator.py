@@ -1,5 +1,5 @@
-"""reformer.allocator: with keep_freed_memory, large tensors reuse freed memory (no fresh page
-faults once it is there), from the caching pool of cpu_allocator.cpp or, where that cannot be
+"""reformer.native.allocator: with keep_freed_memory, large tensors reuse freed memory (no fresh page
+faults once it is there), from the caching pool of native/allocator.cpp or, where that cannot be
 built, from glibc's heap; without it, each one faults its pages in again. Each case runs in its
 own process, as the setting is process-wide."""
 
@@ -17,7 +17,7 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PROBE = """
 import json, resource, sys, torch
-from reformer.allocator import keep_freed_memory
+from reformer.native.allocator import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults, addresses = [], []
 for _ in range(16):
@@ -69,7 +69,7 @@ def test_the_environment_switch_keeps_the_defaults():
 
 UNDER_A_LIMIT = """
 import json, resource, torch
-from reformer.allocator import keep_freed_memory, pool_bytes
+from reformer.native.allocator import keep_freed_memory, pool_bytes
 resource.setrlimit(resource.RLIMIT_DATA, (6 * 2**30, 6 * 2**30))  # less than the machine's memory
 applied = keep_freed_memory()
 tensor = torch.ones(2**26)  # 256 MiB
@@ -85,7 +85,7 @@ def test_a_limit_on_the_data_segment_gets_a_smaller_pool():
 
 POOL_STRESS = """
 import json, os, random, threading, torch
-from reformer.allocator import keep_freed_memory, pool_bytes
+from reformer.native.allocator import keep_freed_memory, pool_bytes
 before = torch.full((2**20,), 7.0)  # from torch's own allocator: still freed by its deleter later
 assert keep_freed_memory() == "pool" and keep_freed_memory() == "pool"  # (a second call is a no-op)
 MiB = 2**18  # floats
@@ -140,7 +140,7 @@ def test_pooled_tensors_never_overlap_and_are_all_returned():
 
 FRAGMENTATION = """
 import json, torch
-from reformer.allocator import keep_freed_memory, pool_bytes
+from reformer.native.allocator import keep_freed_memory, pool_bytes
 assert keep_freed_memory() == "pool"
 MiB = 2**18  # floats
 peak = 0

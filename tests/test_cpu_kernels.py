@@ -1,4 +1,4 @@
-"""The fused CPU row kernels (reformer/attention/cpu_kernels.c) against the torch ops they
+"""The fused CPU row kernels (reformer/native/kernels.c) against the torch ops they
 replace, and the chunked path with them against the reference and against itself without them."""
 
 import platform
@@ -7,11 +7,11 @@ import shutil
 import pytest
 import torch
 
-from reformer import cpu_kernels
 from reformer.attention import chunked
 from reformer.attention.chunked import _add_block_grads, _strict_hidden_table, lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
+from reformer.native import kernels as cpu_kernels
 
 SELF = -5e4
 
@@ -250,7 +250,7 @@ def test_library_is_built_once_into_the_cache_with_no_partial_file(monkeypatch, 
     try:
         assert cpu_kernels.available(torch.zeros(1), 96, 128)
         built = sorted(p.name for p in (tmp_path / "kernels").iterdir())
-        assert len(built) == 1 and built[0].startswith("cpu_kernels-") and built[0].endswith(".so")
+        assert len(built) == 1 and built[0].startswith("kernels-") and built[0].endswith(".so")
     finally:
         cpu_kernels._library.cache_clear()
 

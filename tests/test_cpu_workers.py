@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from reformer import cpu_workers
+from reformer.native import workers as cpu_workers
 
 
 @pytest.mark.parametrize("n,parts", [(10, 3), (2, 5), (7, 1), (8, 2)])
@@ -56,7 +56,7 @@ def _caches(root, entries):
 
 
 def test_l2_cache_size_from_sysfs(tmp_path):
-    from reformer.cpu_workers import l2_cache_bytes
+    from reformer.native.workers import l2_cache_bytes
 
     assert l2_cache_bytes(_caches(tmp_path / "a", [(1, "48K"), (1, "32K"), (2, "2048K"), (3, "491520K")])) == 2**21
     assert l2_cache_bytes(_caches(tmp_path / "b", [(1, "32K"), (2, "1M")])) == 2**20

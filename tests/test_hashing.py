@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from reformer import cpu_workers
 from reformer.hashing import buckets_for_length, draw_rotations, hash_vectors, validate_n_buckets
+from reformer.native import workers as cpu_workers
 
 
 def test_bucket_ids_shape_and_range():

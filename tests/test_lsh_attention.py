@@ -5,11 +5,12 @@ import itertools
 import pytest
 import torch
 
-from reformer import FullQKAttention, LSHAttention, cpu_workers
+from reformer import FullQKAttention, LSHAttention
 from reformer.attention import chunked
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
+from reformer.native import workers as cpu_workers
 
 MODES = [  # (causal, strict_causal)
     (False, True),

@@ -17,7 +17,7 @@ time, small enough to stay in cache). Strict causal windows in fp32 on CPU inste
 one fused C kernel call per CPU worker part for the forward and one for the backward (matmuls
 in registers, softmax and gradients per window while its tiles are in cache:
 :func:`_fuses_windows`); other modes use batched matmuls around the row kernels of
-:mod:`reformer.cpu_kernels`. A block gathers one contiguous run of packed
+:mod:`reformer.native.kernels`. A block gathers one contiguous run of packed
 ``[q | k | v]`` rows (``ext`` order: the ``c`` slots before its queries, then its own); its
 queries are the run's tail and its windows strided views of it, not copies. Gradients are
 summed over the run with ``(c + s) / s`` strided adds, then added back with one
@@ -49,8 +49,8 @@ from typing import NamedTuple
 
 import torch
 
-from .. import cpu_kernels
-from ..cpu_workers import l2_cache_bytes, run_parts, split_among_workers
+from ..native import kernels as cpu_kernels
+from ..native.workers import l2_cache_bytes, run_parts, split_among_workers
 from .common import (
     SELF_ATTN_VALUE,
     dropout_keep,
@@ -143,7 +143,7 @@ class _WindowPlan:
     dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
     self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
     exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
-    kernels: bool = False  # fp32 on CPU: the fused row kernels of cpu_kernels.c do the row work
+    kernels: bool = False  # fp32 on CPU: the fused row kernels of native/kernels.c do the row work
     dropout: _Dropout | None = None  # attention dropout in training
 
     @property
@@ -164,7 +164,7 @@ class _WindowPlan:
         return self.rows * self.n
 
     def parts(self, device: torch.device) -> list[range]:
-        """Batch rows split among the CPU workers (:mod:`reformer.cpu_workers`): blocks of
+        """Batch rows split among the CPU workers (:mod:`reformer.native.workers`): blocks of
         different rows read and write different rows of the inputs and their gradients."""
         return split_among_workers(self.rows, device)
 

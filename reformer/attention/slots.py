@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .. import cpu_kernels
+from ..native import kernels as cpu_kernels
 from .common import normalize_keys
 
 

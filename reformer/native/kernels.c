@@ -1,9 +1,9 @@
-/* Fused CPU row kernels of the LSH attention path (reformer/cpu_kernels.py).
+/* Fused CPU row kernels of the LSH attention path (reformer/native/kernels.py).
  *
  * Each replaces several full passes of torch ops over a block of rows with one: the masks,
  * softmax and log-sum-exp of the window attention and its backward, the gathers and
  * scatter-adds of its rows, the combination of rounds, and the hash's argmax. For strict
- * causal windows, reformer_strict_window_forward and _backward also do the window matmuls
+ * causal windows, reformer_strict_windows_forward and _backward also do the window matmuls
  * (register tiles), so a worker's share of the windows is one call; elsewhere the matmuls stay
  * with torch.
  * A call handles a block of contiguous fp32 rows and holds no state, so calls on different
@@ -16,10 +16,12 @@
 #include <math.h>
 #include <stdint.h>
 
-/* Widest window row (c + s) the kernels take; wider ones use the torch ops. */
-#define MAX_WIDTH 4096
-/* Most features of a key and value together (d + dv) reformer_window_grads_to_rows takes. */
-#define MAX_FEATURES 4096
+/* MAX_WIDTH: the widest window row (c + s) the kernels take (wider ones use the torch ops);
+ * MAX_FEATURES: the most features of a key and value together (d + dv) that
+ * reformer_window_grads_to_rows takes. kernels.py defines both and checks them before a call. */
+#if !defined(MAX_WIDTH) || !defined(MAX_FEATURES)
+#error "build with -DMAX_WIDTH=... -DMAX_FEATURES=... (as reformer/native/kernels.py does)"
+#endif
 
 /* Eight lanes in GCC/Clang vector extensions: the code is vectorised by construction (AVX
  * here; two halves on 128-bit machines), not left to the auto-vectoriser. */

@@ -5,9 +5,9 @@ fresh pages from the kernel and hands them back when the block is freed. So each
 pays a page fault per 4 KiB page, every time it is allocated: a depth-6 ``ReformerLM`` step at
 16K tokens maps about 14 GB of fresh pages (3.7 million faults, 17% of the step's time on a
 2-core machine). :func:`keep_freed_memory` makes torch take its CPU tensors from a pool that
-keeps freed memory, as a GPU caching allocator does: ``cpu_allocator.cpp``, built on first use
-with the system's C++ compiler against torch's headers (as :mod:`reformer.native` builds the
-CPU kernels). Tensors of 1 MiB and more come from one reserved range of address space, best
+keeps freed memory, as a GPU caching allocator does: ``allocator.cpp``, built on first use
+with the system's C++ compiler against torch's headers (by :mod:`reformer.native.build`, as the
+CPU kernels are). Tensors of 1 MiB and more come from one reserved range of address space, best
 fit, with freed neighbours merged and transparent huge pages advised; smaller ones from malloc,
 whose heap is kept too (so even a process started with a low ``MALLOC_MMAP_THRESHOLD_`` maps no
 fresh pages for them). The pages are faulted in during the first step, then reused, and the pool's resident
@@ -28,18 +28,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
-from . import native
+from . import build
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_allocator.cpp")
+SOURCE = Path(__file__).with_name("allocator.cpp")
 
 M_TRIM_THRESHOLD = -1  # free memory at the top of the heap is returned above this many bytes
 M_MMAP_THRESHOLD = -3  # blocks of at least this many bytes are mmap'ed (fresh pages)
@@ -113,14 +109,4 @@ def _pool_library() -> ctypes.CDLL | None:
         f"-Wl,-rpath,{lib_dir}",
     ]
     compiler = os.environ.get("CXX", "c++")
-    try:
-        lib = ctypes.CDLL(str(native.built_library(SOURCE, compiler, args)))
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        logger.warning("could not build the caching CPU allocator (%s); glibc's heap keeps freed memory", detail)
-        return None
-    lib.reformer_install_cpu_allocator.argtypes = [ctypes.c_size_t]
-    lib.reformer_install_cpu_allocator.restype = ctypes.c_int
-    lib.reformer_cpu_allocator_stats.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.reformer_cpu_allocator_stats.restype = None
-    return lib
+    return build.load(SOURCE, compiler, args, "glibc's heap keeps freed memory")

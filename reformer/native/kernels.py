@@ -3,7 +3,7 @@
 :mod:`reformer.attention.chunked` spent more time in the elementwise passes around its
 small matmuls (masks, softmax, log-sum-exp, the softmax backward, gathers and scatter-adds
 of rows) than in the matmuls themselves: each torch op reads and writes a whole block.
-``cpu_kernels.c`` does each of those sequences in one pass per row, and the argmax of the
+``kernels.c`` does each of those sequences in one pass per row, and the argmax of the
 hash (:mod:`reformer.hashing`) in one pass over the projections. For strict causal windows it
 does the matmuls too (:func:`strict_windows_forward_`, :func:`strict_windows_backward_`): at
 32 x 96 x 64 the batched matmul spent as long on its per-matrix packing and calls as on the
@@ -19,38 +19,17 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
-import subprocess
 from pathlib import Path
 
 import torch
 
-from . import native
+from . import build
 
-logger = logging.getLogger(__name__)
-
-SOURCE = Path(__file__).with_name("cpu_kernels.c")
+SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno", "-fPIC", "-shared"]
-
-_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-_SIGNATURES = {
-    "reformer_strict_softmax": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, ctypes.c_int],
-    "reformer_softmax": [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_int],
-    "reformer_softmax_backward": [_ptr, _ptr, _ptr, _i64, _i64, _i64, ctypes.c_int],
-    "reformer_gather_rows": [_ptr, _ptr, _ptr, _i64, _i64],
-    "reformer_pack_qkv": [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
-    "reformer_fold_qk_grad": [_ptr, _ptr, _ptr, _i64, _i64, _i64, _f32, _f32],
-    "reformer_accumulate_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64],
-    "reformer_finish_rounds": [_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64],
-    "reformer_argmax_both_signs": [_ptr, _ptr, _i64, _i64, _i64],
-    "reformer_window_grads_to_rows": [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _i64, _i64],
-    "reformer_bucket_sort": [_ptr, _i64, _i64, _i64, *[_ptr] * 4],
-    "reformer_strict_windows_forward": [*[_ptr] * 4, *[_i64] * 7, _f32, *[_ptr] * 6],
-    "reformer_strict_windows_backward": [*[_ptr] * 5, *[_i64] * 8, *[_ptr] * 5],
-}
-_RETURNS = {"reformer_bucket_sort": ctypes.c_int}  # (the others return nothing)
-#: Widest window row (``c + s``) and most key + value features the kernels take (as in the C source).
+#: Widest window row (``c + s``) and most key + value features the kernels take (the build
+#: passes both to the C source, which sizes its row buffers by them).
 MAX_WIDTH, MAX_FEATURES = 4096, 4096
 
 
@@ -276,17 +255,7 @@ def argmax_both_signs(part: torch.Tensor) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
+    limits = [f"-DMAX_WIDTH={MAX_WIDTH}", f"-DMAX_FEATURES={MAX_FEATURES}"]
     compiler = os.environ.get("CC", "cc")
-    try:
-        lib = ctypes.CDLL(str(native.built_library(SOURCE, compiler, [*FLAGS, "-lm"])))
-    except FileNotFoundError:
-        logger.info("no C compiler (%s): LSH attention uses torch ops instead of the CPU kernels", compiler)
-        return None
-    except (OSError, subprocess.CalledProcessError) as err:
-        detail = getattr(err, "stderr", "") or err
-        logger.warning("could not build the CPU kernels (%s); using torch ops instead", detail)
-        return None
-    for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = argtypes, _RETURNS.get(name)
-    return lib
+    fallback = "LSH attention uses torch ops instead of the CPU kernels"
+    return build.load(SOURCE, compiler, [*FLAGS, *limits, "-lm"], fallback)
