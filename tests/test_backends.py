@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from reformer import LSHAttention, ReformerConfig
+from reformer.attention import backends
 from reformer.attention.backends import lsh_attention, resolve_backend
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import SELF_ATTN_VALUE
@@ -71,6 +72,38 @@ def test_unavailable_backend_and_bad_names_are_explained():
         LSHAttention(backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ReformerConfig(attn_backend="fast")
+
+
+def test_a_registered_backend_is_chosen_or_refused_by_what_it_declares(monkeypatch):
+    calls = []
+
+    def attention(opts):
+        calls.append(opts["causal"])
+        return lsh_attention_chunked(**opts)
+
+    dummy = backends.Backend(
+        attention, frozenset({"key_mask"}), dtypes=(torch.float32,), head_dims=(16,), auto_devices=("cpu",)
+    )
+    monkeypatch.setitem(backends.BACKENDS, "dummy", dummy)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("dummy", *backends.AUTO_ORDER))
+    qk, v, buckets, mask = _inputs(32, 2, True)
+    kw = dict(bucket_size=16, n_buckets=4, key_mask=mask)
+    lsh_attention(qk, v, buckets, **kw)  # auto: first in the order, and it supports all of this
+    LSHAttention(bucket_size=16, n_hashes=2, backend="dummy")(qk, v, mask)  # a name the layers take
+    assert calls == [False, False]
+    # auto passes over it for what it does not declare: an option, a dtype, a head dim
+    for refused_qk, refused_v, options in [(qk, v, {"causal": True}), (qk.double(), v.double(), {}),
+                                           (torch.randn(2, 32, 32), v, {})]:  # fmt: skip
+        assert resolve_backend("auto", refused_qk, refused_v, _options(**options)) == "chunked"
+    assert calls == [False, False]
+    with pytest.raises(ValueError, match="backend='dummy' does not support causal=True"):
+        lsh_attention(qk, v, buckets, backend="dummy", causal=True, **kw)
+    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(needs float32\)"):
+        lsh_attention(qk.double(), v.double(), buckets, backend="dummy", **kw)
+    with pytest.raises(RuntimeError, match="head dims 32, 16"):
+        lsh_attention(torch.randn(2, 32, 32), v, buckets, backend="dummy", **kw)
+    with pytest.raises(ValueError, match="unknown features"):
+        backends.Backend(attention, frozenset({"causal", "sliding_window"}))
 
 
 FLEX_SWEEP = list(itertools.product(MODES, [1, 2], [(37, 8), (64, 16)], [False, True], [True, False]))
