@@ -102,8 +102,8 @@ def _fused_backend(load_kernel: Callable[[], WindowKernel], limits: Limits) -> B
         out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
         return out.masked_fill(bad, torch.nan), None
 
-    subset = frozenset({"causal", "key_mask"})
-    return Backend(attention, subset, FUSED_DTYPES, FUSED_HEAD_DIMS, limits, auto_devices=("cuda",))
+    return Backend(attention, supports=frozenset({"causal", "key_mask"}), dtypes=FUSED_DTYPES,
+                   head_dims=FUSED_HEAD_DIMS, limits=limits, auto_devices=("cuda",))  # fmt: skip
 
 
 def _triton_kernel() -> WindowKernel:
