@@ -13,7 +13,7 @@ from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
 from reformer.attention.window_plan import WindowPlan, strict_hidden_table
-from reformer.attention.window_torch import TorchWindows
+from reformer.attention.window_torch import BlockGrads, TorchWindows
 
 SELF = -5e4
 
@@ -105,7 +105,7 @@ def test_window_grads_to_rows_equals_the_torch_path_bit_for_bit(monkeypatch, nb,
     gq, gk, gv = torch.randn(nb * m, s, d), torch.randn(nb * m, c + s, d), torch.randn(nb * m, c + s, dv)
     start = torch.randn(rows_total, 2 * d + dv)
     torch_path, fused = start.clone(), start.clone()
-    TorchWindows(plan, d, dv).add_block_grads(torch_path, key_rows, run, gq, gk, gv)
+    TorchWindows(plan, d, dv).add_block_grads(torch_path, key_rows, run, BlockGrads(gq, gk, gv))
     cpu_kernels.window_grads_to_rows_(fused, key_rows, gq, gk, gv, s, c)
     assert torch.equal(fused, torch_path)
 

@@ -22,7 +22,7 @@ from .. import cpu_kernels
 from ..cpu_workers import run_parts, split_among_workers
 from .common import norm_floor, self_logit
 from .window_plan import Block, WindowPlan
-from .window_torch import TorchWindows
+from .window_torch import BackwardInputs, BlockGrads, TorchWindows
 
 #: Windows of the fused kernels whose key run is gathered at once: a run of ``8 * s + c`` rows
 #: (220 KB at ``c = 64``, dim_head 64) stays in cache with its transpose. 4 to 16 measured the
@@ -63,17 +63,9 @@ class KernelWindows(TorchWindows):
         if not plan.strict:  # (strict: the kernel zeroes the own-key entries)
             plan.fill_self_(grad, 0.0, plan.self_mask(blk))
 
-    def add_block_grads(
-        self,
-        grad: torch.Tensor,
-        key_rows: torch.Tensor,
-        run: torch.Tensor,
-        grad_q: torch.Tensor,
-        grad_k: torch.Tensor,
-        grad_v: torch.Tensor,
-    ) -> None:
+    def add_block_grads(self, grad: torch.Tensor, key_rows: torch.Tensor, run: torch.Tensor, grads: BlockGrads) -> None:
         # in one pass, with no run-sized buffer
-        cpu_kernels.window_grads_to_rows_(grad, key_rows, grad_q, grad_k, grad_v, self.plan.s, self.plan.c)
+        cpu_kernels.window_grads_to_rows_(grad, key_rows, *grads, self.plan.s, self.plan.c)
 
     def qk_grad(self, qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         d = self.d
@@ -113,20 +105,12 @@ class KernelWindows(TorchWindows):
         run_parts([partial(attend, rows) for rows in plan.parts(qkv.device)])
         return out, slot_weight
 
-    def backward_rows(
-        self,
-        qkv: torch.Tensor,
-        rows: range,
-        all_probs: torch.Tensor,
-        grad_out: tuple[torch.Tensor, torch.Tensor],
-        weight: torch.Tensor,
-        grad: torch.Tensor,
-    ) -> None:
+    def backward_rows(self, inputs: BackwardInputs, rows: range, grad: torch.Tensor) -> None:
         # (the round weights come in as they are: with ``exp_lse`` the forward runs unfused, this fused)
         if self.plan.fused:
-            _fused_backward(self.plan, qkv, rows, all_probs, grad_out, weight, grad)
+            _fused_backward(self.plan, inputs, rows, grad)
         else:
-            super().backward_rows(qkv, rows, all_probs, grad_out, weight, grad)
+            super().backward_rows(inputs, rows, grad)
 
 
 def _fused_forward(
@@ -155,29 +139,21 @@ def _fused_forward(
     )
 
 
-def _fused_backward(
-    plan: WindowPlan,
-    qkv: torch.Tensor,
-    rows: range,
-    all_probs: torch.Tensor,
-    grad_out: tuple[torch.Tensor, torch.Tensor],
-    weight: torch.Tensor,
-    grad: torch.Tensor,
-) -> None:
-    """The backward of batch ``rows``' windows in one kernel call, added to the part's rows of
-    ``grad`` (see :meth:`.TorchWindows.backward_rows` for the arguments)."""
+def _fused_backward(plan: WindowPlan, inputs: BackwardInputs, rows: range, grad: torch.Tensor) -> None:
+    """The backward of batch ``rows``' windows in one kernel call, added to ``grad``: the part's
+    rows of the gradient, from its first row."""
     part, windows = slice(rows.start, rows.stop), slice(rows.start * plan.n, rows.stop * plan.n)
     first, positions = rows.start * plan.lp, slice(rows.start * plan.lp, rows.stop * plan.lp)
     cpu_kernels.strict_windows_backward_(
-        qkv,
+        inputs.qkv,
         plan.ext_row[part],
         plan.span_row[part],
         plan.slot_row[part] - first,
-        weight[part],
+        inputs.weight[part],
         first,
-        all_probs[windows],
-        grad_out[0][positions],
-        grad_out[1][positions],
+        inputs.probs[windows],
+        inputs.grad_out[positions],
+        inputs.g_dot_out[positions],
         grad,
         plan.s,
         plan.c,

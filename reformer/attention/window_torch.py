@@ -32,6 +32,24 @@ class BlockInputs(NamedTuple):
     v: torch.Tensor  # (blk, c + s, dv)
 
 
+class BlockGrads(NamedTuple):
+    """A block's gradients of its queries and of each window's keys and values."""
+
+    q: torch.Tensor  # (blk, s, d)
+    k: torch.Tensor  # (blk, c + s, d)
+    v: torch.Tensor  # (blk, c + s, dv)
+
+
+class BackwardInputs(NamedTuple):
+    """What the backward of every block reads."""
+
+    qkv: torch.Tensor  # (b * lp, 2d + dv) packed rows, as the forward made them
+    probs: torch.Tensor  # (windows, s, c + s) attention weights (before dropout)
+    grad_out: torch.Tensor  # (b * lp, dv) gradient of the output
+    g_dot_out: torch.Tensor  # (b * lp,) its product with the output
+    weight: torch.Tensor  # (b, total) the slots' round weights
+
+
 class TorchWindows:
     """The attention of every window of ``plan`` and the combination of rounds, on packed
     ``[q | k | v]`` rows of ``d`` query/key and ``dv`` value features.
@@ -80,24 +98,16 @@ class TorchWindows:
         grad.sub_(shift).mul_(probs)
         self.plan.fill_self_(grad, 0.0, self.plan.self_mask(blk))
 
-    def add_block_grads(
-        self,
-        grad: torch.Tensor,
-        key_rows: torch.Tensor,
-        run: torch.Tensor,
-        grad_q: torch.Tensor,
-        grad_k: torch.Tensor,
-        grad_v: torch.Tensor,
-    ) -> None:
+    def add_block_grads(self, grad: torch.Tensor, key_rows: torch.Tensor, run: torch.Tensor, grads: BlockGrads) -> None:
         """Adds a block's gradients to the ``[q | k | v]`` rows of ``grad`` ``(r, 2d + dv)`` at its key
         runs' rows ``key_rows`` ``(rows, m * s + c)`` (``run``: the block's gathered inputs, for the
-        shape): ``grad_q`` ``(blk, s, d)`` of its queries (the runs' tails), ``grad_k`` and ``grad_v``
-        ``(blk, c + s, .)`` of each window's keys, summed over the windows that hold each key."""
-        d = grad_q.shape[-1]
+        shape): its queries' (the runs' tails), and each window's keys' and values', summed over
+        the windows that hold each key."""
+        d = self.d
         acc = torch.zeros_like(run)
-        acc[:, self.plan.c :, :d] = grad_q.view(acc.shape[0], -1, d)
-        _add_window_grads(acc[..., d : 2 * d], grad_k, self.plan)
-        _add_window_grads(acc[..., 2 * d :], grad_v, self.plan)
+        acc[:, self.plan.c :, :d] = grads.q.view(acc.shape[0], -1, d)
+        _add_window_grads(acc[..., d : 2 * d], grads.k, self.plan)
+        _add_window_grads(acc[..., 2 * d :], grads.v, self.plan)
         grad.index_add_(0, key_rows.flatten(), acc.flatten(0, 1))
 
     def qk_grad(self, qkv: torch.Tensor, norm: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -191,42 +201,36 @@ class TorchWindows:
         # Through the round combination out = sum_r w_r o_r, a slot of round r gets the output
         # gradient w_r * g; its softmax backward p * (dp - sum(dp * p)) then has
         # sum(dp * p) - dlse_r = w_r * (g . out): the rounds' lse gradient folds into one shift.
-        grad_flat = grad_out.reshape(-1, dv).contiguous()  # (b * lp, dv)
-        g_dot_out = (grad_out * out).sum(-1).flatten()  # (b * lp,)
-        weight = slot_weight.view(plan.rows, -1)  # (b, total)
+        inputs = BackwardInputs(
+            qkv=qkv,
+            probs=all_probs,
+            grad_out=grad_out.reshape(-1, dv).contiguous(),
+            g_dot_out=(grad_out * out).sum(-1).flatten(),
+            weight=slot_weight.view(plan.rows, -1),
+        )
         grad = torch.zeros_like(qkv)
 
         def attend_backward(rows: range) -> None:
             # only this part's rows of ``grad``, offset to them (index_add_ of reduced-precision
             # types rewrites all of its target: parts running meanwhile must not share it)
             part_grad = grad[rows.start * plan.lp : rows.stop * plan.lp]
-            self.backward_rows(qkv, rows, all_probs, (grad_flat, g_dot_out), weight, part_grad)
+            self.backward_rows(inputs, rows, part_grad)
 
         run_parts([partial(attend_backward, rows) for rows in plan.parts(qkv.device)])
         return grad
 
-    def backward_rows(
-        self,
-        qkv: torch.Tensor,
-        rows: range,
-        all_probs: torch.Tensor,
-        grad_out: tuple[torch.Tensor, torch.Tensor],
-        weight: torch.Tensor,
-        grad: torch.Tensor,
-    ) -> None:
-        """The backward of batch ``rows``' windows, added to ``grad``, the part's rows of the
-        gradient (from its first row); ``grad_out``: the output gradient ``(b * lp, dv)`` and its
-        product with the output ``(b * lp,)``; ``weight`` ``(b, total)`` the slots' round weights."""
+    def backward_rows(self, inputs: BackwardInputs, rows: range, grad: torch.Tensor) -> None:
+        """The backward of batch ``rows``' windows, added to ``grad``: the part's rows of the
+        gradient, from its first row."""
         plan, s, dv = self.plan, self.plan.s, self.dv
-        grad_flat, g_dot_out = grad_out
         first = rows.start * plan.lp
         for blk in plan.blocks(rows):
             query_rows, key_rows = plan.query_slots(plan.slot_row, blk), plan.key_run(plan.ext_row, blk)
-            x = self.block_inputs(qkv, blk)
-            w = plan.query_slots(weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
-            go = self.gather(grad_flat, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
-            shift = g_dot_out[query_rows.flatten()].view(-1, s, 1) * w  # (blk, s, 1)
-            probs = all_probs[blk.start : blk.end]  # (blk, s, c + s)
+            x = self.block_inputs(inputs.qkv, blk)
+            w = plan.query_slots(inputs.weight, blk).reshape(-1, s, 1)  # (blk, s, 1)
+            go = self.gather(inputs.grad_out, query_rows).view(-1, s, dv) * w  # (blk, s, dv)
+            shift = inputs.g_dot_out[query_rows.flatten()].view(-1, s, 1) * w  # (blk, s, 1)
+            probs = inputs.probs[blk.start : blk.end]  # (blk, s, c + s)
             keep = None
             if plan.dropout is not None:
                 keep = plan.kept_by_dropout(blk).to(probs.dtype) / (1 - plan.dropout.p)
@@ -238,7 +242,7 @@ class TorchWindows:
             self.softmax_backward_(grad_dots, probs, shift, blk)
             grad_q = torch.bmm(grad_dots, x.k)  # (blk, s, d)
             grad_k = torch.bmm(grad_dots.transpose(1, 2), x.q)  # (blk, c + s, d) per window key
-            self.add_block_grads(grad, key_rows - first, x.run, grad_q, grad_k, grad_v)
+            self.add_block_grads(grad, key_rows - first, x.run, BlockGrads(grad_q, grad_k, grad_v))
 
 
 def _add_window_grads(acc: torch.Tensor, grad: torch.Tensor, plan: WindowPlan) -> None:
