@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from reformer import cpu_kernels
-from reformer.attention import window_plan
+from reformer.attention import chunked, slots, window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
+from reformer.attention.slots import CpuKernels
 from reformer.attention.window_plan import WindowPlan, strict_hidden_table
 from reformer.attention.window_torch import BlockGrads, TorchWindows
 
@@ -228,6 +229,35 @@ def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
     qk, v = torch.randn(1, 64, 16), torch.randn(1, 64, dv)
     lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), bucket_size=c, n_buckets=2, **kw)
     assert bool(calls) == fused
+
+
+KERNELS = ["bucket_sort", "pack_qkv_", "gather_rows", "strict_softmax", "softmax", "softmax_backward_",
+           "window_grads_to_rows_", "accumulate_rounds_", "finish_rounds_", "fold_qk_grad_",
+           "strict_windows_forward_", "strict_windows_backward_"]  # fmt: skip
+
+
+@pytest.mark.parametrize("decision", [CpuKernels(sort=False, windows=False), CpuKernels(sort=True, windows=False)])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False, key_mask=torch.rand(2, 64) > 0.2)])
+def test_the_calls_one_kernel_decision_governs_every_step(monkeypatch, decision, kw):
+    # The kernels could serve here (fp32 on CPU, and fused windows for causal=True); the call's
+    # one decision turns them off, and no step (sort, plan, windows, backward) decides again.
+    monkeypatch.setattr(chunked, "cpu_kernels_for", lambda *a: decision)
+    used = []
+    for name in KERNELS:
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: used.append(name) or kernel(*a))
+    qk, v = torch.randn(2, 64, 16, requires_grad=True), torch.randn(2, 64, 16, requires_grad=True)
+    buckets = torch.randint(0, 4, (2, 2, 64))
+    out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=32, n_buckets=4, **kw)
+    out.square().sum().backward()
+    assert set(used) == ({"bucket_sort"} if decision.sort else set())
+    monkeypatch.setattr(chunked, "cpu_kernels_for", slots.cpu_kernels_for)  # the kernels serve: same result
+    qk2, v2 = qk.detach().requires_grad_(), v.detach().requires_grad_()
+    out2, _ = lsh_attention_chunked(qk2, v2, buckets, bucket_size=32, n_buckets=4, **kw)
+    out2.square().sum().backward()
+    assert "gather_rows" in used or "strict_windows_forward_" in used
+    torch.testing.assert_close(out2, out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(qk2.grad, qk.grad, atol=2e-5, rtol=0)
 
 
 def test_dropout_with_kernels_equals_torch_ops(monkeypatch):

@@ -13,8 +13,9 @@ windows. The work is split by job:
 * :mod:`.window_kernels` - the same with the CPU C kernels of :mod:`reformer.cpu_kernels`
   (fp32 on CPU), with the strict causal windows fused into one kernel call per worker part.
 
-Whether the CPU kernels serve a call is decided once, when its plan is built; the one
-dispatch is in :func:`lsh_attention_chunked`.
+Whether the CPU kernels serve a call is decided once, at its start
+(:func:`reformer.attention.slots.cpu_kernels_for`): the sort and the plan take that decision,
+and :func:`lsh_attention_chunked` dispatches on it once.
 
 Memory: one custom autograd function does the windows and the combination of rounds. When a
 gradient is needed it keeps the attention probabilities (``n_hashes * len * (c + s)`` per
@@ -27,9 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import cpu_kernels
 from .common import SELF_ATTN_VALUE, quarantine_non_finite
-from .slots import pad_and_sort
+from .slots import cpu_kernels_for, pad_and_sort
 from .window_kernels import KernelWindows
 from .window_plan import build_plan, key_windows, queries_per_window, with_wrap
 from .window_torch import TorchWindows
@@ -99,9 +99,11 @@ def lsh_attention_chunked(
     b, length, d = qk.shape
     dv = v.shape[-1]
     strict = causal and strict_causal
+    c = bucket_size
+    kernels = cpu_kernels_for(qk, c + queries_per_window(c, strict), d + dv)  # the one decision of the call
     qk, v, bad = quarantine_non_finite(qk, v)
-    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets)
-    c, lp = layout.c, layout.lp
+    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets, kernels)
+    lp = layout.lp
     plan = build_plan(
         layout,
         d=d,
@@ -114,7 +116,7 @@ def lsh_attention_chunked(
         dropout=dropout if training else 0.0,
         self_value=self_value,
         exp_lse=exp_lse,
-        kernels=cpu_kernels.available(qk, c + queries_per_window(c, strict), d + dv),
+        kernels=kernels.windows,
     )
     path = (KernelWindows if plan.kernels else TorchWindows)(plan, d, dv)
     save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)

@@ -302,7 +302,9 @@ def build_plan(
 ) -> WindowPlan:
     """The plan of the windows of ``layout`` (``b`` rows of ``h`` rounds of ``lp`` slots) for
     ``d`` query/key and ``dv`` value features; ``dropout``: the rate in effect (0 outside
-    training); ``kernels``: whether the CPU row kernels serve this call."""
+    training); ``kernels``: whether the CPU row kernels serve this call (the call's
+    :class:`~.slots.CpuKernels` decision); the plan also decides whether the fused window
+    kernels take its windows (:attr:`WindowPlan.fused`)."""
     b, h, lp = layout.inv.shape
     c, total = layout.c, layout.total
     s = queries_per_window(c, strict)
