@@ -325,7 +325,7 @@ def build_plan(
     if dropout > 0:
         stream = (round_offset // lp).expand(b, h, lp).reshape(b, total)  # batch row * rounds + round
         drop = WindowDropout(dropout, dropout_seed(device), stream, ext_pos)
-    only_strict_mask = strict and key_valid is None and dup_info is None and drop is None
+    strict_mask_only = strict and key_valid is None and dup_info is None and drop is None  # what the fused kernels take
     return WindowPlan(
         c=c,
         s=s,
@@ -343,6 +343,6 @@ def build_plan(
         self_value=self_value,
         exp_lse=exp_lse,
         kernels=kernels,
-        fused=kernels and only_strict_mask and cpu_kernels.window_tiles_fit(s, c, d, dv),
+        fused=kernels and strict_mask_only and cpu_kernels.window_tiles_fit(s, c, d, dv),
         dropout=drop,
     )
