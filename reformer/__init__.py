@@ -2,6 +2,7 @@
 
 from .attention import FullQKAttention, LSHAttention, LSHSelfAttention
 from .config import ReformerConfig
+from .heads import ReformerForMaskedLM, ReformerForSequenceClassification
 from .model import Reformer, ReformerEncDec, ReformerLM
 from .wrappers import Autopadder, Recorder, TrainingWrapper
 
@@ -16,6 +17,8 @@ __all__ = [
     "Reformer",
     "ReformerConfig",
     "ReformerEncDec",
+    "ReformerForMaskedLM",
+    "ReformerForSequenceClassification",
     "ReformerLM",
     "TrainingWrapper",
     "__version__",
