@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .attention.backends import check_backend
-from .attention.common import SELF_ATTN_VALUE, check_int, check_prob, resolve_dim_head
+from .attention.common import SELF_ATTN_VALUE
+from .checks import check_int, check_prob, resolve_dim_head
 from .feedforward import check_activation
 from .hashing import validate_n_buckets
 from .pkm import PKM_TOPK

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
-from .attention.common import check_features, check_mask
 from .attention.cross import CrossAttention
 from .attention.decode import DecodingCache
 from .attention.dense import DenseSelfAttention
 from .attention.local import BlockLocalAttention
 from .checkpoint import PretrainedMixin
+from .checks import check_features, check_mask
 from .config import PEER_ALIASES, ReformerConfig
 from .feedforward import FeedForward
 from .generate import generate, stream

@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .attention.common import check_int
 from .checkpoint import current_umask, fsync_path, verify_manifest, write_file, write_manifest
+from .checks import check_int
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
 from .runs import run_lock
