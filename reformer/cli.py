@@ -23,7 +23,8 @@ import torch
 
 from . import distributed, longctx, reproduce
 from .allocator import keep_freed_memory
-from .checkpoint import atomic_write, read_config, verify_manifest
+from .atomic import atomic_write
+from .checkpoint import read_config, verify_manifest
 from .config import ReformerConfig
 from .data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
 from .generate import stream

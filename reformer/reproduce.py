@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 from .config import ReformerConfig
 from .data import DuplicationTask, load_corpus
 from .model import ReformerLM
