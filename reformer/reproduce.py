@@ -1,4 +1,4 @@
-"""The paper's experiments, one function each (``cli.py`` parses argv; see docs/reproduction.md).
+"""The paper's experiments, one function each (``reformer.cli.reproduce`` parses argv; see docs/reproduction.md).
 
 * :func:`run_duplication` - the duplication task (§2.1, Table 2): train a 1-layer model with
   full attention and with LSH, evaluate each with every attention setting.

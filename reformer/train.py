@@ -1,4 +1,4 @@
-"""The training loop, as plain functions: no argv here (``cli.py`` builds the arguments).
+"""The training loop, as plain functions: no argv here (``reformer.cli.train`` builds the arguments).
 
 A run directory holds ``checkpoints/step-NNNNNNN/`` (weights + config via
 ``save_pretrained``, and ``trainer.pt`` with optimizer, data-sampler and RNG state), each
