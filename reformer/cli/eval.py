@@ -12,29 +12,15 @@ def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     e = subparsers.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
     e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
-    e.add_argument(
-        "--data",
-        default=None,
-        help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, else builtin)",
-    )
-    e.add_argument(
-        "--seq-len",
-        type=int_at_least(1),
-        default=None,
-        help="window length (default: the run's --seq-len, else the model's max)",
-    )
-    e.add_argument(
-        "--batch-size",
-        type=int_at_least(1),
-        default=None,
-        help="windows per batch (default: the run's --batch-size, else 2)",
-    )
-    e.add_argument(
-        "--batches",
-        type=int_at_least(1),
-        default=None,
-        help="batches to average (default: those of the run's validation, else 4)",
-    )
+    e.add_argument("--data", default=None,
+                   help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, "
+                        "else builtin)")  # fmt: skip
+    e.add_argument("--seq-len", type=int_at_least(1), default=None,
+                   help="window length (default: the run's --seq-len, else the model's max)")  # fmt: skip
+    e.add_argument("--batch-size", type=int_at_least(1), default=None,
+                   help="windows per batch (default: the run's --batch-size, else 2)")  # fmt: skip
+    e.add_argument("--batches", type=int_at_least(1), default=None,
+                   help="batches to average (default: those of the run's validation, else 4)")  # fmt: skip
     e.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     e.add_argument("--n-hashes", type=int_at_least(1), default=None,
                    help="evaluate with LSH attention of this many hashing rounds (also a model trained "

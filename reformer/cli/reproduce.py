@@ -38,29 +38,18 @@ def add_parser(subparsers) -> None:
                          "of full lsh-1 lsh-2 lsh-4 lsh-8 transformer transformer-shared-qk)")  # fmt: skip
     lc = experiments.add_parser("longctx", help="far context: dense vs LSH vs local attention on pysrc",
                                 formatter_class=fmt)  # fmt: skip
-    lc.add_argument(
-        "--scale",
-        choices=LONGCTX_SCALES,
-        default="cpu",
-        help="cpu: the 2-core study (docs/long-context.md); pilot: minutes per model; gpu: larger",
-    )
+    lc.add_argument("--scale", choices=LONGCTX_SCALES, default="cpu",
+                    help="cpu: the 2-core study (docs/long-context.md); pilot: minutes per model; "
+                         "gpu: larger")  # fmt: skip
     lc.add_argument("--long", action="store_true", help="context 16,384 instead of 4,096")
     lc.add_argument("--models", nargs="+", default=None, choices=LONGCTX_MODELS, metavar="MODEL",
                     help="train (or resume) only these models now; the results cover every finished model "
                          f"(default: all of {' '.join(LONGCTX_MODELS)})")  # fmt: skip
     lc.add_argument("--out", default="runs/longctx", help="output directory (results, one run per model)")
-    lc.add_argument(
-        "--eval-windows",
-        type=int_at_least(1),
-        default=None,
-        help="validation windows of the final evaluation (override)",
-    )
-    lc.add_argument(
-        "--publish",
-        default=None,
-        metavar="DIR",
-        help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/long-context",
-    )
+    lc.add_argument("--eval-windows", type=int_at_least(1), default=None,
+                    help="validation windows of the final evaluation (override)")  # fmt: skip
+    lc.add_argument("--publish", default=None, metavar="DIR",
+                    help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/long-context")  # fmt: skip
     for x in (dup, lm, lc):
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")

@@ -49,18 +49,12 @@ def add_parser(subparsers) -> None:
                    help="with --resume: continue with other --steps, --lr, --batch-size, --grad-accum, --warmup, "
                         "--schedule or --precision than the run's (--data, --vocab, --preset, --seq-len and "
                         "--seed never change)")  # fmt: skip
-    t.add_argument(
-        "--device",
-        type=device_type,
-        default="cpu",
-        help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)",
-    )
+    t.add_argument("--device", type=device_type, default="cpu",
+                   help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")  # fmt: skip
     t.add_argument("--seed", type=seed_type, default=0, help="random seed")
-    t.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) instead of DDP",
-    )
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                        "instead of DDP")  # fmt: skip
     t.add_argument("--dist-timeout", type=float_in(0, 1e9, low_open=True), default=600,
                    help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
     t.set_defaults(func=run)
