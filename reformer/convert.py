@@ -32,6 +32,7 @@ import torch
 
 from .config import ReformerConfig
 from .hashing import buckets_for_length
+from .heads import ReformerForMaskedLM, ReformerForSequenceClassification
 from .model import ReformerLM
 
 #: Our config fields whose values Hugging Face's architecture fixes. ``from_transformers``
@@ -59,8 +60,6 @@ TRANSFORMERS_LAYOUT: dict[str, Any] = {
     "ff_glu": False,
     "num_mem_kv": 0,
     "n_local_attn_heads": 0,
-    "rotary_emb": False,
-    "fixed_position_emb": False,
     "allow_duplicate_attention": True,
     "attend_across_buckets": True,
     "use_full_attn": False,
@@ -117,8 +116,7 @@ def config_from_transformers(hf: Any) -> ReformerConfig:
         )
     return ReformerConfig(
         **TRANSFORMERS_LAYOUT,
-        axial_position_emb=bool(hf.axial_pos_embds),
-        absolute_position_emb=not hf.axial_pos_embds,
+        position_emb="axial" if hf.axial_pos_embds else "absolute",
         axial_position_shape=tuple(hf.axial_pos_shape) if hf.axial_pos_embds else None,
         axial_position_dims=tuple(hf.axial_pos_embds_dim) if hf.axial_pos_embds else None,
         num_tokens=hf.vocab_size,
@@ -173,10 +171,11 @@ def config_to_transformers(model: ReformerLM) -> Any:
     if cfg.ff_activation not in ACTIVATIONS.values():
         raise _unsupported("ff_activation", cfg.ff_activation, "relu, gelu, silu")
     positions: dict[str, Any] = {"axial_pos_embds": False}
-    if not cfg.absolute_position_emb:
-        if not cfg.axial_position_emb or len(model.pos_emb.shape) != 2:
-            raise _unsupported("axial_position_shape", cfg.axial_position_shape, "two factors with axial_position_emb "
-                               "(or absolute_position_emb=True)")  # fmt: skip
+    if cfg.position_emb not in ("axial", "absolute"):
+        raise _unsupported("position_emb", cfg.position_emb, "'axial' or 'absolute'")
+    if cfg.position_emb == "axial":
+        if len(model.pos_emb.shape) != 2:
+            raise _unsupported("axial_position_shape", cfg.axial_position_shape, "two factors")
         shape, dims = model.pos_emb.shape, model.pos_emb.dims
         positions = {"axial_pos_embds": True, "axial_pos_shape": list(shape), "axial_pos_embds_dim": list(dims)}
     n_buckets = cfg.n_buckets
@@ -230,7 +229,7 @@ BLOCK_NAMES = {
 
 def weight_names(cfg: ReformerConfig) -> list[tuple[str, str]]:
     """``(our name, their name)`` of every parameter."""
-    if cfg.absolute_position_emb:
+    if cfg.position_emb == "absolute":
         pos = [("pos_emb.emb.weight", "reformer.embeddings.position_embeddings.embedding.weight")]
     else:
         pos = [(f"pos_emb.weights.{i}", f"reformer.embeddings.position_embeddings.weights.{i}") for i in range(2)]
@@ -270,7 +269,10 @@ def _load_transformers(path: str | os.PathLike) -> Any:
     if hf_config.model_type != "reformer":
         raise ValueError(f"{path} holds a {hf_config.model_type!r} model, not a Reformer")
     config_from_transformers(hf_config)  # refuse before loading the weights
-    cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
+    if "ReformerForSequenceClassification" in (hf_config.architectures or ()):
+        cls = tf.ReformerForSequenceClassification
+    else:
+        cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
     try:  # transformers reads a pytorch_model.bin with torch.load(weights_only=True): code is refused
         return cls.from_pretrained(path)
     except pickle.UnpicklingError:
@@ -278,9 +280,26 @@ def _load_transformers(path: str | os.PathLike) -> Any:
                          "(a pickle that could run code)") from None  # fmt: skip
 
 
-def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM:
-    """Our ``ReformerLM`` (eval mode, config in ``.config``) for a ``transformers``
-    ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` or a directory saved from one.
+#: Hugging Face's classification head: ours ``classifier.*`` has the same names.
+CLASSIFIER_NAMES = [(f"classifier.{name}", f"classifier.{name}") for name in
+                    ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")]  # fmt: skip
+LM_HEAD_NAMES = {"to_logits.weight", "to_logits.bias"}
+
+
+def _names_for(model: Any, cfg: ReformerConfig) -> list[tuple[str, str]]:
+    """``(our name, their name)`` of every parameter of ``model`` (a ``ReformerLM`` or a
+    ``ReformerForSequenceClassification``)."""
+    names = weight_names(cfg)
+    if isinstance(model, ReformerForSequenceClassification):
+        return [pair for pair in names if pair[0] not in LM_HEAD_NAMES] + CLASSIFIER_NAMES
+    return names
+
+
+def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM | ReformerForSequenceClassification:
+    """Ours (eval mode, config in ``.config``) for a ``transformers`` model or a directory saved
+    from one: ``ReformerModelWithLMHead`` -> :class:`ReformerLM`, ``ReformerForMaskedLM`` ->
+    :class:`~reformer.heads.ReformerForMaskedLM`, ``ReformerForSequenceClassification`` ->
+    :class:`~reformer.heads.ReformerForSequenceClassification` (pooling ``"first"``, as theirs).
 
     ``byte_vocab``: the checkpoint's tokens are bytes shifted by two special ids (as in
     ``google/reformer-enwik8``: id = byte + 2, vocab 258); keep only the 256 byte rows so that
@@ -290,27 +309,46 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
     hf = model_or_dir
     if isinstance(model_or_dir, (str, os.PathLike)):
         hf = _load_transformers(model_or_dir)
-    if not isinstance(hf, (tf.ReformerModelWithLMHead, tf.ReformerForMaskedLM)):
-        raise TypeError(f"expected a ReformerModelWithLMHead or ReformerForMaskedLM, got {type(hf).__name__}")
+    ours = {
+        tf.ReformerModelWithLMHead: ReformerLM,
+        tf.ReformerForMaskedLM: ReformerForMaskedLM,
+        tf.ReformerForSequenceClassification: ReformerForSequenceClassification,
+    }.get(type(hf))
+    if ours is None:
+        raise TypeError("expected a ReformerModelWithLMHead, ReformerForMaskedLM or ReformerForSequenceClassification, "
+                        f"got {type(hf).__name__}")  # fmt: skip
     cfg = config_from_transformers(hf.config)
+    if ours is ReformerForSequenceClassification:
+        dropout = hf.config.classifier_dropout
+        cfg.num_labels, cfg.pooling = hf.config.num_labels, "first"
+        cfg.classifier_dropout = hf.config.hidden_dropout_prob if dropout is None else dropout
     state = dict(hf.state_dict())
     if byte_vocab:
         if cfg.num_tokens != 256 + BYTE_OFFSET:
             raise _unsupported("vocab_size", cfg.num_tokens, f"{256 + BYTE_OFFSET} with byte_vocab")
         cfg.num_tokens = 256
-        state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS})
-    model = ReformerLM(config=cfg)
-    _copy(state, model, [(theirs, ours) for ours, theirs in weight_names(cfg)])
+        state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS if k in state})
+    model = ours(config=cfg)
+    _copy(state, model, [(theirs, mine) for mine, theirs in _names_for(model, cfg)])
     return model.to(hf.dtype).eval()
 
 
-def to_transformers(model: ReformerLM) -> Any:
+def to_transformers(model: ReformerLM | ReformerForSequenceClassification) -> Any:
     """The ``transformers`` model (eval mode) computing what ``model`` computes:
-    ``ReformerModelWithLMHead`` when causal, else ``ReformerForMaskedLM``."""
+    ``ReformerModelWithLMHead`` for a causal ``ReformerLM``, else ``ReformerForMaskedLM``;
+    ``ReformerForSequenceClassification`` for ours (whose pooling must be ``"first"``)."""
     tf = _transformers()
-    if not isinstance(model, ReformerLM):
-        raise TypeError(f"expected a ReformerLM, got {type(model).__name__}")
+    if not isinstance(model, (ReformerLM, ReformerForSequenceClassification)):
+        raise TypeError(f"expected a ReformerLM or ReformerForSequenceClassification, got {type(model).__name__}")
     hf_config = config_to_transformers(model)
-    hf = (tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM)(hf_config)
-    _copy(model.state_dict(), hf, weight_names(model.config) + [("to_logits.bias", "lm_head.bias")])
+    if isinstance(model, ReformerForSequenceClassification):
+        if model.config.pooling != "first":
+            raise _unsupported("pooling", model.config.pooling, "'first' (Hugging Face classifies the first position)")
+        hf_config.num_labels, hf_config.classifier_dropout = model.config.num_labels, model.config.classifier_dropout
+        hf = tf.ReformerForSequenceClassification(hf_config)
+        pairs = _names_for(model, model.config)
+    else:
+        hf = (tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM)(hf_config)
+        pairs = weight_names(model.config) + [("to_logits.bias", "lm_head.bias")]
+    _copy(model.state_dict(), hf, pairs)
     return hf.to(next(model.parameters()).dtype).eval()
