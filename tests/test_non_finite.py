@@ -19,6 +19,7 @@ from reformer.attention.decode import DecodingCache
 from reformer.attention.dense import DenseSelfAttention
 from reformer.attention.full import full_qk_attention, full_qk_attention_sdpa
 from reformer.attention.local import BlockLocalAttention, local_attention_chunked
+from reformer.attention.options import LSHOptions
 from reformer.attention.self_attention import LSHSelfAttention
 
 BAD_VALUES = (float("nan"), float("inf"), -float("inf"))
@@ -33,7 +34,8 @@ def _lsh(qk, v, bucket_size=4, n_hashes=2, dtype=torch.float32, key_mask=None, *
 
 def _flex(qk, v):
     buckets = torch.randint(0, 4, (qk.shape[0], 2, qk.shape[1]), generator=torch.Generator().manual_seed(3))
-    return backends.lsh_attention(qk, v, buckets, backend="flex", bucket_size=16, n_buckets=4, causal=True)[0]
+    options = LSHOptions(bucket_size=16, causal=True, attn_backend="flex")
+    return backends.lsh_attention(qk, v, buckets, options, n_buckets=4)[0]
 
 
 def _half_masked(length: int) -> torch.Tensor:

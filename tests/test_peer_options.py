@@ -238,7 +238,47 @@ def test_drop_for_hash_rate_hashes_dropped_out_vectors():
     assert not torch.equal(buckets, hash_vectors(qk, rotations, 8))
     plain = LSHAttention(bucket_size=4, n_hashes=2, n_buckets=8, hash_seed=int(layer.hash_seed)).eval()
     assert torch.equal(layer.eval().hash(qk), plain.hash(qk))
-    with pytest.raises(ValueError, match="rehash_each_round"):
-        LSHAttention(rehash_each_round=False)
     with pytest.raises(ValueError, match="drop_for_hash_rate"):
         LSHSelfAttention(dim=8, heads=2, drop_for_hash_rate=1.5)
+
+
+def test_one_rotation_gives_each_position_its_best_buckets_as_the_peer_does():
+    """rehash_each_round=False: the buckets equal reformer_pytorch's for the same rotation (same
+    seed, one draw of its shape), rounds ordered as its ascending sort leaves them."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    ours = LSHAttention(bucket_size=4, n_hashes=3, rehash_each_round=False, n_buckets=8)
+    theirs = peer.LSHAttention(bucket_size=4, n_hashes=3, rehash_each_round=False)
+    qk = torch.randn(5, 32, 8)
+    torch.manual_seed(2)
+    buckets = ours.hash(qk)
+    torch.manual_seed(2)
+    expected = theirs.hash_vectors(8, qk).view(5, 3, 32) - torch.arange(3)[:, None] * 8  # (their round offsets)
+    assert torch.equal(buckets, expected)
+    assert (buckets[:, :, None] != buckets[:, None]).sum(dim=(1, 2)).eq(6).all()  # 3 distinct buckets each
+    ours.eval()
+    assert torch.equal(ours.hash(qk), ours.hash(qk))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_rotation_layer_equals_reference_and_stays_strictly_causal(causal):
+    from reformer.attention.reference import lsh_attention_reference
+
+    layer = LSHAttention(bucket_size=4, n_hashes=2, causal=causal, rehash_each_round=False, n_buckets=8).eval()
+    qk, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
+    out, _, buckets = layer(qk, v)
+    ref, _ = lsh_attention_reference(qk, v, buckets, bucket_size=4, n_buckets=8, causal=causal)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    if causal:
+        for i in (0, 13, 38):
+            qk2, v2 = qk.clone(), v.clone()
+            qk2[:, i + 1 :], v2[:, i + 1 :] = torch.randn_like(qk2[:, i + 1 :]), torch.randn_like(v2[:, i + 1 :])
+            assert (layer(qk2, v2)[0][:, : i + 1] - out[:, : i + 1]).abs().max() <= 1e-6
+
+
+def test_one_rotation_needs_enough_buckets():
+    with pytest.raises(ValueError, match="n_buckets must be >= n_hashes"):
+        LSHAttention(n_hashes=8, n_buckets=4, rehash_each_round=False)
+    with pytest.raises(ValueError, match="n_buckets must be >= n_hashes"):  # (derived from the length)
+        LSHAttention(bucket_size=4, n_hashes=8, rehash_each_round=False)(torch.randn(1, 16, 8), torch.randn(1, 16, 8))
+    with pytest.raises(ValueError, match="int n_buckets"):
+        LSHAttention(n_hashes=2, n_buckets=(4, 8), rehash_each_round=False)

@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from reformer.attention.backends import lsh_attention  # noqa: E402
 from reformer.attention.chunked import lsh_attention_chunked  # noqa: E402
+from reformer.attention.options import LSHOptions  # noqa: E402
 from reformer.attention.reference import lsh_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -44,10 +45,16 @@ def _case(causal, strict, masked, across, n_hashes, length, bucket_size, d=32):
     return qk, v, buckets, kw
 
 
+def _triton(qk, v, buckets, kw):
+    per_call = {name: kw[name] for name in ("n_buckets", "key_mask")}
+    options = LSHOptions(**{k: x for k, x in kw.items() if k not in per_call}, attn_backend="triton")
+    return lsh_attention(qk, v, buckets, options, **per_call)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_equal_chunked_and_reference(case):
     qk, v, buckets, kw = _case(*case)
-    out, attn = lsh_attention(qk, v, buckets, backend="triton", **kw)
+    out, attn = _triton(qk, v, buckets, kw)
     assert attn is None
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (qk, v), grad)
@@ -63,5 +70,5 @@ def test_forward_and_gradients_equal_chunked_and_reference(case):
 def test_head_dims_64_and_128():
     for d in (64, 128):
         qk, v, buckets, kw = _case(True, True, True, True, 2, 32, 16, d=d)
-        out = lsh_attention(qk, v, buckets, backend="triton", **kw)[0]
+        out = _triton(qk, v, buckets, kw)[0]
         torch.testing.assert_close(out, lsh_attention_chunked(qk, v, buckets, **kw)[0], atol=1e-5, rtol=0)

@@ -22,6 +22,7 @@ from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step,
 from .full import full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
+from .options import LSHOptions, one_source
 
 
 class LSHSelfAttention(nn.Module):
@@ -48,7 +49,8 @@ class LSHSelfAttention(nn.Module):
         out_bias: bias in the output projection.
         one_value_head: one value projection (``dim_head`` wide) shared by every head.
         rehash_each_round, drop_for_hash_rate, pad_bucket, n_buckets_first_major, self_value, exp_lse,
-            backend: as in :class:`LSHAttention`.
+            backend, options: as in :class:`LSHAttention` (a model passes ``options``, built once
+            from its config; the LSH keywords then keep their defaults).
     """
 
     def __init__(
@@ -86,8 +88,31 @@ class LSHSelfAttention(nn.Module):
         self_value: float = SELF_ATTN_VALUE,
         exp_lse: bool = False,
         backend: str = "auto",
+        options: LSHOptions | None = None,
     ):
         super().__init__()
+        from_keywords = LSHOptions(
+            lsh_dropout=dropout,
+            bucket_size=bucket_size,
+            n_hashes=n_hashes,
+            causal=causal,
+            allow_duplicate_attention=allow_duplicate_attention,
+            attend_across_buckets=attend_across_buckets,
+            rehash_each_round=rehash_each_round,
+            drop_for_hash_rate=drop_for_hash_rate,
+            random_rotations_per_head=random_rotations_per_head,
+            return_attn=return_attn,
+            strict_causal=strict_causal,
+            n_buckets=n_buckets,
+            max_seq_len=max_seq_len,
+            hash_seed=hash_seed,
+            pad_bucket=pad_bucket,
+            n_buckets_first_major=n_buckets_first_major,
+            self_attn_value=self_value,
+            exp_lse_softmax=exp_lse,
+            attn_backend=backend,
+        )
+        options = one_source(from_keywords, options)
         dim_head = resolve_dim_head(dim, heads, dim_head)
         check_int("n_local_attn_heads", n_local_attn_heads, 0)
         if n_local_attn_heads > heads:
@@ -96,14 +121,14 @@ class LSHSelfAttention(nn.Module):
         self.attn_chunks = check_int("attn_chunks", attn_chunks, 1)
         self.num_mem_kv = check_int("num_mem_kv", num_mem_kv, 0)
         self.n_local_attn_heads = n_local_attn_heads
-        self.causal = bool(causal)
+        self.causal = options.causal
         self.use_full_attn = bool(use_full_attn)
         if full_attn_thres is None:
             # Dense attention equals classic LSH when everything fits in one chunk, but not strict
             # causal LSH; switching there would make a prefix's outputs depend on the length.
-            full_attn_thres = 0 if causal and strict_causal else bucket_size
+            full_attn_thres = 0 if options.causal and options.strict_causal else options.bucket_size
         self.full_attn_thres = check_int("full_attn_thres", full_attn_thres, 0)
-        self.attn_dropout = check_prob("dropout", dropout)
+        self.attn_dropout = options.lsh_dropout
         self.rotary_emb = bool(rotary_emb)
         if self.rotary_emb and dim_head % 2:
             raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
@@ -118,28 +143,7 @@ class LSHSelfAttention(nn.Module):
         self.qk_rescale = None if qk_logit_scale is None else qk_logit_scale * dim_head**0.5
         self.post_attn_dropout = nn.Dropout(check_prob("post_attn_dropout", post_attn_dropout))
         self.mem_kv = nn.Parameter(torch.randn(1, num_mem_kv, dim)) if num_mem_kv > 0 else None
-        self.lsh_attn = LSHAttention(
-            dropout=dropout,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            causal=causal,
-            allow_duplicate_attention=allow_duplicate_attention,
-            attend_across_buckets=attend_across_buckets,
-            rehash_each_round=rehash_each_round,
-            drop_for_hash_rate=drop_for_hash_rate,
-            random_rotations_per_head=random_rotations_per_head,
-            return_attn=return_attn,
-            strict_causal=strict_causal,
-            n_buckets=n_buckets,
-            max_seq_len=max_seq_len,
-            heads=heads - n_local_attn_heads or None,
-            hash_seed=hash_seed,
-            pad_bucket=pad_bucket,
-            n_buckets_first_major=n_buckets_first_major,
-            self_value=self_value,
-            exp_lse=exp_lse,
-            backend=backend,
-        )
+        self.lsh_attn = LSHAttention(heads=heads - n_local_attn_heads or None, options=options)
         #: Optional ``callback(attn, buckets)`` called after each forward (used by Recorder).
         self.callback: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None
 
@@ -305,16 +309,7 @@ class LSHSelfAttention(nn.Module):
                 parts.append(dense_step(state, q[:, lh:], slice(lh, h)))
             else:
                 buckets = self.lsh_attn.hash(q[:, lh:].reshape(b * (h - lh), 1, dh))[..., 0]  # (rows, n_hashes)
-                parts.append(
-                    lsh_step(
-                        state,
-                        q[:, lh:],
-                        buckets,
-                        slice(lh, h),
-                        allow_duplicate_attention=self.lsh_attn.allow_duplicate_attention,
-                        self_value=self.lsh_attn.self_value,
-                    )
-                )
+                parts.append(lsh_step(state, q[:, lh:], buckets, slice(lh, h), self.lsh_attn.options))
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)
         out = out.masked_fill(state.poisoned_newest(), torch.nan)
         return self._merge_heads(out[:, :, None])
