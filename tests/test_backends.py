@@ -36,7 +36,7 @@ def test_auto_is_chunked_on_cpu_and_bit_identical():
     layer = LSHAttention(bucket_size=8, n_hashes=2, causal=True, n_buckets=4).eval()
     assert layer.attn_backend == "auto"
     qk, v, _, mask = _inputs(37, 2, True)
-    out, _, buckets = layer(qk, v, mask)
+    out, _, buckets = layer(qk, v, input_mask=mask)
     expected, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True, key_mask=mask)
     assert torch.equal(out, expected)
     assert resolve_backend(qk, v, _options(), training=False) == "chunked"

@@ -69,7 +69,7 @@ def test_module_uses_its_hash_and_equals_reference(causal, strict):
     layer = LSHAttention(bucket_size=8, n_hashes=4, causal=causal, strict_causal=strict, n_buckets=(2, 4)).eval()
     qk, v = _inputs(4, 45, d=16)
     mask = torch.rand(4, 45) > 0.2
-    out, _, buckets = layer(qk, v, mask)
+    out, _, buckets = layer(qk, v, input_mask=mask)
     assert buckets.shape == (4, 4, 45) and buckets.max() < 8
     ref, _ = lsh_attention_reference(
         qk, v, buckets, bucket_size=8, n_buckets=8, causal=causal, strict_causal=strict, key_mask=mask
@@ -147,7 +147,7 @@ def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
     layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=False).eval()
     for dup in (True, False):
         layer.allow_duplicate_attention = dup
-        out, _, _ = layer(qk, v, mask)
+        out, _, _ = layer(qk, v, input_mask=mask)
         dense, _ = full_qk_attention(qk, v, causal=causal, key_mask=mask)
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
     torch.testing.assert_close(

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer import (
+    FullQKAttention,
     LSHAttention,
     LSHSelfAttention,
     Reformer,
@@ -282,3 +283,113 @@ def test_one_rotation_needs_enough_buckets():
         LSHAttention(bucket_size=4, n_hashes=8, rehash_each_round=False)(torch.randn(1, 16, 8), torch.randn(1, 16, 8))
     with pytest.raises(ValueError, match="int n_buckets"):
         LSHAttention(n_hashes=2, n_buckets=(4, 8), rehash_each_round=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("query_len", [None, 20])
+def test_full_qk_attention_query_len_and_attn_mask_equal_the_peer(causal, query_len):
+    """FullQKAttention's forward options, against reformer_pytorch's layer on the same inputs
+    (no weights or randomness: outputs and weights must match)."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    qk, v = torch.randn(2, 32, 8), torch.randn(2, 32, 8)
+    n = 32 if query_len is None else query_len
+    mask = torch.rand(2, n, 30) > 0.3  # (its last 2 keys unlisted: allowed)
+    mask[:, torch.arange(min(n, 30)), torch.arange(min(n, 30))] = (
+        True  # (the peer hides a masked own key; we keep it, as LSH does)
+    )
+    theirs = peer.FullQKAttention(causal=causal)(qk, v, query_len=query_len, input_attn_mask=mask)
+    ours = FullQKAttention(causal=causal)(qk, v, query_len=query_len, input_attn_mask=mask)
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="query_len must be"):
+        FullQKAttention()(qk, v, query_len=33)
+    with pytest.raises(ValueError, match="input_attn_mask must"):
+        FullQKAttention()(qk, v, input_attn_mask=mask.float())
+
+
+def test_lsh_attention_query_len_and_pos_emb_equal_the_peer():
+    """Not causal, the same buckets (same seed) and chunk layout as reformer_pytorch: its outputs
+    with a rotary ``pos_emb`` (applied after hashing) and a ``query_len`` equal ours."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    pos_emb = peer.FixedPositionalEmbedding(8)(torch.zeros(1, 48, 8))  # (1, 48, 8): [sin | cos]
+    ours = LSHAttention(bucket_size=8, n_hashes=2, n_buckets=8)
+    theirs = peer.LSHAttention(bucket_size=8, n_hashes=2)
+    qk, v = torch.randn(2, 64, 8), torch.randn(2, 64, 8)
+    torch.manual_seed(3)
+    expected = theirs(qk, v, query_len=40, pos_emb=pos_emb)[0]
+    torch.manual_seed(3)
+    out, _, _ = ours(qk, v, query_len=40, pos_emb=pos_emb)
+    torch.manual_seed(3)
+    unturned, _, _ = ours(qk, v, query_len=40)
+    assert out.shape == (2, 40, 8)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert (unturned - expected).abs().max() > 1e-2  # (pos_emb changes the result)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_attention_query_len_sees_every_keys_only_position(causal):
+    """One chunk per round sees everything: classic LSH with ``query_len`` then equals dense
+    attention with it (FullQKAttention, itself equal to the peer's), keys-only positions
+    visible to every query even when causal."""
+    layer = LSHAttention(bucket_size=32, n_hashes=2, causal=causal, strict_causal=False, n_buckets=2).eval()
+    layer.return_attn = True
+    qk, v = torch.randn(2, 32, 8), torch.randn(2, 32, 8)
+    mask = torch.rand(2, 32) > 0.2
+    out, attn, buckets = layer(qk, v, 20, mask)
+    ref, ref_attn, _ = FullQKAttention(causal=causal)(qk, v, query_len=20, input_mask=mask)
+    assert buckets.shape == (2, 2, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
+
+
+def test_strict_causal_query_len_keeps_later_queries_out():
+    layer = LSHAttention(bucket_size=4, n_hashes=2, causal=True, n_buckets=4).eval()
+    qk, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
+    base, _, _ = layer(qk, v, query_len=30)
+    for i in (0, 11, 28):
+        qk2, v2 = qk.clone(), v.clone()
+        qk2[:, i + 1 : 30], v2[:, i + 1 : 30] = torch.randn(2, 29 - i, 8), torch.randn(2, 29 - i, 8)
+        assert (layer(qk2, v2, query_len=30)[0][:, : i + 1] - base[:, : i + 1]).abs().max() <= 1e-6
+    v3 = v.clone()
+    v3[:, 30:] += 1.0  # the keys-only positions are seen (by some query)
+    assert (layer(qk, v3, query_len=30)[0] - base).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="input_attn_mask is not offered by LSH"):
+        layer(qk, v, input_attn_mask=torch.ones(2, 40, 40, dtype=torch.bool))
+    with pytest.raises(ValueError, match="pos_emb must be"):
+        layer(qk, v, pos_emb=torch.zeros(1, 41, 8))
+
+
+def _peer_twin(peer_module, **kw):
+    """reformer_pytorch's LSHSelfAttention and ours with the same weights."""
+    theirs, ours = peer_module.LSHSelfAttention(**kw), LSHSelfAttention(**kw)
+    for name in ("toqk", "tov", "to_out"):
+        getattr(ours, name).load_state_dict(getattr(theirs, name).state_dict())
+    if ours.mem_kv is not None:
+        ours.mem_kv.data.copy_(theirs.mem_kv.data)
+    return theirs, ours
+
+
+def test_self_attention_pos_emb_and_input_attn_mask_equal_the_peer():
+    """pos_emb on the LSH heads (same seed: same rotations), input_attn_mask on dense attention
+    with memory and keys (indexed in the peer's layout, the sequence first)."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    x = torch.randn(2, 64, 32)
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, bucket_size=8, n_hashes=2)
+    pos_emb = peer.FixedPositionalEmbedding(16)(torch.zeros(1, 64, 16))
+    torch.manual_seed(1)
+    expected = theirs(x, pos_emb=pos_emb)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x, pos_emb=pos_emb), expected, atol=1e-5, rtol=0)
+
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, use_full_attn=True, num_mem_kv=3, causal=True)
+    keys = torch.randn(2, 5, 32)
+    mask = torch.rand(2, 64, 70) > 0.3  # (the last key unlisted: allowed)
+    mask[:, torch.arange(64), torch.arange(64)] = True
+    expected = theirs(x, keys=keys, input_attn_mask=mask)
+    torch.testing.assert_close(ours(x, keys=keys, input_attn_mask=mask), expected, atol=1e-5, rtol=0)
+    assert (ours(x, keys=keys) - expected).abs().max() > 1e-3  # (the mask matters)
+    with pytest.raises(ValueError, match="input_attn_mask must have shape"):
+        ours(x, keys=keys, input_attn_mask=torch.ones(2, 64, 73, dtype=torch.bool))
+    lsh = LSHSelfAttention(dim=32, heads=2, bucket_size=8, n_hashes=2)
+    with pytest.raises(ValueError, match="input_attn_mask is not offered by LSH"):
+        lsh(x, input_attn_mask=mask[..., :64])

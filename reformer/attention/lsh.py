@@ -16,10 +16,11 @@ from ..hashing import (
     top_bucket_ids,
     total_buckets,
 )
+from ..positions import rotate_by_pos_emb
 from ..reversible import remember
 from .backends import lsh_attention
 from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
-from .full import full_qk_attention
+from .full import allowed_pairs, check_attn_mask, check_query_len, full_qk_attention
 from .options import LSHOptions, one_source, option_property
 
 
@@ -174,19 +175,53 @@ class LSHAttention(nn.Module):
         self,
         qk: torch.Tensor,
         v: torch.Tensor,
+        query_len: int | None = None,
         input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
+        pos_emb: torch.Tensor | None = None,
         *,
         chunks: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``qk``, ``v``: ``(rows, len, d)``; ``input_mask``: ``(rows, len)`` bool, True = real.
 
+        ``reformer_pytorch``'s options: ``query_len``: only the first ``query_len`` positions are
+        queries, the others keys that every query may see, causal or not (they take part in the
+        sort as positions before the first query). ``pos_emb`` ``(1, n, d)``: a rotary encoding
+        as ``[sin | cos]`` halves (``FixedPositionalEmbedding(d)`` there) that turns the first
+        ``n`` positions' vectors after hashing, so the buckets are those of the unturned vectors.
+        ``input_attn_mask`` (which query-key pairs may attend) is for dense attention only
+        (:class:`FullQKAttention`); LSH refuses it.
+
         ``chunks`` splits the rows to bound peak memory (hashing is done once for all).
-        Returns ``out`` ``(rows, len, dv)``, ``attn`` ``(rows, len, len)`` when
+        Returns ``out`` ``(rows, query_len, dv)``, ``attn`` ``(rows, query_len, len)`` when
         ``return_attn`` (else None) and ``buckets`` ``(rows, n_hashes, len)``.
         """
         check_qkv(qk, v, input_mask)
         check_int("chunks", chunks, 1)
+        if input_attn_mask is not None:
+            raise ValueError(
+                "input_attn_mask is not offered by LSH attention; use FullQKAttention (or use_full_attn=True)"
+            )
+        length = qk.shape[1]
+        keys_only = 0 if query_len is None else length - check_query_len(query_len, length)
         buckets = self.hash(qk)
+        if pos_emb is not None:
+            qk = rotate_by_pos_emb(qk, pos_emb)
+        if not (keys_only and self.causal):
+            out, attn = self._attend(qk, v, buckets, input_mask, chunks)
+            return out[:, : length - keys_only], None if attn is None else attn[:, : length - keys_only], buckets
+        # Causal: the keys-only positions go first, where causal masking hides none of them.
+        first = partial(torch.roll, shifts=keys_only, dims=1)
+        mask = None if input_mask is None else first(input_mask)
+        out, attn = self._attend(first(qk), first(v), buckets.roll(keys_only, dims=2), mask, chunks)
+        if attn is not None:  # back to the input's order, query rows only
+            attn = attn.roll((-keys_only, -keys_only), dims=(1, 2))[:, : length - keys_only]
+        return out[:, keys_only:], attn, buckets
+
+    def _attend(
+        self, qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, input_mask: torch.Tensor | None, chunks: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(out, attn)`` of every position, ``chunks`` row ranges at a time."""
         n_total = total_buckets(self.bucket_spec(qk.shape[1]))
         if self.pad_bucket and input_mask is not None:  # the id the chunked path gives its padding
             buckets = buckets.masked_fill(~input_mask[:, None, :], n_total)
@@ -207,9 +242,9 @@ class LSHAttention(nn.Module):
             outs.append(out)
             attns.append(attn)
         if parts == 1:  # (a cat of one tensor would copy it)
-            return outs[0], attns[0], buckets
+            return outs[0], attns[0]
         attn = torch.cat(attns) if self.return_attn else None
-        return torch.cat(outs), attn, buckets
+        return torch.cat(outs), attn
 
 
 for _name in (f.name for f in dataclasses.fields(LSHOptions) if f.name != "hash_seed"):  # (hash_seed: a buffer)
@@ -225,10 +260,25 @@ class FullQKAttention(nn.Module):
         self.dropout = check_prob("dropout", dropout)
 
     def forward(
-        self, qk: torch.Tensor, v: torch.Tensor, input_mask: torch.Tensor | None = None
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        query_len: int | None = None,
+        input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qk``, ``v``: ``(rows, len, d)``; ``input_mask`` ``(rows, len)`` bool, True = real.
+
+        As in ``reformer_pytorch``: only the first ``query_len`` positions are queries (the
+        others are keys every query sees, causal or not); ``input_attn_mask`` ``(rows, n, m)``
+        bool says which query-key pairs may attend (padded with True to ``len``). Returns
+        ``out`` ``(rows, query_len, dv)``, ``attn`` ``(rows, query_len, len)`` and an empty tensor."""
         check_qkv(qk, v, input_mask)
+        rows, length, _ = qk.shape
+        query_len = length if query_len is None else check_query_len(query_len, length)
+        check_attn_mask(input_attn_mask, rows, length)
+        allowed = allowed_pairs(input_attn_mask, length, query_len, self.causal, qk.device)
         out, attn = full_qk_attention(
-            qk, v, causal=self.causal, key_mask=input_mask, dropout=self.dropout, training=self.training
+            qk, v, key_mask=input_mask, allowed=allowed, dropout=self.dropout, training=self.training
         )
-        return out, attn, torch.empty(0, dtype=torch.long, device=qk.device)
+        return out[:, :query_len], attn[:, :query_len], torch.empty(0, dtype=torch.long, device=qk.device)

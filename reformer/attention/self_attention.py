@@ -19,7 +19,7 @@ from .common import (
     resolve_dim_head,
 )
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
-from .full import full_qk_attention
+from .full import allowed_pairs, check_attn_mask, full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
 from .options import LSHOptions, one_source
@@ -168,19 +168,29 @@ class LSHSelfAttention(nn.Module):
         x: torch.Tensor,
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        pos_emb: torch.Tensor | None = None,
         cache: DecodingCache | None = None,
     ) -> torch.Tensor:
         """``x`` ``(b, t, dim)``; ``keys`` ``(b, c, dim)``; ``input_mask`` ``(b, t)`` and
         ``context_mask`` ``(b, c)`` bool, True = real. Returns ``(b, t, dim)``.
+
+        ``reformer_pytorch``'s options, with its semantics: ``input_attn_mask`` ``(b, n, m)``
+        bool, which query-key pairs may attend, indexed as there (the sequence, then the memory
+        key/values, then ``keys``; pairs beyond ``n``, ``m`` allowed); dense attention only
+        (``use_full_attn`` or inputs up to ``full_attn_thres``): the LSH heads refuse it.
+        ``pos_emb`` ``(1, n, dim_head)``: see :meth:`LSHAttention.forward`; as there, it turns
+        the LSH heads' vectors of the first ``n`` positions (not local heads, not dense attention).
 
         ``cache``: incremental decoding (see :mod:`reformer.attention.decode`). While its
         ``seq_len`` is 0 this is the prefill, which also stores this layer's keys; after that
         ``x`` is the next position ``(b, 1, dim)``."""
         check_features("x", x, self.dim)
         if cache is not None:
-            if keys is not None or input_mask is not None or context_mask is not None:
-                raise ValueError("cached decoding takes no keys, input_mask or context_mask")
+            extras = (keys, input_mask, input_attn_mask, context_mask, pos_emb)
+            if any(extra is not None for extra in extras):
+                raise ValueError("cached decoding takes no keys, input_mask, input_attn_mask, context_mask or pos_emb")
             if cache.seq_len > 0:  # this layer's state exists, so the prefill below accepted it
                 return self._decode_step(x, cache.next_layer())
             reason = self.cache_unsupported_reason()
@@ -197,6 +207,7 @@ class LSHSelfAttention(nn.Module):
         n_prefix = sum(p.shape[1] for p in prefix)
         seq = torch.cat([*prefix, x], dim=1) if prefix else x
         length = n_prefix + t
+        check_attn_mask(input_attn_mask, b, length)
 
         mask = None
         if input_mask is not None or context_mask is not None:
@@ -239,6 +250,10 @@ class LSHSelfAttention(nn.Module):
             lv = (v[:, lh:] if lh else v).reshape(rows, length, dh)
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
             if self.attends_densely(length):
+                allowed = None
+                if input_attn_mask is not None:  # (the peer's layout is ours rolled: the sequence first)
+                    allowed = allowed_pairs(input_attn_mask, length, length, False, x.device)
+                    allowed = allowed.roll((n_prefix, n_prefix), dims=(1, 2)).repeat_interleave(h - lh, dim=0)
                 out, attn = full_qk_attention(
                     lqk,
                     lv,
@@ -247,9 +262,17 @@ class LSHSelfAttention(nn.Module):
                     dropout=self.attn_dropout,
                     training=self.training,
                     need_weights=self.callback is not None or self.lsh_attn.return_attn,
+                    allowed=allowed,
                 )
             else:
-                out, attn, buckets = self.lsh_attn(lqk, lv, row_mask, chunks=self.attn_chunks)
+                out, attn, buckets = self.lsh_attn(
+                    lqk,
+                    lv,
+                    input_mask=row_mask,
+                    input_attn_mask=input_attn_mask,
+                    pos_emb=None if pos_emb is None else _unturned_prefix(pos_emb, n_prefix),
+                    chunks=self.attn_chunks,
+                )
             if self.callback is not None:  # per (batch, head): attn (b, h, L, L), buckets (b, h, n_hashes, L)
                 self.callback(
                     None if attn is None else attn.view(b, h - lh, length, length),
@@ -313,3 +336,13 @@ class LSHSelfAttention(nn.Module):
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)
         out = out.masked_fill(state.poisoned_newest(), torch.nan)
         return self._merge_heads(out[:, :, None])
+
+
+def _unturned_prefix(pos_emb: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """``pos_emb`` ``(1, n, d)`` (``[sin | cos]`` halves) of the sequence, preceded by angle 0
+    for the ``n_prefix`` memory/context positions in front of it: ``(1, n_prefix + n, d)``."""
+    if n_prefix == 0:
+        return pos_emb
+    half = pos_emb.shape[-1] // 2
+    zero_angle = torch.cat([pos_emb.new_zeros(1, n_prefix, half), pos_emb.new_ones(1, n_prefix, half)], dim=-1)
+    return torch.cat([zero_angle, pos_emb], dim=1)
