@@ -153,7 +153,7 @@ def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
     torch.testing.assert_close(
         dense, full_qk_attention_reference(qk, v, causal=causal, key_mask=mask), atol=1e-6, rtol=0
     )
-    full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, mask)
+    full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, input_mask=mask)
     torch.testing.assert_close(full_out, dense)
 
 
