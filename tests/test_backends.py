@@ -37,7 +37,9 @@ def test_auto_is_chunked_on_cpu_and_bit_identical():
     assert layer.attn_backend == "auto"
     qk, v, _, mask = _inputs(37, 2, True)
     out, _, buckets = layer(qk, v, input_mask=mask)
-    expected, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True, key_mask=mask)
+    expected, _ = lsh_attention_chunked(
+        qk, v, buckets, LSHOptions(bucket_size=8, causal=True), n_buckets=4, key_mask=mask
+    )
     assert torch.equal(out, expected)
     assert resolve_backend(qk, v, _options(), training=False) == "chunked"
 
@@ -80,12 +82,11 @@ FLEX_SWEEP = list(itertools.product(MODES, [1, 2], [(37, 8), (64, 16)], [False, 
 def test_flex_forward_on_cpu_equals_chunked(mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
     qk, v, buckets, key_mask = _inputs(length, n_hashes, masked)
-    kw = dict(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
-    options = LSHOptions(**kw, attn_backend="flex")
+    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
-        out, _ = lsh_attention(qk, v, buckets, options, n_buckets=4, key_mask=key_mask)
-    expected, _ = lsh_attention_chunked(qk, v, buckets, n_buckets=4, key_mask=key_mask, **kw)
+        out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend="flex"), n_buckets=4, key_mask=key_mask)
+    expected, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4, key_mask=key_mask)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
@@ -123,9 +124,9 @@ GPU_SWEEP = list(itertools.product(MODES, [1, 2, 4, 8], [(16, 16), (37, 16), (20
 def test_gpu_backend_equals_reference(backend, mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
     qk, v, buckets, key_mask = _inputs(length, n_hashes, masked, d=32, device="cuda", requires_grad=True)
-    kw = dict(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
-    out, _ = lsh_attention(qk, v, buckets, LSHOptions(**kw, attn_backend=backend), n_buckets=4, key_mask=key_mask)
-    ref, _ = lsh_attention_reference(qk.double(), v.double(), buckets, n_buckets=4, key_mask=key_mask, **kw)
+    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend=backend), n_buckets=4, key_mask=key_mask)
+    ref, _ = lsh_attention_reference(qk.double(), v.double(), buckets, options, n_buckets=4, key_mask=key_mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (qk, v), grad)

@@ -28,8 +28,10 @@ BAD_VALUES = (float("nan"), float("inf"), -float("inf"))
 def _lsh(qk, v, bucket_size=4, n_hashes=2, dtype=torch.float32, key_mask=None, **kw):
     b, length, _ = qk.shape
     buckets = torch.randint(0, 4, (b, n_hashes, length), generator=torch.Generator().manual_seed(3))
-    opts = dict(bucket_size=bucket_size, n_buckets=4, causal=True, key_mask=key_mask) | kw
-    return lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, **opts)[0].double()
+    options = LSHOptions(**{"bucket_size": bucket_size, "causal": True, **kw})
+    return lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, options, n_buckets=4, key_mask=key_mask)[
+        0
+    ].double()
 
 
 def _flex(qk, v):
@@ -52,7 +54,7 @@ PATHS = {
     "lsh-classic-fp64-set-attention": partial(
         _lsh, strict_causal=False, allow_duplicate_attention=False, attend_across_buckets=False, dtype=torch.float64
     ),
-    "lsh-strict-exp-lse": partial(_lsh, exp_lse=True, n_hashes=3),
+    "lsh-strict-exp-lse": partial(_lsh, exp_lse_softmax=True, n_hashes=3),
     "lsh-flex": _flex,
     "local": lambda qk, v: local_attention_chunked(qk, v, window_size=4, causal=True),
     "local-fp64": lambda qk, v: local_attention_chunked(qk.double(), v.double(), window_size=5, causal=True),

@@ -17,6 +17,7 @@ from reformer import (
     TrainingWrapper,
 )
 from reformer.attention.decode import DecodingCache
+from reformer.attention.options import LSHOptions
 from reformer.feedforward import FeedForward
 from reformer.pkm import PKM
 
@@ -267,7 +268,7 @@ def test_one_rotation_layer_equals_reference_and_stays_strictly_causal(causal):
     layer = LSHAttention(bucket_size=4, n_hashes=2, causal=causal, rehash_each_round=False, n_buckets=8).eval()
     qk, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
     out, _, buckets = layer(qk, v)
-    ref, _ = lsh_attention_reference(qk, v, buckets, bucket_size=4, n_buckets=8, causal=causal)
+    ref, _ = lsh_attention_reference(qk, v, buckets, layer.options, n_buckets=8)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
     if causal:
         for i in (0, 13, 38):
@@ -353,8 +354,6 @@ def test_strict_causal_query_len_keeps_later_queries_out():
     v3 = v.clone()
     v3[:, 30:] += 1.0  # the keys-only positions are seen (by some query)
     assert (layer(qk, v3, query_len=30)[0] - base).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="input_attn_mask is not offered by LSH"):
-        layer(qk, v, input_attn_mask=torch.ones(2, 40, 40, dtype=torch.bool))
     with pytest.raises(ValueError, match="pos_emb must be"):
         layer(qk, v, pos_emb=torch.zeros(1, 41, 8))
 
@@ -390,6 +389,75 @@ def test_self_attention_pos_emb_and_input_attn_mask_equal_the_peer():
     assert (ours(x, keys=keys) - expected).abs().max() > 1e-3  # (the mask matters)
     with pytest.raises(ValueError, match="input_attn_mask must have shape"):
         ours(x, keys=keys, input_attn_mask=torch.ones(2, 64, 73, dtype=torch.bool))
-    lsh = LSHSelfAttention(dim=32, heads=2, bucket_size=8, n_hashes=2)
-    with pytest.raises(ValueError, match="input_attn_mask is not offered by LSH"):
-        lsh(x, input_attn_mask=mask[..., :64])
+
+
+MASK_MODES = [
+    (False, True, True, True),
+    (True, True, True, True),
+    (True, False, True, True),
+    (False, True, False, False),
+]
+
+
+@pytest.mark.parametrize("causal,strict,dup,across", MASK_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # (fp32 on CPU: the C kernels' path)
+def test_chunked_pair_mask_equals_reference(causal, strict, dup, across, dtype):
+    from reformer.attention.chunked import lsh_attention_chunked
+    from reformer.attention.reference import lsh_attention_reference
+
+    qk = torch.randn(3, 45, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(3, 45, 8, dtype=dtype, requires_grad=True)
+    buckets = torch.randint(0, 4, (3, 2, 45))
+    pairs = torch.rand(3, 45, 45) > 0.4
+    key_mask = torch.rand(3, 45) > 0.2
+    options = LSHOptions(bucket_size=8, causal=causal, strict_causal=strict, allow_duplicate_attention=dup,
+                         attend_across_buckets=across, return_attn=True)  # fmt: skip
+    call = dict(n_buckets=4, key_mask=key_mask, attn_mask=pairs)
+    out, attn = lsh_attention_chunked(qk, v, buckets, options, **call)
+    ref, ref_attn = lsh_attention_reference(qk, v, buckets, options, **call)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+    torch.testing.assert_close(attn, ref_attn, atol=tol, rtol=0)
+    hidden = ~pairs & ~torch.eye(45, dtype=torch.bool)  # (the own key stays, as without the mask)
+    assert attn[hidden].abs().max() == 0
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=0)
+
+
+def test_lsh_input_attn_mask_equals_the_peer():
+    """Not causal, the same rotations: reformer_pytorch's LSHAttention and LSHSelfAttention with
+    an input_attn_mask give our outputs."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    qk, v = torch.randn(2, 64, 8), torch.randn(2, 64, 8)
+    mask = torch.rand(2, 60, 64) > 0.3  # (the last 4 queries unlisted: they see everything)
+    ours, theirs = LSHAttention(bucket_size=8, n_hashes=2, n_buckets=8), peer.LSHAttention(bucket_size=8, n_hashes=2)
+    torch.manual_seed(4)
+    expected = theirs(qk, v, input_attn_mask=mask)[0]
+    torch.manual_seed(4)
+    torch.testing.assert_close(ours(qk, v, input_attn_mask=mask)[0], expected, atol=1e-5, rtol=0)
+    torch.manual_seed(4)
+    assert (ours(qk, v)[0] - expected).abs().max() > 1e-3  # (the mask matters)
+
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, bucket_size=8, n_hashes=2)
+    x = torch.randn(2, 64, 32)
+    mask = torch.rand(2, 64, 64) > 0.3
+    torch.manual_seed(5)
+    expected = theirs(x, input_attn_mask=mask)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours(x, input_attn_mask=mask), expected, atol=1e-5, rtol=0)
+
+
+def test_fused_backends_refuse_a_pair_mask_and_auto_falls_back():
+    from reformer.attention.backends import lsh_attention, resolve_backend
+
+    qk, v, buckets = torch.randn(2, 32, 16), torch.randn(2, 32, 16), torch.randint(0, 4, (2, 1, 32))
+    pairs = torch.ones(2, 32, 32, dtype=torch.bool)
+    for backend in ("flex", "triton"):
+        with pytest.raises(ValueError, match="does not support input_attn_mask"):
+            lsh_attention(
+                qk, v, buckets, LSHOptions(bucket_size=16, attn_backend=backend), n_buckets=4, attn_mask=pairs
+            )
+    assert resolve_backend(qk, v, LSHOptions(bucket_size=16), training=False, pair_mask=True) == "chunked"

@@ -43,8 +43,11 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def unsupported_option(options: LSHOptions, training: bool) -> str | None:
-    """The first option (as ``name=value``) outside the fused backends' subset, or None."""
+def unsupported_option(options: LSHOptions, training: bool, pair_mask: bool = False) -> str | None:
+    """The first option (as ``name=value``) outside the fused backends' subset, or None
+    (``pair_mask``: the call has an ``attn_mask``)."""
+    if pair_mask:
+        return "input_attn_mask"
     if options.return_attn:
         return "return_attn=True"
     if not options.allow_duplicate_attention:
@@ -87,12 +90,14 @@ def _flex_has_aux_lse() -> bool:
     return True
 
 
-def resolve_backend(qk: torch.Tensor, v: torch.Tensor, options: LSHOptions, training: bool) -> str:
+def resolve_backend(
+    qk: torch.Tensor, v: torch.Tensor, options: LSHOptions, training: bool, pair_mask: bool = False
+) -> str:
     """The backend that computes this call: ``options.attn_backend``, or for ``"auto"`` the first usable one."""
     requested = options.attn_backend
     if requested == "chunked":
         return requested
-    blocker = unsupported_option(options, training)
+    blocker = unsupported_option(options, training, pair_mask)
     if requested == "auto":
         if qk.device.type != "cuda" or blocker is not None:
             return "chunked"
@@ -127,28 +132,15 @@ def lsh_attention(
     *,
     n_buckets: int,
     key_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
     training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by the
-    backend ``options.attn_backend`` asks for."""
-    name = resolve_backend(qk, v, options, training)
+    backend ``options.attn_backend`` asks for (a fused one only without ``attn_mask``)."""
+    name = resolve_backend(qk, v, options, training, attn_mask is not None)
     if name == "chunked":
         return lsh_attention_chunked(
-            qk,
-            v,
-            buckets,
-            bucket_size=options.bucket_size,
-            n_buckets=n_buckets,
-            causal=options.causal,
-            strict_causal=options.strict_causal,
-            key_mask=key_mask,
-            allow_duplicate_attention=options.allow_duplicate_attention,
-            attend_across_buckets=options.attend_across_buckets,
-            dropout=options.lsh_dropout,
-            training=training,
-            return_attn=options.return_attn,
-            self_value=options.self_attn_value,
-            exp_lse=options.exp_lse_softmax,
+            qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask, attn_mask=attn_mask, training=training
         )
     causal = options.causal
     rules = WindowRules(

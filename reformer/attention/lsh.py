@@ -189,8 +189,8 @@ class LSHAttention(nn.Module):
         sort as positions before the first query). ``pos_emb`` ``(1, n, d)``: a rotary encoding
         as ``[sin | cos]`` halves (``FixedPositionalEmbedding(d)`` there) that turns the first
         ``n`` positions' vectors after hashing, so the buckets are those of the unturned vectors.
-        ``input_attn_mask`` (which query-key pairs may attend) is for dense attention only
-        (:class:`FullQKAttention`); LSH refuses it.
+        ``input_attn_mask`` ``(rows, n, m)`` bool: which query-key pairs may attend (pairs
+        beyond ``n``, ``m`` may), applied to the pairs the windows hold (the chunked backend).
 
         ``chunks`` splits the rows to bound peak memory (hashing is done once for all).
         Returns ``out`` ``(rows, query_len, dv)``, ``attn`` ``(rows, query_len, len)`` when
@@ -198,30 +198,37 @@ class LSHAttention(nn.Module):
         """
         check_qkv(qk, v, input_mask)
         check_int("chunks", chunks, 1)
-        if input_attn_mask is not None:
-            raise ValueError(
-                "input_attn_mask is not offered by LSH attention; use FullQKAttention (or use_full_attn=True)"
-            )
-        length = qk.shape[1]
+        rows, length, _ = qk.shape
         keys_only = 0 if query_len is None else length - check_query_len(query_len, length)
+        check_attn_mask(input_attn_mask, rows, length)
+        pairs = allowed_pairs(input_attn_mask, length, length, False, qk.device)  # (rows, len, len) or None
         buckets = self.hash(qk)
         if pos_emb is not None:
             qk = rotate_by_pos_emb(qk, pos_emb)
         if not (keys_only and self.causal):
-            out, attn = self._attend(qk, v, buckets, input_mask, chunks)
+            out, attn = self._attend(qk, v, buckets, input_mask, pairs, chunks)
             return out[:, : length - keys_only], None if attn is None else attn[:, : length - keys_only], buckets
         # Causal: the keys-only positions go first, where causal masking hides none of them.
         first = partial(torch.roll, shifts=keys_only, dims=1)
         mask = None if input_mask is None else first(input_mask)
-        out, attn = self._attend(first(qk), first(v), buckets.roll(keys_only, dims=2), mask, chunks)
+        if pairs is not None:
+            pairs = pairs.roll((keys_only, keys_only), dims=(1, 2))
+        out, attn = self._attend(first(qk), first(v), buckets.roll(keys_only, dims=2), mask, pairs, chunks)
         if attn is not None:  # back to the input's order, query rows only
             attn = attn.roll((-keys_only, -keys_only), dims=(1, 2))[:, : length - keys_only]
         return out[:, keys_only:], attn, buckets
 
     def _attend(
-        self, qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, input_mask: torch.Tensor | None, chunks: int
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        buckets: torch.Tensor,
+        input_mask: torch.Tensor | None,
+        pairs: torch.Tensor | None,
+        chunks: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(out, attn)`` of every position, ``chunks`` row ranges at a time."""
+        """``(out, attn)`` of every position, ``chunks`` row ranges at a time; ``pairs``
+        ``(rows, len, len)``: the query-key pairs that may attend, or None for all."""
         n_total = total_buckets(self.bucket_spec(qk.shape[1]))
         if self.pad_bucket and input_mask is not None:  # the id the chunked path gives its padding
             buckets = buckets.masked_fill(~input_mask[:, None, :], n_total)
@@ -237,6 +244,7 @@ class LSHAttention(nn.Module):
                 self.options,
                 n_buckets=n_total,
                 key_mask=None if input_mask is None else part(input_mask),
+                attn_mask=None if pairs is None else part(pairs),
                 training=self.training,
             )
             outs.append(out)

@@ -178,8 +178,8 @@ class LSHSelfAttention(nn.Module):
 
         ``reformer_pytorch``'s options, with its semantics: ``input_attn_mask`` ``(b, n, m)``
         bool, which query-key pairs may attend, indexed as there (the sequence, then the memory
-        key/values, then ``keys``; pairs beyond ``n``, ``m`` allowed); dense attention only
-        (``use_full_attn`` or inputs up to ``full_attn_thres``): the LSH heads refuse it.
+        key/values, then ``keys``; pairs beyond ``n``, ``m`` allowed), on the LSH heads and dense
+        attention (local heads ignore it, as there).
         ``pos_emb`` ``(1, n, dim_head)``: see :meth:`LSHAttention.forward`; as there, it turns
         the LSH heads' vectors of the first ``n`` positions (not local heads, not dense attention).
 
@@ -249,11 +249,11 @@ class LSHSelfAttention(nn.Module):
             lqk = (qk[:, lh:] if lh else qk).reshape(rows, length, dh)
             lv = (v[:, lh:] if lh else v).reshape(rows, length, dh)
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
+            pairs = None
+            if input_attn_mask is not None:  # (the peer's layout is ours rolled: the sequence first)
+                pairs = allowed_pairs(input_attn_mask, length, length, False, x.device)
+                pairs = pairs.roll((n_prefix, n_prefix), dims=(1, 2)).repeat_interleave(h - lh, dim=0)
             if self.attends_densely(length):
-                allowed = None
-                if input_attn_mask is not None:  # (the peer's layout is ours rolled: the sequence first)
-                    allowed = allowed_pairs(input_attn_mask, length, length, False, x.device)
-                    allowed = allowed.roll((n_prefix, n_prefix), dims=(1, 2)).repeat_interleave(h - lh, dim=0)
                 out, attn = full_qk_attention(
                     lqk,
                     lv,
@@ -262,14 +262,14 @@ class LSHSelfAttention(nn.Module):
                     dropout=self.attn_dropout,
                     training=self.training,
                     need_weights=self.callback is not None or self.lsh_attn.return_attn,
-                    allowed=allowed,
+                    allowed=pairs,
                 )
             else:
                 out, attn, buckets = self.lsh_attn(
                     lqk,
                     lv,
                     input_mask=row_mask,
-                    input_attn_mask=input_attn_mask,
+                    input_attn_mask=pairs,
                     pos_emb=None if pos_emb is None else _unturned_prefix(pos_emb, n_prefix),
                     chunks=self.attn_chunks,
                 )
