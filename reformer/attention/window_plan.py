@@ -118,8 +118,8 @@ class WindowPlan:
     causal: bool
     key_valid: torch.Tensor | None  # (b, c + total) bool, True = attendable
     dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
-    self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
-    exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
+    self_attn_value: float = SELF_ATTN_VALUE  # logit of a query's own key
+    exp_lse_softmax: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
     kernels: bool = False  # fp32 on CPU: the row kernels of cpu_kernels.c do the row work
     fused: bool = False  # and the fused window kernels the strict windows' matmuls too
     dropout: WindowDropout | None = None  # attention dropout in training
@@ -225,7 +225,7 @@ class WindowPlan:
         if hidden is not None:
             dots.masked_fill_(hidden, masked_value(dots.dtype))
         if strict_part or not self.strict:
-            self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
+            self.fill_self_(dots, self_logit(dots.dtype, self.self_attn_value), self.self_mask(blk))
 
     def kept_by_dropout(self, blk: Block) -> torch.Tensor:
         """``(blk, s, c + s)`` bool: the entries of the block's windows that dropout keeps."""
@@ -366,8 +366,8 @@ def build_plan(
         causal=causal,
         key_valid=key_valid,
         dup_info=dup_info,
-        self_value=options.self_attn_value,
-        exp_lse=options.exp_lse_softmax,
+        self_attn_value=options.self_attn_value,
+        exp_lse_softmax=options.exp_lse_softmax,
         kernels=kernels,
         fused=kernels and strict_mask_only and cpu_kernels.window_tiles_fit(s, c, d, dv),
         dropout=drop,
