@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_attn_mask, check_int, check_prob, check_qkv, check_query_len
 from ..hashing import (
     BucketSpec,
     draw_rotations,
@@ -19,8 +20,8 @@ from ..hashing import (
 from ..positions import rotate_by_pos_emb
 from ..reversible import remember
 from .backends import lsh_attention
-from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
-from .full import allowed_pairs, check_attn_mask, check_query_len, full_qk_attention
+from .common import SELF_ATTN_VALUE
+from .full import allowed_pairs, full_qk_attention
 from .options import LSHOptions, one_source, option_property
 
 

@@ -12,9 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..checks import check_int, check_prob
 from ..hashing import BucketSpec, buckets_for_length, validate_n_buckets
 from .backends import check_backend
-from .common import SELF_ATTN_VALUE, check_int, check_prob
+from .common import SELF_ATTN_VALUE
 
 
 @dataclass(frozen=True)

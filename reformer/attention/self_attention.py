@@ -7,10 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..hashing import BucketSpec, total_buckets
-from ..positions import apply_rotary, rotary_angles
-from .common import (
-    SELF_ATTN_VALUE,
+from ..checks import (
+    check_attn_mask,
     check_extra_keys,
     check_features,
     check_int,
@@ -18,8 +16,11 @@ from .common import (
     check_prob,
     resolve_dim_head,
 )
+from ..hashing import BucketSpec, total_buckets
+from ..positions import apply_rotary, rotary_angles
+from .common import SELF_ATTN_VALUE
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
-from .full import allowed_pairs, check_attn_mask, full_qk_attention
+from .full import allowed_pairs, full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
 from .options import LSHOptions, one_source
