@@ -9,16 +9,16 @@
   ``benchmarks/gpu.py`` have run.)
 
 The fused backends cover the common subset: no ``return_attn``, ``allow_duplicate_attention``
-True, no attention dropout in training, ``exp_lse`` False. ``auto`` falls back to chunked
+True, no attention dropout in training, ``exp_lse_softmax`` False. ``auto`` falls back to chunked
 outside it; forcing a fused backend there raises an error that names the option.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import inspect
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,13 +26,13 @@ from .chunked import lsh_attention_chunked
 from .common import quarantine_non_finite
 from .slots import SlotInputs, SlotLayout, WindowRules, combine_rounds, sort_into_slots
 
+if TYPE_CHECKING:  # (options.py imports check_backend from here)
+    from .options import LSHOptions
+
 BACKENDS = ("auto", "chunked", "flex", "triton")
 #: Head dims the fused backends are built for (powers of two: tl.dot tiles, flex kernels).
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-#: The options every backend takes (read once: ``inspect.signature`` is slow for a per-layer call).
-_CHUNKED_SIGNATURE = inspect.signature(lsh_attention_chunked)
 
 WindowKernel = Callable[[SlotInputs, SlotLayout, WindowRules], tuple[torch.Tensor, torch.Tensor]]
 
@@ -43,16 +43,19 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def unsupported_option(options: dict) -> str | None:
-    """The first option (as ``name=value``) outside the fused backends' subset, or None."""
-    if options["return_attn"]:
+def unsupported_option(options: LSHOptions, training: bool, pair_mask: bool = False) -> str | None:
+    """The first option (as ``name=value``) outside the fused backends' subset, or None
+    (``pair_mask``: the call has an ``attn_mask``)."""
+    if pair_mask:
+        return "input_attn_mask"
+    if options.return_attn:
         return "return_attn=True"
-    if not options["allow_duplicate_attention"]:
+    if not options.allow_duplicate_attention:
         return "allow_duplicate_attention=False"
-    if options["dropout"] > 0 and options["training"]:
-        return f"dropout={options['dropout']} (attention dropout in training)"
-    if options["exp_lse"]:
-        return "exp_lse=True"
+    if options.lsh_dropout > 0 and training:
+        return f"lsh_dropout={options.lsh_dropout} (attention dropout in training)"
+    if options.exp_lse_softmax:
+        return "exp_lse_softmax=True"
     return None
 
 
@@ -87,23 +90,26 @@ def _flex_has_aux_lse() -> bool:
     return True
 
 
-def resolve_backend(requested: str, qk: torch.Tensor, v: torch.Tensor, options: dict) -> str:
-    """The backend that computes this call: ``requested``, or for ``"auto"`` the first usable one."""
+def resolve_backend(
+    qk: torch.Tensor, v: torch.Tensor, options: LSHOptions, training: bool, pair_mask: bool = False
+) -> str:
+    """The backend that computes this call: ``options.attn_backend``, or for ``"auto"`` the first usable one."""
+    requested = options.attn_backend
     if requested == "chunked":
         return requested
-    blocker = unsupported_option(options)
+    blocker = unsupported_option(options, training, pair_mask)
     if requested == "auto":
         if qk.device.type != "cuda" or blocker is not None:
             return "chunked"
-        usable = [b for b in ("triton", "flex") if unavailable_reason(b, qk, v, options["bucket_size"]) is None]
+        usable = [b for b in ("triton", "flex") if unavailable_reason(b, qk, v, options.bucket_size) is None]
         return usable[0] if usable else "chunked"
     if blocker is not None:
         raise ValueError(
-            f"backend={requested!r} does not support {blocker}; use backend='chunked' (or 'auto', which falls back)"
+            f"attn_backend={requested!r} does not support {blocker}; use 'chunked' (or 'auto', which falls back)"
         )
-    reason = unavailable_reason(requested, qk, v, options["bucket_size"])
+    reason = unavailable_reason(requested, qk, v, options.bucket_size)
     if reason is not None:
-        raise RuntimeError(f"backend={requested!r} cannot run here: {reason}")
+        raise RuntimeError(f"attn_backend={requested!r} cannot run here: {reason}")
     return requested
 
 
@@ -119,19 +125,29 @@ def _window_kernel(backend: str) -> WindowKernel:
 
 
 def lsh_attention(
-    qk: torch.Tensor, v: torch.Tensor, buckets: torch.Tensor, *, backend: str = "auto", **options
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    buckets: torch.Tensor,
+    options: LSHOptions,
+    *,
+    n_buckets: int,
+    key_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by ``backend``."""
-    bound = _CHUNKED_SIGNATURE.bind(qk, v, buckets, **options)
-    bound.apply_defaults()
-    opts = bound.arguments
-    name = resolve_backend(check_backend(backend), qk, v, opts)
+    """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by the
+    backend ``options.attn_backend`` asks for (a fused one only without ``attn_mask``)."""
+    name = resolve_backend(qk, v, options, training, attn_mask is not None)
     if name == "chunked":
-        return lsh_attention_chunked(qk, v, buckets, **options)
-    causal = opts["causal"]
-    rules = WindowRules(causal, causal and opts["strict_causal"], opts["attend_across_buckets"], opts["self_value"])
+        return lsh_attention_chunked(
+            qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask, attn_mask=attn_mask, training=training
+        )
+    causal = options.causal
+    rules = WindowRules(
+        causal, causal and options.strict_causal, options.attend_across_buckets, options.self_attn_value
+    )
     qk, v, bad = quarantine_non_finite(qk, v)
-    inputs, layout = sort_into_slots(qk, v, buckets, opts["key_mask"], opts["bucket_size"], opts["n_buckets"])
+    inputs, layout = sort_into_slots(qk, v, buckets, key_mask, options.bucket_size, n_buckets)
     slot_out, slot_lse = _window_kernel(name)(inputs, layout, rules)
     out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
     return out.masked_fill(bad, torch.nan), None
