@@ -30,6 +30,7 @@ from common import markdown_table, write_atomic
 
 from reformer import ReformerLM
 from reformer.attention.backends import lsh_attention, unavailable_reason
+from reformer.attention.options import LSHOptions
 
 HEADS, DIM_HEAD, BUCKET = 8, 64, 64
 BACKENDS = ("chunked", "sdpa", "flex", "triton")
@@ -63,9 +64,10 @@ def lsh_step(backend: str, length: int, n_hashes: int):
     v = torch.randn_like(qk, requires_grad=True)
     n_buckets = max(2, length // BUCKET // 2 * 2)
     buckets = torch.randint(0, n_buckets, (HEADS, n_hashes, length), device=DEVICE)
+    options = LSHOptions(bucket_size=BUCKET, n_hashes=n_hashes, causal=True, attn_backend=backend)
 
     def step():
-        out, _ = lsh_attention(qk, v, buckets, backend=backend, bucket_size=BUCKET, n_buckets=n_buckets, causal=True)
+        out, _ = lsh_attention(qk, v, buckets, options, n_buckets=n_buckets)
         out.backward(torch.ones_like(out))
 
     return step

@@ -81,3 +81,23 @@ def check_qkv(qk: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None) 
     if qk.shape[1] == 0:
         raise ValueError("qk must have at least one position (len >= 1)")
     check_mask("input_mask", key_mask, qk.shape[:2])
+
+
+def check_attn_mask(mask: torch.Tensor | None, batch: int, length: int) -> None:
+    """``reformer_pytorch``'s ``input_attn_mask``: bool ``(batch, n, m)``, ``n, m <= length``, or None."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.dim() != 3:
+        got = f"{mask.dtype} of {mask.dim()} dims" if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise ValueError(f"input_attn_mask must be a 3-D bool tensor (True = may attend), got {got}")
+    if mask.shape[0] != batch or mask.shape[1] > length or mask.shape[2] > length:
+        raise ValueError(
+            f"input_attn_mask must have shape ({batch}, <= {length}, <= {length}), got {tuple(mask.shape)}"
+        )
+
+
+def check_query_len(query_len: object, length: int) -> int:
+    """``query_len``: the first ``query_len`` positions are queries (1 to ``length``)."""
+    if isinstance(query_len, bool) or not isinstance(query_len, int) or not 1 <= query_len <= length:
+        raise ValueError(f"query_len must be an int in [1, {length}] (the input length), got {query_len!r}")
+    return query_len

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from . import hub
 from .config import ReformerConfig
 from .hashing import buckets_for_length
 from .heads import ReformerForMaskedLM, ReformerForSequenceClassification
@@ -263,6 +264,7 @@ def _copy(src: dict[str, torch.Tensor], dst: torch.nn.Module, pairs: list[tuple[
 
 def _load_transformers(path: str | os.PathLike) -> Any:
     tf = _transformers()
+    path = hub.resolve(path, files=hub.TRANSFORMERS_FILES)  # a Hub repo id: its files in the Hub cache
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path} (expected a transformers Reformer checkpoint directory)")
     hf_config = tf.AutoConfig.from_pretrained(path)

@@ -136,6 +136,24 @@ def hash_vectors(
     return out.view(rows, n_hashes, length)
 
 
+def top_bucket_ids(x: torch.Tensor, rotations: torch.Tensor, n_buckets: int, n_hashes: int) -> torch.Tensor:
+    """``reformer_pytorch``'s ``rehash_each_round=False``: one rotation, and each position goes
+    to its ``n_hashes`` best buckets, one per round, from the ``n_hashes``-th best (round 0) to
+    the best (the last round), as the peer's ascending sort orders them.
+
+    ``x`` ``(rows, len, d)``; ``rotations`` ``(n_sets, d, 1, n_buckets // 2)``. Returns
+    ``(rows, n_hashes, len)`` int64."""
+    x = x.detach()
+    rows, length, d = x.shape
+    n_sets = rotations.shape[0]
+    if rows % n_sets:
+        raise ValueError(f"rows ({rows}) must be a multiple of the rotation sets ({n_sets})")
+    rotated = x.reshape(rows // n_sets, n_sets, length, d) @ rotations[:, :, 0].to(x.dtype)  # (g, s, len, nb/2)
+    both = torch.cat([rotated, -rotated], dim=-1)  # (g, s, len, n_buckets)
+    best = both.topk(n_hashes, dim=-1).indices.flip(-1)  # (g, s, len, n_hashes), best last
+    return best.reshape(rows, length, n_hashes).transpose(1, 2)
+
+
 class Scratch(NamedTuple):
     projections: torch.Tensor  # flat, a block's projections
     matches: torch.Tensor | None  # flat float32, at least as large; None: the CPU kernel finds the argmax

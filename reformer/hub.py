@@ -14,8 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-#: The files of a checkpoint directory (checkpoint.py); only these are downloaded.
+#: The files of a checkpoint directory (checkpoint.py) that are uploaded.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "manifest.json", "README.md")
+#: What is downloaded of a repository: those and a character vocabulary (``reformer train`` writes one).
+DOWNLOAD_FILES = (*CHECKPOINT_FILES, "vocab.json")
+#: What is downloaded of a Hugging Face transformers Reformer (``reformer convert``).
+TRANSFORMERS_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*")
 CARD_NAME = "README.md"
 LIBRARY_NAME = "reformer-torch"
 
@@ -37,9 +41,15 @@ def is_repo_id(name: str) -> bool:
     return bool(_REPO_ID.match(name)) and not Path(name).exists()
 
 
-def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None) -> Path:
+def resolve(
+    name_or_path: str | os.PathLike,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    files: tuple[str, ...] = DOWNLOAD_FILES,
+) -> Path:
     """A local checkpoint directory as given; a Hub repo id downloaded into (or found in) the Hub
-    cache, the checkpoint files only, at ``revision`` (a branch, tag or commit; default main)."""
+    cache, the ``files`` (names or patterns) only, at ``revision`` (a branch, tag or commit;
+    default main)."""
     name = os.fspath(name_or_path)
     if not is_repo_id(name):
         if revision is not None:
@@ -47,7 +57,7 @@ def resolve(name_or_path: str | os.PathLike, revision: str | None = None, token:
         return Path(name)
     hub = _hub()
     try:
-        path = hub.snapshot_download(name, revision=revision, allow_patterns=list(CHECKPOINT_FILES), token=token)
+        path = hub.snapshot_download(name, revision=revision, allow_patterns=list(files), token=token)
     except hub.errors.LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{name}{'@' + revision if revision else ''} is not in the Hugging Face cache and the Hub cannot be "

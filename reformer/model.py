@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import LSHSelfAttention
+from .attention import LSHOptions, LSHSelfAttention
 from .attention.cross import CrossAttention
 from .attention.decode import DecodingCache
 from .attention.dense import DenseSelfAttention
@@ -119,6 +119,8 @@ class Reformer(PretrainedMixin, nn.Module):
                 return ReZero(fn)
             return PreNorm(ScaleNorm(cfg.dim) if cfg.use_scale_norm else nn.LayerNorm(cfg.dim, eps=cfg.norm_eps), fn)
 
+        lsh_options = LSHOptions.from_config(cfg)
+
         def attention(kind: str) -> nn.Module:
             if kind == "local" and cfg.local_qkv:
                 return wrap(
@@ -151,33 +153,18 @@ class Reformer(PretrainedMixin, nn.Module):
                 LSHSelfAttention(
                     dim=cfg.dim,
                     heads=cfg.heads,
-                    bucket_size=cfg.bucket_size,
-                    n_hashes=cfg.n_hashes,
-                    causal=cfg.causal,
                     dim_head=cfg.dim_head,
                     attn_chunks=cfg.attn_chunks,
-                    random_rotations_per_head=cfg.random_rotations_per_head,
-                    attend_across_buckets=cfg.attend_across_buckets,
-                    allow_duplicate_attention=cfg.allow_duplicate_attention,
                     num_mem_kv=cfg.num_mem_kv,
                     use_full_attn=kind == "full",
                     full_attn_thres=cfg.full_attn_thres,
                     post_attn_dropout=cfg.post_attn_dropout,
-                    dropout=cfg.lsh_dropout,
                     n_local_attn_heads=cfg.heads if kind == "local" else cfg.n_local_attn_heads,
-                    strict_causal=cfg.strict_causal,
-                    n_buckets=cfg.n_buckets,
-                    max_seq_len=cfg.bucket_length(),
-                    hash_seed=cfg.hash_seed,
                     one_value_head=cfg.one_value_head,
                     rotary_emb=cfg.position_emb == "rotary",
                     qk_logit_scale=cfg.qk_logit_scale,
                     out_bias=cfg.attn_out_bias,
-                    pad_bucket=cfg.pad_bucket,
-                    n_buckets_first_major=cfg.n_buckets_first_major,
-                    self_value=cfg.self_attn_value,
-                    exp_lse=cfg.exp_lse_softmax,
-                    backend=cfg.attn_backend,
+                    options=lsh_options,
                 )
             )
 

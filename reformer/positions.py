@@ -86,6 +86,27 @@ def rotary_angles(length: int, dim: int, device: torch.device, offset: int = 0) 
 
 def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     """Rotate pairs ``(x[2i], x[2i+1])`` of ``x`` ``(..., len, d)`` by ``angles`` ``(len, d/2)``."""
+    return _rotate_pairs(x, angles.cos(), angles.sin())
+
+
+def _rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs ``(x[2i], x[2i+1])`` of ``x`` ``(..., len, d)`` by the angles whose cosines and
+    sines are ``cos``, ``sin`` ``(len, d/2)``."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+def rotate_by_pos_emb(x: torch.Tensor, pos_emb: torch.Tensor) -> torch.Tensor:
+    """``reformer_pytorch``'s ``pos_emb`` on ``x`` ``(..., len, d)``: ``pos_emb`` ``(1, n, d)``
+    holds ``[sin | cos]`` halves (its ``FixedPositionalEmbedding(d)``); the first ``n <= len``
+    positions are rotated by those angles, the rest pass unchanged."""
+    d, length = x.shape[-1], x.shape[-2]
+    if not isinstance(pos_emb, torch.Tensor) or pos_emb.dim() != 3 or pos_emb.shape[0] != 1:
+        raise ValueError(f"pos_emb must be a (1, n, {d}) tensor, got {getattr(pos_emb, 'shape', type(pos_emb))}")
+    n = pos_emb.shape[1]
+    if pos_emb.shape[2] != d or d % 2 or n > length:
+        raise ValueError(f"pos_emb must be (1, n <= {length}, {d}) with {d} even, got {tuple(pos_emb.shape)}")
+    sin, cos = pos_emb[0].chunk(2, dim=-1)  # (n, d/2) each
+    turned = _rotate_pairs(x[..., :n, :], cos, sin)
+    return torch.cat([turned, x[..., n:, :]], dim=-2) if n < length else turned

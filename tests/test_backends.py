@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from reformer import LSHAttention, ReformerConfig
-from reformer.attention import backends
 from reformer.attention.backends import lsh_attention, resolve_backend
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import SELF_ATTN_VALUE
+from reformer.attention.options import LSHOptions
 from reformer.attention.reference import lsh_attention_reference
 from reformer.attention.slots import WindowRules, sort_into_slots
 
@@ -29,18 +29,19 @@ def _inputs(length, n_hashes, masked, d=16, device="cpu", dtype=torch.float32, r
 
 
 def _options(**kw):
-    base = dict(return_attn=False, allow_duplicate_attention=True, dropout=0.0, training=False, exp_lse=False)
-    return {**base, "bucket_size": 16, **kw}
+    return LSHOptions(**{"bucket_size": 16, **kw})
 
 
 def test_auto_is_chunked_on_cpu_and_bit_identical():
     layer = LSHAttention(bucket_size=8, n_hashes=2, causal=True, n_buckets=4).eval()
-    assert layer.backend == "auto"
+    assert layer.attn_backend == "auto"
     qk, v, _, mask = _inputs(37, 2, True)
-    out, _, buckets = layer(qk, v, mask)
-    expected, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True, key_mask=mask)
+    out, _, buckets = layer(qk, v, input_mask=mask)
+    expected, _ = lsh_attention_chunked(
+        qk, v, buckets, LSHOptions(bucket_size=8, causal=True), n_buckets=4, key_mask=mask
+    )
     assert torch.equal(out, expected)
-    assert resolve_backend("auto", qk, v, _options()) == "chunked"
+    assert resolve_backend(qk, v, _options(), training=False) == "chunked"
 
 
 @pytest.mark.parametrize(
@@ -48,62 +49,30 @@ def test_auto_is_chunked_on_cpu_and_bit_identical():
     [
         ("return_attn", True, "return_attn"),
         ("allow_duplicate_attention", False, "allow_duplicate_attention"),
-        ("exp_lse", True, "exp_lse"),
-        ("dropout", 0.1, "dropout"),
+        ("exp_lse_softmax", True, "exp_lse"),
+        ("lsh_dropout", 0.1, "dropout"),
     ],
 )
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 def test_forcing_a_fused_backend_outside_its_subset_names_the_option(backend, option, value, named):
     qk, v, buckets, _ = _inputs(32, 1, False)
     with pytest.raises(ValueError, match=named):
-        lsh_attention(qk, v, buckets, backend=backend, bucket_size=16, n_buckets=4, training=True, **{option: value})
+        lsh_attention(qk, v, buckets, _options(attn_backend=backend, **{option: value}), n_buckets=4, training=True)
 
 
 def test_auto_falls_back_to_chunked_outside_the_subset():
     qk, v, _, _ = _inputs(32, 1, False)
-    assert resolve_backend("auto", qk, v, _options(return_attn=True)) == "chunked"
+    assert resolve_backend(qk, v, _options(return_attn=True), training=False) == "chunked"
 
 
 def test_unavailable_backend_and_bad_names_are_explained():
     qk, v, buckets, _ = _inputs(32, 1, False, d=24)
     with pytest.raises(RuntimeError, match="head dims"):
-        lsh_attention(qk, v, buckets, backend="flex", bucket_size=16, n_buckets=4)
+        lsh_attention(qk, v, buckets, _options(attn_backend="flex"), n_buckets=4)
     with pytest.raises(ValueError, match="backend must be one of"):
         LSHAttention(backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ReformerConfig(attn_backend="fast")
-
-
-def test_a_registered_backend_is_chosen_or_refused_by_what_it_declares(monkeypatch):
-    calls = []
-
-    def attention(opts):
-        calls.append(opts["causal"])
-        return lsh_attention_chunked(**opts)
-
-    dummy = backends.Backend(
-        attention, frozenset({"key_mask"}), dtypes=(torch.float32,), head_dims=(16,), auto_devices=("cpu",)
-    )
-    monkeypatch.setitem(backends.BACKENDS, "dummy", dummy)
-    monkeypatch.setattr(backends, "AUTO_ORDER", ("dummy", *backends.AUTO_ORDER))
-    qk, v, buckets, mask = _inputs(32, 2, True)
-    kw = dict(bucket_size=16, n_buckets=4, key_mask=mask)
-    lsh_attention(qk, v, buckets, **kw)  # auto: first in the order, and it supports all of this
-    LSHAttention(bucket_size=16, n_hashes=2, backend="dummy")(qk, v, mask)  # a name the layers take
-    assert calls == [False, False]
-    # auto passes over it for what it does not declare: an option, a dtype, a head dim
-    for refused_qk, refused_v, options in [(qk, v, {"causal": True}), (qk.double(), v.double(), {}),
-                                           (torch.randn(2, 32, 32), v, {})]:  # fmt: skip
-        assert resolve_backend("auto", refused_qk, refused_v, _options(**options)) == "chunked"
-    assert calls == [False, False]
-    with pytest.raises(ValueError, match="backend='dummy' does not support causal=True"):
-        lsh_attention(qk, v, buckets, backend="dummy", causal=True, **kw)
-    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(needs float32\)"):
-        lsh_attention(qk.double(), v.double(), buckets, backend="dummy", **kw)
-    with pytest.raises(RuntimeError, match="head dims 32, 16"):
-        lsh_attention(torch.randn(2, 32, 32), v, buckets, backend="dummy", **kw)
-    with pytest.raises(ValueError, match="unknown features"):
-        backends.Backend(attention, frozenset({"causal", "sliding_window"}))
 
 
 FLEX_SWEEP = list(itertools.product(MODES, [1, 2], [(37, 8), (64, 16)], [False, True], [True, False]))
@@ -113,18 +82,12 @@ FLEX_SWEEP = list(itertools.product(MODES, [1, 2], [(37, 8), (64, 16)], [False, 
 def test_flex_forward_on_cpu_equals_chunked(mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
     qk, v, buckets, key_mask = _inputs(length, n_hashes, masked)
-    kw = dict(
-        bucket_size=bucket_size,
-        n_buckets=4,
-        causal=causal,
-        strict_causal=strict,
-        key_mask=key_mask,
-        attend_across_buckets=across,
-    )
+    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
-        out, _ = lsh_attention(qk, v, buckets, backend="flex", **kw)
-    torch.testing.assert_close(out, lsh_attention_chunked(qk, v, buckets, **kw)[0], atol=1e-5, rtol=0)
+        out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend="flex"), n_buckets=4, key_mask=key_mask)
+    expected, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4, key_mask=key_mask)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("n_hashes,length", [(1, 16), (2, 64), (3, 40)])
@@ -161,16 +124,9 @@ GPU_SWEEP = list(itertools.product(MODES, [1, 2, 4, 8], [(16, 16), (37, 16), (20
 def test_gpu_backend_equals_reference(backend, mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
     qk, v, buckets, key_mask = _inputs(length, n_hashes, masked, d=32, device="cuda", requires_grad=True)
-    kw = dict(
-        bucket_size=bucket_size,
-        n_buckets=4,
-        causal=causal,
-        strict_causal=strict,
-        key_mask=key_mask,
-        attend_across_buckets=across,
-    )
-    out, _ = lsh_attention(qk, v, buckets, backend=backend, **kw)
-    ref, _ = lsh_attention_reference(qk.double(), v.double(), buckets, **kw)
+    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend=backend), n_buckets=4, key_mask=key_mask)
+    ref, _ = lsh_attention_reference(qk.double(), v.double(), buckets, options, n_buckets=4, key_mask=key_mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (qk, v), grad)
@@ -187,8 +143,7 @@ def test_gpu_low_precision_error_is_that_of_plain_dense_attention(backend, dtype
     backend in bf16/fp16 may err at most 2x a textbook dense attention in that dtype."""
     qk, v = torch.randn(4, 64, 64, device="cuda"), torch.randn(4, 64, 64, device="cuda")
     buckets = torch.zeros(4, 1, 64, dtype=torch.long, device="cuda")
-    kw = dict(bucket_size=64, n_buckets=2)
-    exact, _ = lsh_attention(qk, v, buckets, backend="chunked", **kw)
+    exact, _ = lsh_attention(qk, v, buckets, LSHOptions(bucket_size=64, attn_backend="chunked"), n_buckets=2)
 
     def dense(x, vals):
         keys = x / x.norm(dim=-1, keepdim=True)
@@ -196,7 +151,9 @@ def test_gpu_low_precision_error_is_that_of_plain_dense_attention(backend, dtype
         logits = logits.masked_fill(torch.eye(64, dtype=torch.bool, device="cuda"), SELF_ATTN_VALUE)
         return torch.softmax(logits, dim=-1) @ vals
 
-    low, _ = lsh_attention(qk.to(dtype), v.to(dtype), buckets, backend=backend, **kw)
+    low, _ = lsh_attention(
+        qk.to(dtype), v.to(dtype), buckets, LSHOptions(bucket_size=64, attn_backend=backend), n_buckets=2
+    )
     ours = (low.float() - exact).abs().max()
     plain = (dense(qk.to(dtype), v.to(dtype)).float() - exact).abs().max()
     assert ours <= 2 * plain, (ours, plain)
@@ -205,4 +162,4 @@ def test_gpu_low_precision_error_is_that_of_plain_dense_attention(backend, dtype
 @pytest.mark.gpu
 def test_gpu_auto_picks_a_fused_backend():
     qk, v, _, _ = _inputs(256, 2, False, d=64, device="cuda", dtype=torch.bfloat16)
-    assert resolve_backend("auto", qk, v, _options(bucket_size=64)) in ("triton", "flex")
+    assert resolve_backend(qk, v, _options(bucket_size=64), training=False) in ("triton", "flex")

@@ -10,6 +10,7 @@ import torch
 from reformer.attention import chunked, slots, window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import masked_value
+from reformer.attention.options import LSHOptions
 from reformer.attention.reference import lsh_attention_reference
 from reformer.attention.slots import CpuKernels
 from reformer.attention.window_plan import WindowPlan, strict_hidden_table
@@ -117,7 +118,7 @@ MODES = [
     dict(causal=False),
     dict(causal=True, allow_duplicate_attention=False),
     dict(causal=False, attend_across_buckets=False),
-    dict(causal=True, exp_lse=True, self_value=-1e5),
+    dict(causal=True, exp_lse_softmax=True, self_attn_value=-1e5),
 ]
 
 
@@ -128,11 +129,11 @@ def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, m
     qk, v = torch.randn(2, 77, 16), torch.randn(2, 77, 8)
     buckets = torch.randint(0, 4, (2, 3, 77))
     key_mask = torch.rand(2, 77) > 0.2 if masked else None
-    args = dict(bucket_size=8, n_buckets=4, key_mask=key_mask, **kw)
+    options = LSHOptions(bucket_size=8, **kw)
 
     def run(fn, dtype):
         a, b = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
-        out, _ = fn(a, b, buckets, **args)
+        out, _ = fn(a, b, buckets, options, n_buckets=4, key_mask=key_mask)
         weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
         return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
 
@@ -142,7 +143,7 @@ def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, m
     fused = run(lsh_attention_chunked, torch.float32)
     assert calls, "the fp32 CPU path must use the kernels"
     # (the reference has softmax weights and the default own-key logit only)
-    reference = None if "exp_lse" in kw else run(lsh_attention_reference, torch.float64)
+    reference = None if "exp_lse_softmax" in kw else run(lsh_attention_reference, torch.float64)
     monkeypatch.setenv("REFORMER_CPU_KERNELS", "0")
     torch_ops = run(lsh_attention_chunked, torch.float32)
     for i, (a, c) in enumerate(zip(fused, torch_ops, strict=True)):
@@ -182,7 +183,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
     length, rounds = 8 * c, 3
     qk, v = torch.randn(2, length, d) * 3, torch.randn(2, length, dv)
     buckets = torch.randint(0, 8, (2, rounds, length))
-    args = dict(bucket_size=c, n_buckets=8, causal=True, **({"exp_lse": True} if exp_lse else {}))
+    options = LSHOptions(bucket_size=c, causal=True, exp_lse_softmax=exp_lse)
     calls = []
     for name in ("strict_windows_forward_", "strict_windows_backward_"):
         kernel = getattr(cpu_kernels, name)
@@ -190,7 +191,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
 
     def run(fn, dtype):
         a, b = qk.to(dtype).requires_grad_(), v.to(dtype).requires_grad_()
-        out, _ = fn(a, b, buckets, **args)
+        out, _ = fn(a, b, buckets, options, n_buckets=8)
         weight = torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)
         return (out, *torch.autograd.grad((out * weight).sum(), (a, b)))
 
@@ -199,7 +200,8 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
         {"strict_windows_backward_"} if exp_lse else {"strict_windows_forward_", "strict_windows_backward_"}
     )
     with torch.no_grad():  # (probabilities not kept: the forward writes them to a scratch block)
-        torch.testing.assert_close(lsh_attention_chunked(qk, v, buckets, **args)[0], fused[0], atol=0, rtol=0)
+        torch.testing.assert_close(lsh_attention_chunked(qk, v, buckets, options, n_buckets=8)[0], fused[0],
+                                   atol=0, rtol=0)  # fmt: skip
     # (the reference has softmax round weights only)
     reference = [None] * 3 if exp_lse else run(lsh_attention_reference, torch.float64)
     monkeypatch.setattr(cpu_kernels, "window_tiles_fit", lambda *a: False)
@@ -220,6 +222,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
         (dict(causal=False), 32, 16, False),
         (dict(causal=True, allow_duplicate_attention=False), 32, 16, False),
         (dict(causal=True, key_mask=torch.ones(1, 64, dtype=torch.bool)), 32, 16, False),
+        (dict(causal=True, attn_mask=torch.ones(1, 64, 64, dtype=torch.bool)), 32, 16, False),
     ],
 )
 def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
@@ -227,7 +230,9 @@ def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
     kernel = cpu_kernels.strict_windows_forward_
     monkeypatch.setattr(cpu_kernels, "strict_windows_forward_", lambda *a: calls.append(1) or kernel(*a))
     qk, v = torch.randn(1, 64, 16), torch.randn(1, 64, dv)
-    lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), bucket_size=c, n_buckets=2, **kw)
+    call = {name: x for name, x in kw.items() if name in ("key_mask", "attn_mask")}
+    options = LSHOptions(bucket_size=c, **{name: x for name, x in kw.items() if name not in call})
+    lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), options, n_buckets=2, **call)
     assert bool(calls) == fused
 
 
@@ -237,8 +242,8 @@ KERNELS = ["bucket_sort", "pack_qkv_", "gather_rows", "strict_softmax", "softmax
 
 
 @pytest.mark.parametrize("decision", [CpuKernels(sort=False, windows=False), CpuKernels(sort=True, windows=False)])
-@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False, key_mask=torch.rand(2, 64) > 0.2)])
-def test_the_calls_one_kernel_decision_governs_every_step(monkeypatch, decision, kw):
+@pytest.mark.parametrize("causal,key_mask", [(True, None), (False, torch.rand(2, 64) > 0.2)])
+def test_the_calls_one_kernel_decision_governs_every_step(monkeypatch, decision, causal, key_mask):
     # The kernels could serve here (fp32 on CPU, and fused windows for causal=True); the call's
     # one decision turns them off, and no step (sort, plan, windows, backward) decides again.
     monkeypatch.setattr(chunked, "cpu_kernels_for", lambda *a: decision)
@@ -248,12 +253,13 @@ def test_the_calls_one_kernel_decision_governs_every_step(monkeypatch, decision,
         monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: used.append(name) or kernel(*a))
     qk, v = torch.randn(2, 64, 16, requires_grad=True), torch.randn(2, 64, 16, requires_grad=True)
     buckets = torch.randint(0, 4, (2, 2, 64))
-    out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=32, n_buckets=4, **kw)
+    options = LSHOptions(bucket_size=32, causal=causal)
+    out, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4, key_mask=key_mask)
     out.square().sum().backward()
     assert set(used) == ({"bucket_sort"} if decision.sort else set())
     monkeypatch.setattr(chunked, "cpu_kernels_for", slots.cpu_kernels_for)  # the kernels serve: same result
     qk2, v2 = qk.detach().requires_grad_(), v.detach().requires_grad_()
-    out2, _ = lsh_attention_chunked(qk2, v2, buckets, bucket_size=32, n_buckets=4, **kw)
+    out2, _ = lsh_attention_chunked(qk2, v2, buckets, options, n_buckets=4, key_mask=key_mask)
     out2.square().sum().backward()
     assert "gather_rows" in used or "strict_windows_forward_" in used
     torch.testing.assert_close(out2, out, atol=2e-6, rtol=0)
@@ -266,8 +272,8 @@ def test_dropout_with_kernels_equals_torch_ops(monkeypatch):
 
     def run():
         torch.manual_seed(5)
-        out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True, dropout=0.3,
-                                       training=True)  # fmt: skip
+        options = LSHOptions(bucket_size=8, causal=True, lsh_dropout=0.3)
+        out, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4, training=True)
         return (out, *torch.autograd.grad(out.square().sum(), (qk, v)))
 
     fused = run()
@@ -295,8 +301,9 @@ def test_without_a_compiler_the_torch_ops_serve(monkeypatch, tmp_path):
         assert not cpu_kernels.available(torch.zeros(1), 96, 128)
         qk, v = torch.randn(1, 40, 8), torch.randn(1, 40, 8)
         buckets = torch.randint(0, 4, (1, 2, 40))
-        out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True)
-        ref, _ = lsh_attention_reference(qk, v, buckets, bucket_size=8, n_buckets=4, causal=True)
+        options = LSHOptions(bucket_size=8, causal=True)
+        out, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4)
+        ref, _ = lsh_attention_reference(qk, v, buckets, options, n_buckets=4)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
         assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
     finally:

@@ -18,7 +18,7 @@ from reformer.checkpoint import MANIFEST_NAME
 pytest.importorskip("huggingface_hub")
 from fake_hub import FakeHub, commit_of  # noqa: E402
 
-TINY = dict(num_tokens=20, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64)
+TINY = dict(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64)
 
 #: Loads "org/tiny" (or the repo in argv[1], at revision argv[2]) and prints the sum of its
 #: weights, or the error's type and message: run in a subprocess, since huggingface_hub reads
@@ -45,17 +45,27 @@ def saved(tmp_path):
     return model, tmp_path / "ckpt"
 
 
-def load(home: Path, repo: str, *, endpoint: str | None = None, revision: str | None = None) -> str:
+def hub_env(home: Path, endpoint: str | None) -> dict[str, str]:
+    """The environment of a process using the Hub cache in ``home``: offline, or online at ``endpoint``."""
     env = dict(os.environ, HF_HOME=str(home), HF_HUB_DISABLE_TELEMETRY="1")
     env.pop("HF_HUB_CACHE", None)
     if endpoint is None:
         env["HF_HUB_OFFLINE"] = "1"
     else:
         env["HF_ENDPOINT"], env["HF_HUB_OFFLINE"] = endpoint, "0"
+    return env
+
+
+def load(home: Path, repo: str, *, endpoint: str | None = None, revision: str | None = None) -> str:
     args = [sys.executable, "-c", LOAD, repo, *([revision] if revision else [])]
-    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(args, env=hub_env(home, endpoint), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
+
+
+def cli(home: Path, *args: str, endpoint: str | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "reformer.cli", *args]
+    return subprocess.run(command, env=hub_env(home, endpoint), capture_output=True, text=True, timeout=300)
 
 
 def test_hub_download_then_offline_cache_then_tampering(saved, tmp_path):
@@ -165,3 +175,37 @@ def test_encoder_decoder_saves_and_loads(tmp_path):
     assert "| decoder vocabulary | 24 tokens |" in (tmp_path / "README.md").read_text()
     with pytest.raises(ValueError, match="holds a ReformerEncDec, not a ReformerLM"):
         ReformerLM.from_pretrained(tmp_path)
+
+
+def test_the_cli_takes_repo_ids(saved, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model, ckpt = saved
+    config = transformers.ReformerConfig(vocab_size=20, hidden_size=16, num_attention_heads=2, attention_head_size=8,
+                                         attn_layers=["lsh"], feed_forward_size=32, axial_pos_shape=[4, 16],
+                                         axial_pos_embds_dim=[8, 8], max_position_embeddings=64,
+                                         lsh_attn_chunk_length=8, num_buckets=8, hash_seed=3,
+                                         is_decoder=True)  # fmt: skip
+    torch.manual_seed(0)
+    theirs = transformers.ReformerModelWithLMHead(config).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    fake = FakeHub({
+        "org/tiny": {p.name: p.read_bytes() for p in ckpt.iterdir()},
+        "google/tiny-reformer": {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()},
+    })  # fmt: skip
+    home = tmp_path / "hf_home"
+    try:
+        converted = cli(home, "convert", "--from-transformers", "google/tiny-reformer", "--out", str(tmp_path / "c"),
+                        endpoint=fake.endpoint)  # fmt: skip
+        assert converted.returncode == 0, converted.stderr
+        assert cli(home, "generate", "--checkpoint", "org/tiny", "--prompt", "a", "--max-new-tokens", "2",
+                   endpoint=fake.endpoint).returncode == 0  # fmt: skip
+    finally:
+        fake.close()
+    ids = torch.randint(0, 20, (1, 64))
+    with torch.no_grad():
+        assert torch.allclose(ReformerLM.from_pretrained(tmp_path / "c").eval()(ids), theirs(ids).logits, atol=1e-5)
+    offline = cli(home, "generate", "--checkpoint", "org/tiny", "--prompt", "a", "--max-new-tokens", "2", "--seed", "1")
+    assert offline.returncode == 0, offline.stderr  # from the cache
+    missing = cli(home, "generate", "--checkpoint", "org/nothing", "--prompt", "a", "--max-new-tokens", "2")
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "org/nothing is not in the Hugging Face cache" in missing.stderr

@@ -9,6 +9,7 @@ from reformer import FullQKAttention, LSHAttention
 from reformer.attention import window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
+from reformer.attention.options import LSHOptions
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
 from reformer.native import workers as cpu_workers
 
@@ -49,17 +50,16 @@ def test_chunked_equals_reference(mode, n_hashes, shape, masked, dup, across):
     n_buckets = 4
     buckets = torch.randint(0, n_buckets, (3, n_hashes, length))
     key_mask = torch.rand(3, length) > 0.3 if masked else None
-    kw = dict(
+    options = LSHOptions(
         bucket_size=bucket_size,
-        n_buckets=n_buckets,
         causal=causal,
         strict_causal=strict,
-        key_mask=key_mask,
         allow_duplicate_attention=dup,
         attend_across_buckets=across,
+        return_attn=True,
     )
-    out, attn = lsh_attention_chunked(qk, v, buckets, return_attn=True, **kw)
-    ref_out, ref_attn = lsh_attention_reference(qk, v, buckets, **kw)
+    out, attn = lsh_attention_chunked(qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask)
+    ref_out, ref_attn = lsh_attention_reference(qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
     torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, length), atol=1e-5, rtol=0)
@@ -70,11 +70,9 @@ def test_module_uses_its_hash_and_equals_reference(causal, strict):
     layer = LSHAttention(bucket_size=8, n_hashes=4, causal=causal, strict_causal=strict, n_buckets=(2, 4)).eval()
     qk, v = _inputs(4, 45, d=16)
     mask = torch.rand(4, 45) > 0.2
-    out, _, buckets = layer(qk, v, mask)
+    out, _, buckets = layer(qk, v, input_mask=mask)
     assert buckets.shape == (4, 4, 45) and buckets.max() < 8
-    ref, _ = lsh_attention_reference(
-        qk, v, buckets, bucket_size=8, n_buckets=8, causal=causal, strict_causal=strict, key_mask=mask
-    )
+    ref, _ = lsh_attention_reference(qk, v, buckets, layer.options, n_buckets=8, key_mask=mask)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
 
 
@@ -86,9 +84,7 @@ def test_real_buckets_large_sweep_chunked_vs_reference():
             layer.return_attn = True
             qk, v = _inputs(2, 200, d=16)
             out, attn, buckets = layer(qk, v)
-            ref_out, ref_attn = lsh_attention_reference(
-                qk, v, buckets, bucket_size=16, n_buckets=12, causal=causal, strict_causal=strict
-            )
+            ref_out, ref_attn = lsh_attention_reference(qk, v, buckets, layer.options, n_buckets=12)
             torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
             torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
 
@@ -106,9 +102,10 @@ def test_strict_half_chunk_windows_equal_reference_with_gradients(bucket_size, n
     qk.requires_grad_()
     v.requires_grad_()
     buckets = torch.randint(0, 3, (2, n_hashes, 150))
-    kw = dict(bucket_size=bucket_size, n_buckets=3, causal=True, key_mask=torch.rand(2, 150) > 0.2 if masked else None)
-    out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
-    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    options = LSHOptions(bucket_size=bucket_size, causal=True)
+    call = dict(n_buckets=3, key_mask=torch.rand(2, 150) > 0.2 if masked else None)
+    out, _ = lsh_attention_chunked(qk, v, buckets, options, **call)
+    ref, _ = lsh_attention_reference(qk, v, buckets, options, **call)
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=0)
     weight = torch.randn_like(out)
     grads = torch.autograd.grad((out * weight).sum(), (qk, v))
@@ -127,9 +124,9 @@ def test_shared_qk_gradient_through_scaling_and_norm_equals_autograd(dtype):
     qk.requires_grad_()
     v.requires_grad_()
     buckets = torch.randint(0, 4, (2, 2, 40))
-    kw = dict(bucket_size=8, n_buckets=4, causal=True)
-    out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
-    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+    options = LSHOptions(bucket_size=8, causal=True)
+    out, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=4)
+    ref, _ = lsh_attention_reference(qk, v, buckets, options, n_buckets=4)
     weight = torch.randn_like(out)
     grads = torch.autograd.grad((out * weight).sum(), (qk, v))
     ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
@@ -148,13 +145,13 @@ def test_one_chunk_equals_dense_shared_qk(causal, n_hashes, length):
     layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=False).eval()
     for dup in (True, False):
         layer.allow_duplicate_attention = dup
-        out, _, _ = layer(qk, v, mask)
+        out, _, _ = layer(qk, v, input_mask=mask)
         dense, _ = full_qk_attention(qk, v, causal=causal, key_mask=mask)
         torch.testing.assert_close(out, dense, atol=1e-5, rtol=0)
     torch.testing.assert_close(
         dense, full_qk_attention_reference(qk, v, causal=causal, key_mask=mask), atol=1e-6, rtol=0
     )
-    full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, mask)
+    full_out, full_attn, _ = FullQKAttention(causal=causal)(qk, v, input_mask=mask)
     torch.testing.assert_close(full_out, dense)
 
 
@@ -178,19 +175,12 @@ def test_gradcheck_float64(causal, strict, dup, across):
     buckets = torch.randint(0, 4, (2, 2, 13))
     mask = torch.rand(2, 13) > 0.2
 
+    options = LSHOptions(
+        bucket_size=4, causal=causal, strict_causal=strict, allow_duplicate_attention=dup, attend_across_buckets=across
+    )
+
     def fn(a, b):
-        return lsh_attention_chunked(
-            a,
-            b,
-            buckets,
-            bucket_size=4,
-            n_buckets=4,
-            causal=causal,
-            strict_causal=strict,
-            key_mask=mask,
-            allow_duplicate_attention=dup,
-            attend_across_buckets=across,
-        )[0]
+        return lsh_attention_chunked(a, b, buckets, options, n_buckets=4, key_mask=mask)[0]
 
     assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
 
@@ -203,12 +193,13 @@ def test_gradcheck_with_dropout_replayed_from_the_seed():
 
     def fn(a, b):
         torch.manual_seed(7)
-        return lsh_attention_chunked(a, b, buckets, bucket_size=4, n_buckets=2, dropout=0.3, training=True)[0]
+        return lsh_attention_chunked(a, b, buckets, LSHOptions(bucket_size=4, lsh_dropout=0.3), n_buckets=2,
+                                     training=True)[0]  # fmt: skip
 
     assert torch.autograd.gradcheck(fn, (qk, v), eps=1e-6, atol=1e-5)
     torch.manual_seed(7)
     a = fn(qk, v)
-    assert not torch.allclose(a, lsh_attention_chunked(qk, v, buckets, bucket_size=4, n_buckets=2)[0])
+    assert not torch.allclose(a, lsh_attention_chunked(qk, v, buckets, LSHOptions(bucket_size=4), n_buckets=2)[0])
 
 
 def test_block_size_does_not_change_results_or_gradients(monkeypatch):
@@ -218,7 +209,7 @@ def test_block_size_does_not_change_results_or_gradients(monkeypatch):
     for elements in (1, 300, 2**20):
         monkeypatch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", elements)
         a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
-        out, _ = lsh_attention_chunked(a, b, buckets, bucket_size=8, n_buckets=4, causal=True)
+        out, _ = lsh_attention_chunked(a, b, buckets, LSHOptions(bucket_size=8, causal=True), n_buckets=4)
         out.square().sum().backward()
         results.append((out, a.grad, b.grad))
     for other in results[1:]:
@@ -235,9 +226,8 @@ def test_cpu_worker_split_gives_the_same_bits_as_one_thread(monkeypatch, dropout
         monkeypatch.setattr(cpu_workers, "worker_count", lambda workers=workers: workers)
         a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
         torch.manual_seed(3)
-        out, _ = lsh_attention_chunked(
-            a, b, buckets, bucket_size=8, n_buckets=4, causal=True, dropout=dropout, training=True
-        )
+        options = LSHOptions(bucket_size=8, causal=True, lsh_dropout=dropout)
+        out, _ = lsh_attention_chunked(a, b, buckets, options, n_buckets=4, training=True)
         out.square().sum().backward()
         results.append((out, a.grad, b.grad))
     for other in results[1:]:
@@ -316,7 +306,7 @@ def test_dropout_only_in_training():
     layer = LSHAttention(bucket_size=8, n_hashes=2, dropout=0.5, hash_seed=3)
     qk, v = _inputs(2, 32)
     layer.eval()
-    ref, _ = lsh_attention_reference(qk, v, layer(qk, v)[2], bucket_size=8, n_buckets=4, strict_causal=True)
+    ref, _ = lsh_attention_reference(qk, v, layer(qk, v)[2], layer.options, n_buckets=4)
     torch.testing.assert_close(layer(qk, v)[0], ref, atol=1e-5, rtol=0)
     layer.train()
     torch.manual_seed(5)
@@ -331,9 +321,9 @@ def test_low_precision_is_finite_and_close(dtype):
     layer = LSHAttention(bucket_size=16, n_hashes=2, causal=True).eval()
     qk, v = _inputs(2, 96, d=32)
     out32, _, buckets = layer(qk, v)
-    out, _ = lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, bucket_size=16, n_buckets=6, causal=True)
+    out, _ = lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, layer.options, n_buckets=6)
     assert out.dtype == dtype and torch.isfinite(out).all()
-    ref32, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=16, n_buckets=6, causal=True)
+    ref32, _ = lsh_attention_chunked(qk, v, buckets, layer.options, n_buckets=6)
     torch.testing.assert_close(out32, ref32)
     assert (out.float() - ref32).abs().max() < 0.05
 

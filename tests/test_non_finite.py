@@ -19,6 +19,7 @@ from reformer.attention.decode import DecodingCache
 from reformer.attention.dense import DenseSelfAttention
 from reformer.attention.full import full_qk_attention, full_qk_attention_sdpa
 from reformer.attention.local import BlockLocalAttention, local_attention_chunked
+from reformer.attention.options import LSHOptions
 from reformer.attention.self_attention import LSHSelfAttention
 
 BAD_VALUES = (float("nan"), float("inf"), -float("inf"))
@@ -27,13 +28,16 @@ BAD_VALUES = (float("nan"), float("inf"), -float("inf"))
 def _lsh(qk, v, bucket_size=4, n_hashes=2, dtype=torch.float32, key_mask=None, **kw):
     b, length, _ = qk.shape
     buckets = torch.randint(0, 4, (b, n_hashes, length), generator=torch.Generator().manual_seed(3))
-    opts = dict(bucket_size=bucket_size, n_buckets=4, causal=True, key_mask=key_mask) | kw
-    return lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, **opts)[0].double()
+    options = LSHOptions(**{"bucket_size": bucket_size, "causal": True, **kw})
+    return lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, options, n_buckets=4, key_mask=key_mask)[
+        0
+    ].double()
 
 
 def _flex(qk, v):
     buckets = torch.randint(0, 4, (qk.shape[0], 2, qk.shape[1]), generator=torch.Generator().manual_seed(3))
-    return backends.lsh_attention(qk, v, buckets, backend="flex", bucket_size=16, n_buckets=4, causal=True)[0]
+    options = LSHOptions(bucket_size=16, causal=True, attn_backend="flex")
+    return backends.lsh_attention(qk, v, buckets, options, n_buckets=4)[0]
 
 
 def _half_masked(length: int) -> torch.Tensor:
@@ -50,7 +54,7 @@ PATHS = {
     "lsh-classic-fp64-set-attention": partial(
         _lsh, strict_causal=False, allow_duplicate_attention=False, attend_across_buckets=False, dtype=torch.float64
     ),
-    "lsh-strict-exp-lse": partial(_lsh, exp_lse=True, n_hashes=3),
+    "lsh-strict-exp-lse": partial(_lsh, exp_lse_softmax=True, n_hashes=3),
     "lsh-flex": _flex,
     "local": lambda qk, v: local_attention_chunked(qk, v, window_size=4, causal=True),
     "local-fp64": lambda qk, v: local_attention_chunked(qk.double(), v.double(), window_size=5, causal=True),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reformer import (
+    FullQKAttention,
     LSHAttention,
     LSHSelfAttention,
     Reformer,
@@ -16,6 +17,7 @@ from reformer import (
     TrainingWrapper,
 )
 from reformer.attention.decode import DecodingCache
+from reformer.attention.options import LSHOptions
 from reformer.feedforward import FeedForward
 from reformer.pkm import PKM
 
@@ -238,7 +240,224 @@ def test_drop_for_hash_rate_hashes_dropped_out_vectors():
     assert not torch.equal(buckets, hash_vectors(qk, rotations, 8))
     plain = LSHAttention(bucket_size=4, n_hashes=2, n_buckets=8, hash_seed=int(layer.hash_seed)).eval()
     assert torch.equal(layer.eval().hash(qk), plain.hash(qk))
-    with pytest.raises(ValueError, match="rehash_each_round"):
-        LSHAttention(rehash_each_round=False)
     with pytest.raises(ValueError, match="drop_for_hash_rate"):
         LSHSelfAttention(dim=8, heads=2, drop_for_hash_rate=1.5)
+
+
+def test_one_rotation_gives_each_position_its_best_buckets_as_the_peer_does():
+    """rehash_each_round=False: the buckets equal reformer_pytorch's for the same rotation (same
+    seed, one draw of its shape), rounds ordered as its ascending sort leaves them."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    ours = LSHAttention(bucket_size=4, n_hashes=3, rehash_each_round=False, n_buckets=8)
+    theirs = peer.LSHAttention(bucket_size=4, n_hashes=3, rehash_each_round=False)
+    qk = torch.randn(5, 32, 8)
+    torch.manual_seed(2)
+    buckets = ours.hash(qk)
+    torch.manual_seed(2)
+    expected = theirs.hash_vectors(8, qk).view(5, 3, 32) - torch.arange(3)[:, None] * 8  # (their round offsets)
+    assert torch.equal(buckets, expected)
+    assert (buckets[:, :, None] != buckets[:, None]).sum(dim=(1, 2)).eq(6).all()  # 3 distinct buckets each
+    ours.eval()
+    assert torch.equal(ours.hash(qk), ours.hash(qk))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_rotation_layer_equals_reference_and_stays_strictly_causal(causal):
+    from reformer.attention.reference import lsh_attention_reference
+
+    layer = LSHAttention(bucket_size=4, n_hashes=2, causal=causal, rehash_each_round=False, n_buckets=8).eval()
+    qk, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
+    out, _, buckets = layer(qk, v)
+    ref, _ = lsh_attention_reference(qk, v, buckets, layer.options, n_buckets=8)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    if causal:
+        for i in (0, 13, 38):
+            qk2, v2 = qk.clone(), v.clone()
+            qk2[:, i + 1 :], v2[:, i + 1 :] = torch.randn_like(qk2[:, i + 1 :]), torch.randn_like(v2[:, i + 1 :])
+            assert (layer(qk2, v2)[0][:, : i + 1] - out[:, : i + 1]).abs().max() <= 1e-6
+
+
+def test_one_rotation_needs_enough_buckets():
+    with pytest.raises(ValueError, match="n_buckets must be >= n_hashes"):
+        LSHAttention(n_hashes=8, n_buckets=4, rehash_each_round=False)
+    with pytest.raises(ValueError, match="n_buckets must be >= n_hashes"):  # (derived from the length)
+        LSHAttention(bucket_size=4, n_hashes=8, rehash_each_round=False)(torch.randn(1, 16, 8), torch.randn(1, 16, 8))
+    with pytest.raises(ValueError, match="int n_buckets"):
+        LSHAttention(n_hashes=2, n_buckets=(4, 8), rehash_each_round=False)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("query_len", [None, 20])
+def test_full_qk_attention_query_len_and_attn_mask_equal_the_peer(causal, query_len):
+    """FullQKAttention's forward options, against reformer_pytorch's layer on the same inputs
+    (no weights or randomness: outputs and weights must match)."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    qk, v = torch.randn(2, 32, 8), torch.randn(2, 32, 8)
+    n = 32 if query_len is None else query_len
+    mask = torch.rand(2, n, 30) > 0.3  # (its last 2 keys unlisted: allowed)
+    mask[:, torch.arange(min(n, 30)), torch.arange(min(n, 30))] = (
+        True  # (the peer hides a masked own key; we keep it, as LSH does)
+    )
+    theirs = peer.FullQKAttention(causal=causal)(qk, v, query_len=query_len, input_attn_mask=mask)
+    ours = FullQKAttention(causal=causal)(qk, v, query_len=query_len, input_attn_mask=mask)
+    torch.testing.assert_close(ours[0], theirs[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ours[1], theirs[1], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="query_len must be"):
+        FullQKAttention()(qk, v, query_len=33)
+    with pytest.raises(ValueError, match="input_attn_mask must"):
+        FullQKAttention()(qk, v, input_attn_mask=mask.float())
+
+
+def test_lsh_attention_query_len_and_pos_emb_equal_the_peer():
+    """Not causal, the same buckets (same seed) and chunk layout as reformer_pytorch: its outputs
+    with a rotary ``pos_emb`` (applied after hashing) and a ``query_len`` equal ours."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    pos_emb = peer.FixedPositionalEmbedding(8)(torch.zeros(1, 48, 8))  # (1, 48, 8): [sin | cos]
+    ours = LSHAttention(bucket_size=8, n_hashes=2, n_buckets=8)
+    theirs = peer.LSHAttention(bucket_size=8, n_hashes=2)
+    qk, v = torch.randn(2, 64, 8), torch.randn(2, 64, 8)
+    torch.manual_seed(3)
+    expected = theirs(qk, v, query_len=40, pos_emb=pos_emb)[0]
+    torch.manual_seed(3)
+    out, _, _ = ours(qk, v, query_len=40, pos_emb=pos_emb)
+    torch.manual_seed(3)
+    unturned, _, _ = ours(qk, v, query_len=40)
+    assert out.shape == (2, 40, 8)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    assert (unturned - expected).abs().max() > 1e-2  # (pos_emb changes the result)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_lsh_attention_query_len_sees_every_keys_only_position(causal):
+    """One chunk per round sees everything: classic LSH with ``query_len`` then equals dense
+    attention with it (FullQKAttention, itself equal to the peer's), keys-only positions
+    visible to every query even when causal."""
+    layer = LSHAttention(bucket_size=32, n_hashes=2, causal=causal, strict_causal=False, n_buckets=2).eval()
+    layer.return_attn = True
+    qk, v = torch.randn(2, 32, 8), torch.randn(2, 32, 8)
+    mask = torch.rand(2, 32) > 0.2
+    out, attn, buckets = layer(qk, v, 20, mask)
+    ref, ref_attn, _ = FullQKAttention(causal=causal)(qk, v, query_len=20, input_mask=mask)
+    assert buckets.shape == (2, 2, 32)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(attn, ref_attn, atol=1e-5, rtol=0)
+
+
+def test_strict_causal_query_len_keeps_later_queries_out():
+    layer = LSHAttention(bucket_size=4, n_hashes=2, causal=True, n_buckets=4).eval()
+    qk, v = torch.randn(2, 40, 8), torch.randn(2, 40, 8)
+    base, _, _ = layer(qk, v, query_len=30)
+    for i in (0, 11, 28):
+        qk2, v2 = qk.clone(), v.clone()
+        qk2[:, i + 1 : 30], v2[:, i + 1 : 30] = torch.randn(2, 29 - i, 8), torch.randn(2, 29 - i, 8)
+        assert (layer(qk2, v2, query_len=30)[0][:, : i + 1] - base[:, : i + 1]).abs().max() <= 1e-6
+    v3 = v.clone()
+    v3[:, 30:] += 1.0  # the keys-only positions are seen (by some query)
+    assert (layer(qk, v3, query_len=30)[0] - base).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="pos_emb must be"):
+        layer(qk, v, pos_emb=torch.zeros(1, 41, 8))
+
+
+def _peer_twin(peer_module, **kw):
+    """reformer_pytorch's LSHSelfAttention and ours with the same weights."""
+    theirs, ours = peer_module.LSHSelfAttention(**kw), LSHSelfAttention(**kw)
+    for name in ("toqk", "tov", "to_out"):
+        getattr(ours, name).load_state_dict(getattr(theirs, name).state_dict())
+    if ours.mem_kv is not None:
+        ours.mem_kv.data.copy_(theirs.mem_kv.data)
+    return theirs, ours
+
+
+def test_self_attention_pos_emb_and_input_attn_mask_equal_the_peer():
+    """pos_emb on the LSH heads (same seed: same rotations), input_attn_mask on dense attention
+    with memory and keys (indexed in the peer's layout, the sequence first)."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    x = torch.randn(2, 64, 32)
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, bucket_size=8, n_hashes=2)
+    pos_emb = peer.FixedPositionalEmbedding(16)(torch.zeros(1, 64, 16))
+    torch.manual_seed(1)
+    expected = theirs(x, pos_emb=pos_emb)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x, pos_emb=pos_emb), expected, atol=1e-5, rtol=0)
+
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, use_full_attn=True, num_mem_kv=3, causal=True)
+    keys = torch.randn(2, 5, 32)
+    mask = torch.rand(2, 64, 70) > 0.3  # (the last key unlisted: allowed)
+    mask[:, torch.arange(64), torch.arange(64)] = True
+    expected = theirs(x, keys=keys, input_attn_mask=mask)
+    torch.testing.assert_close(ours(x, keys=keys, input_attn_mask=mask), expected, atol=1e-5, rtol=0)
+    assert (ours(x, keys=keys) - expected).abs().max() > 1e-3  # (the mask matters)
+    with pytest.raises(ValueError, match="input_attn_mask must have shape"):
+        ours(x, keys=keys, input_attn_mask=torch.ones(2, 64, 73, dtype=torch.bool))
+
+
+MASK_MODES = [
+    (False, True, True, True),
+    (True, True, True, True),
+    (True, False, True, True),
+    (False, True, False, False),
+]
+
+
+@pytest.mark.parametrize("causal,strict,dup,across", MASK_MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # (fp32 on CPU: the C kernels' path)
+def test_chunked_pair_mask_equals_reference(causal, strict, dup, across, dtype):
+    from reformer.attention.chunked import lsh_attention_chunked
+    from reformer.attention.reference import lsh_attention_reference
+
+    qk = torch.randn(3, 45, 8, dtype=dtype, requires_grad=True)
+    v = torch.randn(3, 45, 8, dtype=dtype, requires_grad=True)
+    buckets = torch.randint(0, 4, (3, 2, 45))
+    pairs = torch.rand(3, 45, 45) > 0.4
+    key_mask = torch.rand(3, 45) > 0.2
+    options = LSHOptions(bucket_size=8, causal=causal, strict_causal=strict, allow_duplicate_attention=dup,
+                         attend_across_buckets=across, return_attn=True)  # fmt: skip
+    call = dict(n_buckets=4, key_mask=key_mask, attn_mask=pairs)
+    out, attn = lsh_attention_chunked(qk, v, buckets, options, **call)
+    ref, ref_attn = lsh_attention_reference(qk, v, buckets, options, **call)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(out, ref, atol=tol, rtol=0)
+    torch.testing.assert_close(attn, ref_attn, atol=tol, rtol=0)
+    hidden = ~pairs & ~torch.eye(45, dtype=torch.bool)  # (the own key stays, as without the mask)
+    assert attn[hidden].abs().max() == 0
+    weight = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weight).sum(), (qk, v))
+    ref_grads = torch.autograd.grad((ref * weight).sum(), (qk, v))
+    for a, b in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=10 * tol, rtol=0)
+
+
+def test_lsh_input_attn_mask_equals_the_peer():
+    """Not causal, the same rotations: reformer_pytorch's LSHAttention and LSHSelfAttention with
+    an input_attn_mask give our outputs."""
+    peer = pytest.importorskip("reformer_pytorch.reformer_pytorch", reason="the compat extra is not installed")
+    qk, v = torch.randn(2, 64, 8), torch.randn(2, 64, 8)
+    mask = torch.rand(2, 60, 64) > 0.3  # (the last 4 queries unlisted: they see everything)
+    ours, theirs = LSHAttention(bucket_size=8, n_hashes=2, n_buckets=8), peer.LSHAttention(bucket_size=8, n_hashes=2)
+    torch.manual_seed(4)
+    expected = theirs(qk, v, input_attn_mask=mask)[0]
+    torch.manual_seed(4)
+    torch.testing.assert_close(ours(qk, v, input_attn_mask=mask)[0], expected, atol=1e-5, rtol=0)
+    torch.manual_seed(4)
+    assert (ours(qk, v)[0] - expected).abs().max() > 1e-3  # (the mask matters)
+
+    theirs, ours = _peer_twin(peer, dim=32, heads=2, bucket_size=8, n_hashes=2)
+    x = torch.randn(2, 64, 32)
+    mask = torch.rand(2, 64, 64) > 0.3
+    torch.manual_seed(5)
+    expected = theirs(x, input_attn_mask=mask)
+    torch.manual_seed(5)
+    torch.testing.assert_close(ours(x, input_attn_mask=mask), expected, atol=1e-5, rtol=0)
+
+
+def test_fused_backends_refuse_a_pair_mask_and_auto_falls_back():
+    from reformer.attention.backends import lsh_attention, resolve_backend
+
+    qk, v, buckets = torch.randn(2, 32, 16), torch.randn(2, 32, 16), torch.randint(0, 4, (2, 1, 32))
+    pairs = torch.ones(2, 32, 32, dtype=torch.bool)
+    for backend in ("flex", "triton"):
+        with pytest.raises(ValueError, match="does not support input_attn_mask"):
+            lsh_attention(
+                qk, v, buckets, LSHOptions(bucket_size=16, attn_backend=backend), n_buckets=4, attn_mask=pairs
+            )
+    assert resolve_backend(qk, v, LSHOptions(bucket_size=16), training=False, pair_mask=True) == "chunked"

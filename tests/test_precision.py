@@ -7,6 +7,7 @@ import torch
 from reformer import LSHSelfAttention, ReformerLM
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import SELF_ATTN_VALUE, fill_masked_, masked_value
+from reformer.attention.options import LSHOptions
 
 LOW = [torch.bfloat16, torch.float16]
 
@@ -43,7 +44,7 @@ def test_low_precision_lsh_error_is_that_of_plain_dense_attention(dtype):
     (one chunk covering the sequence, so both compute the same function)."""
     qk, v = torch.randn(4, 64, 32), torch.randn(4, 64, 32)
     buckets = torch.zeros(4, 1, 64, dtype=torch.long)
-    exact, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=64, n_buckets=2)
+    exact, _ = lsh_attention_chunked(qk, v, buckets, LSHOptions(bucket_size=64), n_buckets=2)
 
     def dense(q, k, vals):  # textbook attention with the same shared-QK logits (non-causal)
         keys = k / k.norm(dim=-1, keepdim=True)
@@ -51,7 +52,7 @@ def test_low_precision_lsh_error_is_that_of_plain_dense_attention(dtype):
         logits = logits.masked_fill(torch.eye(64, dtype=torch.bool), SELF_ATTN_VALUE)
         return torch.softmax(logits, dim=-1) @ vals
 
-    low, _ = lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, bucket_size=64, n_buckets=2)
+    low, _ = lsh_attention_chunked(qk.to(dtype), v.to(dtype), buckets, LSHOptions(bucket_size=64), n_buckets=2)
     ours = (low.float() - exact).abs().max()
     plain = (dense(qk.to(dtype), qk.to(dtype), v.to(dtype)).float() - exact).abs().max()
     assert ours <= 2 * plain, (ours, plain)

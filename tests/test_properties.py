@@ -12,6 +12,7 @@ from reformer.attention import window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.local import local_attention_chunked
+from reformer.attention.options import LSHOptions
 from reformer.attention.reference import (
     full_qk_attention_reference,
     local_attention_reference,
@@ -63,19 +64,17 @@ def _assert_same_with_gradients(fast, reference, inputs, dtype):
 def test_lsh_chunked_equals_reference(data, bucket_size, n_hashes, n_buckets, mode, dup, across, block):
     qk, v, mask, gen = data
     buckets = torch.randint(0, n_buckets, (qk.shape[0], n_hashes, qk.shape[1]), generator=gen)
-    kw = dict(
+    options = LSHOptions(
         bucket_size=bucket_size,
-        n_buckets=n_buckets,
         causal=mode[0],
         strict_causal=mode[1],
-        key_mask=mask,
         allow_duplicate_attention=dup,
         attend_across_buckets=across,
     )
     with pytest.MonkeyPatch.context() as patch:  # small blocks: block boundaries inside the sequence
         patch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", block)
-        out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
-    ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
+        out, _ = lsh_attention_chunked(qk, v, buckets, options, n_buckets=n_buckets, key_mask=mask)
+    ref, _ = lsh_attention_reference(qk, v, buckets, options, n_buckets=n_buckets, key_mask=mask)
     _assert_same_with_gradients(out, ref, (qk, v), qk.dtype)
 
 
@@ -157,9 +156,9 @@ def test_low_precision_lsh_error_is_at_most_twice_a_dense_computation(data, buck
     qk, v, mask, gen = data
     qk, v = qk.detach().double(), v.detach().double()
     buckets = torch.randint(0, 4, (qk.shape[0], n_hashes, qk.shape[1]), generator=gen)
-    kw = dict(bucket_size=bucket_size, n_buckets=4, causal=mode[0], strict_causal=mode[1], key_mask=mask)
-    exact, _ = lsh_attention_reference(qk, v, buckets, **kw)
-    ours, _ = lsh_attention_chunked(qk.to(low), v.to(low), buckets, **kw)
-    dense, _ = lsh_attention_reference(qk.to(low), v.to(low), buckets, **kw)
+    options = LSHOptions(bucket_size=bucket_size, causal=mode[0], strict_causal=mode[1])
+    exact, _ = lsh_attention_reference(qk, v, buckets, options, n_buckets=4, key_mask=mask)
+    ours, _ = lsh_attention_chunked(qk.to(low), v.to(low), buckets, options, n_buckets=4, key_mask=mask)
+    dense, _ = lsh_attention_reference(qk.to(low), v.to(low), buckets, options, n_buckets=4, key_mask=mask)
     floor = torch.finfo(low).eps * v.abs().max()
     assert (ours.double() - exact).abs().max() <= 2 * (dense.double() - exact).abs().max() + floor

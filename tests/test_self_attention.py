@@ -51,17 +51,9 @@ def _reference_forward(layer, x, keys=None, input_mask=None, context_mask=None):
             lsh = layer.lsh_attn
             rows_qk = qk[:, lh:].reshape(-1, seq.shape[1], dh)
             buckets = lsh.hash(rows_qk).view(b, h - lh, lsh.n_hashes, -1)[:, i - lh]
+            n_buckets = total_buckets(lsh.bucket_spec(seq.shape[1]))
             out, _ = lsh_attention_reference(
-                qk[:, i],
-                v[:, i],
-                buckets,
-                bucket_size=lsh.bucket_size,
-                n_buckets=total_buckets(lsh.bucket_spec(seq.shape[1])),
-                causal=lsh.causal,
-                strict_causal=lsh.strict_causal,
-                key_mask=mask,
-                allow_duplicate_attention=lsh.allow_duplicate_attention,
-                attend_across_buckets=lsh.attend_across_buckets,
+                qk[:, i], v[:, i], buckets, lsh.options, n_buckets=n_buckets, key_mask=mask
             )
         heads.append(out[:, p:])
     out = torch.stack(heads, dim=1).transpose(1, 2).reshape(b, t, h * dh)

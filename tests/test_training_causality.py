@@ -15,6 +15,7 @@ from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import dropout_keep
 from reformer.attention.full import full_qk_attention
 from reformer.attention.local import BlockLocalAttention, local_attention_chunked
+from reformer.attention.options import LSHOptions
 
 FLOATS = (torch.float32, torch.float64)
 DROPOUTS = dict(lsh_dropout=0.3, post_attn_dropout=0.2, ff_dropout=0.2, layer_dropout=0.2)
@@ -102,8 +103,8 @@ def test_dropout_keep_fraction_is_one_minus_p(p):
 
 def _lsh(qk, v, training, dropout=0.5, **kw):
     buckets = torch.randint(0, 4, (qk.shape[0], 2, qk.shape[1]), generator=torch.Generator().manual_seed(5))
-    opts = dict(bucket_size=4, n_buckets=4, causal=True, dropout=dropout, training=training) | kw
-    return lsh_attention_chunked(qk, v, buckets, **opts)[0]
+    options = LSHOptions(**{"bucket_size": 4, "causal": True, "lsh_dropout": dropout, **kw})
+    return lsh_attention_chunked(qk, v, buckets, options, n_buckets=4, training=training)[0]
 
 
 ATTENTION = {

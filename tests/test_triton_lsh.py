@@ -14,6 +14,7 @@ pytest.importorskip("triton")
 
 from reformer.attention.backends import lsh_attention  # noqa: E402
 from reformer.attention.chunked import lsh_attention_chunked  # noqa: E402
+from reformer.attention.options import LSHOptions  # noqa: E402
 from reformer.attention.reference import lsh_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -33,35 +34,32 @@ def _case(causal, strict, masked, across, n_hashes, length, bucket_size, d=32):
     v = torch.randn(2, length, d, device=DEVICE, requires_grad=True)
     buckets = torch.randint(0, 4, (2, n_hashes, length), device=DEVICE)
     key_mask = torch.rand(2, length, device=DEVICE) > 0.3 if masked else None
-    kw = dict(
-        bucket_size=bucket_size,
-        n_buckets=4,
-        causal=causal,
-        strict_causal=strict,
-        key_mask=key_mask,
-        attend_across_buckets=across,
-    )
-    return qk, v, buckets, kw
+    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    return qk, v, buckets, options, dict(n_buckets=4, key_mask=key_mask)
+
+
+def _triton(qk, v, buckets, options, call):
+    return lsh_attention(qk, v, buckets, options.replace(attn_backend="triton"), **call)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_gradients_equal_chunked_and_reference(case):
-    qk, v, buckets, kw = _case(*case)
-    out, attn = lsh_attention(qk, v, buckets, backend="triton", **kw)
+    qk, v, buckets, options, call = _case(*case)
+    out, attn = _triton(qk, v, buckets, options, call)
     assert attn is None
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (qk, v), grad)
-    expected = lsh_attention_chunked(qk, v, buckets, **kw)[0]
+    expected = lsh_attention_chunked(qk, v, buckets, options, **call)[0]
     expected_grads = torch.autograd.grad(expected, (qk, v), grad)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     for g, e in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=0)
-    reference = lsh_attention_reference(qk.detach().double(), v.detach().double(), buckets, **kw)[0]
+    reference = lsh_attention_reference(qk.detach().double(), v.detach().double(), buckets, options, **call)[0]
     torch.testing.assert_close(out.double(), reference, atol=1e-5, rtol=0)
 
 
 def test_head_dims_64_and_128():
     for d in (64, 128):
-        qk, v, buckets, kw = _case(True, True, True, True, 2, 32, 16, d=d)
-        out = lsh_attention(qk, v, buckets, backend="triton", **kw)[0]
-        torch.testing.assert_close(out, lsh_attention_chunked(qk, v, buckets, **kw)[0], atol=1e-5, rtol=0)
+        qk, v, buckets, options, call = _case(True, True, True, True, 2, 32, 16, d=d)
+        out = _triton(qk, v, buckets, options, call)[0]
+        torch.testing.assert_close(out, lsh_attention_chunked(qk, v, buckets, options, **call)[0], atol=1e-5, rtol=0)

@@ -5,9 +5,11 @@
 * :class:`FullQKAttention` - dense shared-QK attention with the same masks.
 * :class:`LSHSelfAttention` - the full layer on ``(batch, len, dim)``: projections, heads,
   learned memory key/values, extra ``keys=``, local heads, full attention for short inputs.
+* :class:`LSHOptions` - every LSH option in one frozen object (``LSHOptions.from_config``).
 """
 
 from .lsh import FullQKAttention, LSHAttention
+from .options import LSHOptions
 from .self_attention import LSHSelfAttention
 
-__all__ = ["LSHAttention", "FullQKAttention", "LSHSelfAttention"]
+__all__ = ["LSHAttention", "FullQKAttention", "LSHSelfAttention", "LSHOptions"]

@@ -26,13 +26,18 @@ and softmax again; the gathered inputs are rebuilt there rather than kept. Nothi
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from .common import SELF_ATTN_VALUE, quarantine_non_finite
+from .common import quarantine_non_finite
 from .slots import cpu_kernels_for, pad_and_sort
 from .window_kernels import KernelWindows
 from .window_plan import build_plan, key_windows, queries_per_window, with_wrap
 from .window_torch import TorchWindows
+
+if TYPE_CHECKING:  # (options.py imports the backends, which import this module)
+    from .options import LSHOptions
 
 
 class _LSHWindows(torch.autograd.Function):
@@ -74,53 +79,45 @@ def lsh_attention_chunked(
     qk: torch.Tensor,
     v: torch.Tensor,
     buckets: torch.Tensor,
+    options: LSHOptions,
     *,
-    bucket_size: int,
     n_buckets: int,
-    causal: bool = False,
-    strict_causal: bool = True,
     key_mask: torch.Tensor | None = None,
-    allow_duplicate_attention: bool = True,
-    attend_across_buckets: bool = True,
-    dropout: float = 0.0,
+    attn_mask: torch.Tensor | None = None,
     training: bool = False,
-    return_attn: bool = False,
-    self_value: float = SELF_ATTN_VALUE,
-    exp_lse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """LSH attention on ``qk``/``v`` ``(b, len, d)`` with ``buckets`` ``(b, n_hashes, len)``.
 
-    ``n_buckets`` is the total number of bucket ids; ``key_mask`` ``(b, len)`` bool, True =
-    attendable. ``self_value``: logit of a query's own key. ``exp_lse``: attention and round
+    ``options``: the :class:`~.options.LSHOptions` of the call (``n_hashes``, the hashing
+    options and ``attn_backend`` are not read here). ``n_buckets`` is the total number of
+    bucket ids; ``key_mask`` ``(b, len)`` bool, True = attendable; ``attn_mask`` ``(b, len,
+    len)`` bool, the query-key pairs that may attend. ``exp_lse_softmax``: attention and round
     weights are ``exp(x - logsumexp(x))`` as in trax / Hugging Face instead of a softmax - the
-    same but for rounding, which shows where a query sees only itself (``x ~ self_value``).
+    same but for rounding, which shows where a query sees only itself (``x ~ self_attn_value``).
     Returns ``(out (b, len, dv), attn (b, len, len) or None)``.
     """
     b, length, d = qk.shape
     dv = v.shape[-1]
-    strict = causal and strict_causal
-    c = bucket_size
+    strict = options.causal and options.strict_causal
+    c = options.bucket_size
     kernels = cpu_kernels_for(qk, c + queries_per_window(c, strict), d + dv)  # the one decision of the call
     qk, v, bad = quarantine_non_finite(qk, v)
-    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets, kernels)
+    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, c, n_buckets, kernels)
     lp = layout.lp
     plan = build_plan(
         layout,
+        options,
         d=d,
         dv=dv,
         n_buckets=n_buckets,
-        causal=causal,
-        strict=strict,
-        allow_duplicate_attention=allow_duplicate_attention,
-        attend_across_buckets=attend_across_buckets,
-        dropout=dropout if training else 0.0,
-        self_value=self_value,
-        exp_lse=exp_lse,
+        training=training,
         kernels=kernels.windows,
+        attn_mask=attn_mask,
     )
     path = (KernelWindows if plan.kernels else TorchWindows)(plan, d, dv)
     save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
     qk, v = qk.reshape(b * lp, d), v.to(qk.dtype).reshape(b * lp, dv)
+    return_attn = options.return_attn
     out, probs, slot_weight = _LSHWindows.apply(qk, v, path, return_attn, save)
     out = out[:, :length].masked_fill(bad, torch.nan)
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .common import SELF_ATTN_VALUE, fill_masked_, masked_value, normalize_keys, quarantine_non_finite
+from .options import LSHOptions
 
 
 @dataclass
@@ -144,12 +145,11 @@ def lsh_step(
     q: torch.Tensor,
     buckets: torch.Tensor,
     heads: slice,
-    *,
-    allow_duplicate_attention: bool,
-    self_value: float = SELF_ATTN_VALUE,
+    options: LSHOptions,
 ) -> torch.Tensor:
     """Strictly causal LSH attention of the newest position (already stored) in each round,
-    then the rounds combined by their log-sum-exp; the rings are updated after.
+    then the rounds combined by their log-sum-exp; the rings are updated after. Of
+    ``options``, ``allow_duplicate_attention`` and ``self_attn_value`` are read.
 
     ``q`` ``(b, hs, dh)`` and ``buckets`` ``(b * hs, n_hashes)`` of the LSH heads. Returns
     ``(b, hs, dh)``.
@@ -175,11 +175,11 @@ def lsh_step(
     values = state.values.view(-1, state.values.shape[-1]).index_select(0, flat).view(rows, n_hashes, c + 1, -1)
     qr = q.reshape(rows, 1, dh, 1) * dh**-0.5
     logits = (keys @ qr)[..., 0]  # (rows, n_hashes, c+1)
-    if not allow_duplicate_attention:  # -log(number of rounds in which each key is seen)
+    if not options.allow_duplicate_attention:  # -log(number of rounds in which each key is seen)
         same = positions[:, :, :, None, None] == positions[:, None, None, :, :]
         seen = (same & valid[:, None, None, :, :]).sum(dim=(-1, -2))  # (rows, n_hashes, c+1)
         logits = logits - seen.clamp_min(1).to(logits.dtype).log()
-    out, lse = _attend(logits, valid, values, self_value)  # (rows, n_hashes, dh), (rows, n_hashes)
+    out, lse = _attend(logits, valid, values, options.self_attn_value)  # (rows, n_hashes, dh), (rows, n_hashes)
     if n_hashes > 1:
         acc = torch.promote_types(lse.dtype, torch.float32)
         weights = torch.softmax(lse.to(acc), dim=1).to(out.dtype)

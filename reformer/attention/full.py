@@ -25,12 +25,14 @@ def full_qk_attention(
     dropout: float = 0.0,
     training: bool = False,
     need_weights: bool = True,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``qk``/``v`` ``(b, len, d)`` -> ``(out (b, len, dv), attn (b, len, len) or None)``.
 
-    ``need_weights=False`` (and no dropout in training) takes the fused path,
-    :func:`full_qk_attention_sdpa`, and returns no weights."""
-    if not need_weights and not (training and dropout > 0):
+    ``allowed``: ``(b or 1, len, len)`` bool, the query-key pairs that may attend (see
+    :func:`allowed_pairs`). ``need_weights=False`` (and no dropout in training, no ``allowed``)
+    takes the fused path, :func:`full_qk_attention_sdpa`, and returns no weights."""
+    if not need_weights and not (training and dropout > 0) and allowed is None:
         return full_qk_attention_sdpa(qk, v, causal=causal, key_mask=key_mask), None
     length, d = qk.shape[1], qk.shape[2]
     qk, v, bad = quarantine_non_finite(qk, v)
@@ -42,12 +44,32 @@ def full_qk_attention(
     if causal:
         future = (pos[None, :] > pos[:, None])[None]
         hidden = future if hidden is None else hidden | future
+    if allowed is not None:
+        hidden = ~allowed if hidden is None else hidden | ~allowed
     is_self = torch.eye(length, dtype=torch.bool, device=qk.device)[None]
     probs = masked_softmax(dots, hidden, is_self)
     if dropout > 0 and training:
         rows = torch.arange(qk.shape[0], device=qk.device)[:, None, None]
         probs = position_dropout(probs, dropout, rows, pos[:, None], pos[None, :])
     return torch.matmul(probs, v).masked_fill(bad, torch.nan), probs
+
+
+def allowed_pairs(
+    input_attn_mask: torch.Tensor | None, length: int, query_len: int, causal: bool, device: torch.device
+) -> torch.Tensor | None:
+    """The query-key pairs ``(b or 1, length, length)`` that ``reformer_pytorch``'s forward
+    options allow, or None when they hide nothing: ``input_attn_mask`` ``(b, n, m)`` (True =
+    allowed), padded with True to the full length; and when ``causal``, no key after its query,
+    except the keys-only positions from ``query_len`` on, which every query sees."""
+    allowed = None
+    if input_attn_mask is not None:
+        n, m = input_attn_mask.shape[1:]
+        allowed = F.pad(input_attn_mask, (0, length - m, 0, length - n), value=True)
+    if causal:
+        pos = torch.arange(length, device=device)
+        past = ~((pos[None, :] > pos[:, None]) & (pos[None, :] < query_len))[None]  # (1, length, length)
+        allowed = past if allowed is None else allowed & past
+    return allowed
 
 
 def full_qk_attention_sdpa(

@@ -2,25 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_int, check_prob, check_qkv
+from ..checks import check_attn_mask, check_int, check_prob, check_qkv, check_query_len
 from ..hashing import (
     BucketSpec,
-    buckets_for_length,
     draw_rotations,
     hash_vectors,
+    top_bucket_ids,
     total_buckets,
-    validate_n_buckets,
 )
+from ..positions import rotate_by_pos_emb
 from ..reversible import remember
-from .backends import check_backend, lsh_attention
+from .backends import lsh_attention
 from .common import SELF_ATTN_VALUE
-from .full import full_qk_attention
+from .full import allowed_pairs, full_qk_attention
+from .options import LSHOptions, one_source, option_property
 
 
 def _rows(rows: slice, t: torch.Tensor) -> torch.Tensor:
@@ -51,7 +53,8 @@ class LSHAttention(nn.Module):
         attend_across_buckets: if False, keys of other buckets (or other rounds) in the
             window are masked too (the paper's strict ``P_i``).
         random_rotations_per_head: a separate random rotation per head instead of one shared.
-        rehash_each_round: ``reformer_pytorch``'s option; only True (a fresh rotation per round).
+        rehash_each_round: True: a fresh rotation per round. False (``reformer_pytorch``'s
+            option): one rotation, and each position goes to its ``n_hashes`` best buckets.
         drop_for_hash_rate: in training, dropout on the vectors that are hashed (not on those
             attended with), as in ``reformer_pytorch``.
         return_attn: also return the dense ``(batch, len, len)`` attention (costly).
@@ -65,9 +68,16 @@ class LSHAttention(nn.Module):
             construction and saved in the state dict). Training always draws fresh rotations.
         pad_bucket: positions hidden by ``input_mask`` get an extra last bucket (trax / HF).
         n_buckets_first_major: see :func:`reformer.hashing.hash_vectors` (``first_major``).
-        self_value, exp_lse: see :func:`reformer.attention.chunked.lsh_attention_chunked`.
+        self_value, exp_lse: the options ``self_attn_value`` and ``exp_lse_softmax`` of
+            :class:`~reformer.attention.options.LSHOptions`.
         backend: ``"auto"`` (default), ``"chunked"``, ``"triton"`` or ``"flex"``; see
             :mod:`reformer.attention.backends` (auto: chunked on CPU, a fused kernel on CUDA).
+        options: an :class:`~reformer.attention.options.LSHOptions` built once (a model builds
+            it from its config) instead of the keywords above, which then keep their defaults.
+
+    The options live in ``self.options``; each is also an attribute under its
+    :class:`~reformer.attention.options.LSHOptions` name (``layer.n_hashes``,
+    ``layer.lsh_dropout``, ``layer.attn_backend``, ...), and assigning one replaces the options.
     """
 
     def __init__(
@@ -93,86 +103,133 @@ class LSHAttention(nn.Module):
         self_value: float = SELF_ATTN_VALUE,
         exp_lse: bool = False,
         backend: str = "auto",
+        options: LSHOptions | None = None,
     ):
         super().__init__()
-        self.backend = check_backend(backend)
-        self.self_value, self.exp_lse = float(self_value), bool(exp_lse)
-        self.pad_bucket = bool(pad_bucket)
-        self.n_buckets_first_major = bool(n_buckets_first_major)
-        self.dropout = check_prob("dropout", dropout)
-        if not rehash_each_round:
-            raise ValueError("rehash_each_round=False (one rotation for every round) is not offered; use True")
-        self.drop_for_hash_rate = check_prob("drop_for_hash_rate", drop_for_hash_rate)
-        self.bucket_size = check_int("bucket_size", bucket_size, 1)
-        self.n_hashes = check_int("n_hashes", n_hashes, 1)
-        self.causal = bool(causal)
-        self.strict_causal = bool(strict_causal)
-        self.allow_duplicate_attention = bool(allow_duplicate_attention)
-        self.attend_across_buckets = bool(attend_across_buckets)
-        self.random_rotations_per_head = bool(random_rotations_per_head)
-        self.return_attn = bool(return_attn)
-        if max_seq_len is not None:
-            check_int("max_seq_len", max_seq_len, 1)
-        if n_buckets is None and max_seq_len is not None:
-            n_buckets = buckets_for_length(max_seq_len, bucket_size)
-        self.n_buckets = None if n_buckets is None else validate_n_buckets(n_buckets)
+        from_keywords = LSHOptions(
+            lsh_dropout=dropout,
+            bucket_size=bucket_size,
+            n_hashes=n_hashes,
+            causal=causal,
+            allow_duplicate_attention=allow_duplicate_attention,
+            attend_across_buckets=attend_across_buckets,
+            rehash_each_round=rehash_each_round,
+            drop_for_hash_rate=drop_for_hash_rate,
+            random_rotations_per_head=random_rotations_per_head,
+            return_attn=return_attn,
+            strict_causal=strict_causal,
+            n_buckets=n_buckets,
+            max_seq_len=max_seq_len,
+            hash_seed=hash_seed,
+            pad_bucket=pad_bucket,
+            n_buckets_first_major=n_buckets_first_major,
+            self_attn_value=self_value,
+            exp_lse_softmax=exp_lse,
+            attn_backend=backend,
+        )
+        self.options = one_source(from_keywords, options)
         self.heads = None if heads is None else check_int("heads", heads, 1)
-        if hash_seed is None:
-            hash_seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
-        self.register_buffer("hash_seed", torch.tensor(int(hash_seed), dtype=torch.int64))
+        seed = self.options.hash_seed
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
+        self.register_buffer("hash_seed", torch.tensor(int(seed), dtype=torch.int64))
         self._eval_rotations: tuple[tuple, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
         return (
             f"bucket_size={self.bucket_size}, n_hashes={self.n_hashes}, n_buckets={self.n_buckets}, "
-            f"causal={self.causal}, strict_causal={self.strict_causal}, backend={self.backend!r}"
+            f"causal={self.causal}, strict_causal={self.strict_causal}, attn_backend={self.attn_backend!r}"
         )
 
     def bucket_spec(self, length: int) -> BucketSpec:
         """The bucket count used for an input of ``length`` positions."""
-        return self.n_buckets if self.n_buckets is not None else buckets_for_length(length, self.bucket_size)
+        return self.options.bucket_spec(length)
 
     def hash(self, qk: torch.Tensor) -> torch.Tensor:
         """Bucket ids ``(rows, n_hashes, len)`` of ``qk`` ``(rows, len, d)``."""
         rows, length, d = qk.shape
         n_buckets = self.bucket_spec(length)
+        rounds = self.n_hashes if self.rehash_each_round else 1  # rotations drawn
         n_sets = 1
         if self.random_rotations_per_head:
             n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
         if self.training:
-            rotations = draw_rotations(d, self.n_hashes, n_buckets, n_sets, device=qk.device, dtype=qk.dtype)
+            rotations = draw_rotations(d, rounds, n_buckets, n_sets, device=qk.device, dtype=qk.dtype)
         else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token);
             # n_hashes is part of the shape: it may be changed after training (reformer.switch)
-            key = (int(self.hash_seed), d, self.n_hashes, n_buckets, n_sets, qk.device, qk.dtype)
+            key = (int(self.hash_seed), d, rounds, n_buckets, n_sets, qk.device, qk.dtype)
             if self._eval_rotations is None or self._eval_rotations[0] != key:
-                drawn = draw_rotations(
-                    d, self.n_hashes, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype
-                )
+                drawn = draw_rotations(d, rounds, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype)
                 self._eval_rotations = (key, drawn)
             rotations = self._eval_rotations[1]
         hashed = qk.detach()
         if self.training and self.drop_for_hash_rate > 0:  # (drawn on a re-run too: the RNG stays in step)
             hashed = F.dropout(hashed, self.drop_for_hash_rate)
+        if self.rehash_each_round:
+            ids = partial(hash_vectors, hashed, rotations, n_buckets, first_major=self.n_buckets_first_major)
+        else:
+            ids = partial(top_bucket_ids, hashed, rotations, n_buckets, self.n_hashes)
         with torch.no_grad():  # (a reversible block's re-run reuses its forward's buckets: see remember)
-            return remember(lambda: hash_vectors(hashed, rotations, n_buckets, first_major=self.n_buckets_first_major))
+            return remember(ids)
 
     def forward(
         self,
         qk: torch.Tensor,
         v: torch.Tensor,
+        query_len: int | None = None,
         input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
+        pos_emb: torch.Tensor | None = None,
         *,
         chunks: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """``qk``, ``v``: ``(rows, len, d)``; ``input_mask``: ``(rows, len)`` bool, True = real.
 
+        ``reformer_pytorch``'s options: ``query_len``: only the first ``query_len`` positions are
+        queries, the others keys that every query may see, causal or not (they take part in the
+        sort as positions before the first query). ``pos_emb`` ``(1, n, d)``: a rotary encoding
+        as ``[sin | cos]`` halves (``FixedPositionalEmbedding(d)`` there) that turns the first
+        ``n`` positions' vectors after hashing, so the buckets are those of the unturned vectors.
+        ``input_attn_mask`` ``(rows, n, m)`` bool: which query-key pairs may attend (pairs
+        beyond ``n``, ``m`` may), applied to the pairs the windows hold (the chunked backend).
+
         ``chunks`` splits the rows to bound peak memory (hashing is done once for all).
-        Returns ``out`` ``(rows, len, dv)``, ``attn`` ``(rows, len, len)`` when
+        Returns ``out`` ``(rows, query_len, dv)``, ``attn`` ``(rows, query_len, len)`` when
         ``return_attn`` (else None) and ``buckets`` ``(rows, n_hashes, len)``.
         """
         check_qkv(qk, v, input_mask)
         check_int("chunks", chunks, 1)
+        rows, length, _ = qk.shape
+        keys_only = 0 if query_len is None else length - check_query_len(query_len, length)
+        check_attn_mask(input_attn_mask, rows, length)
+        pairs = allowed_pairs(input_attn_mask, length, length, False, qk.device)  # (rows, len, len) or None
         buckets = self.hash(qk)
+        if pos_emb is not None:
+            qk = rotate_by_pos_emb(qk, pos_emb)
+        if not (keys_only and self.causal):
+            out, attn = self._attend(qk, v, buckets, input_mask, pairs, chunks)
+            return out[:, : length - keys_only], None if attn is None else attn[:, : length - keys_only], buckets
+        # Causal: the keys-only positions go first, where causal masking hides none of them.
+        first = partial(torch.roll, shifts=keys_only, dims=1)
+        mask = None if input_mask is None else first(input_mask)
+        if pairs is not None:
+            pairs = pairs.roll((keys_only, keys_only), dims=(1, 2))
+        out, attn = self._attend(first(qk), first(v), buckets.roll(keys_only, dims=2), mask, pairs, chunks)
+        if attn is not None:  # back to the input's order, query rows only
+            attn = attn.roll((-keys_only, -keys_only), dims=(1, 2))[:, : length - keys_only]
+        return out[:, keys_only:], attn, buckets
+
+    def _attend(
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        buckets: torch.Tensor,
+        input_mask: torch.Tensor | None,
+        pairs: torch.Tensor | None,
+        chunks: int,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(out, attn)`` of every position, ``chunks`` row ranges at a time; ``pairs``
+        ``(rows, len, len)``: the query-key pairs that may attend, or None for all."""
         n_total = total_buckets(self.bucket_spec(qk.shape[1]))
         if self.pad_bucket and input_mask is not None:  # the id the chunked path gives its padding
             buckets = buckets.masked_fill(~input_mask[:, None, :], n_total)
@@ -185,26 +242,22 @@ class LSHAttention(nn.Module):
                 part(qk),
                 part(v),
                 part(buckets),
-                bucket_size=self.bucket_size,
+                self.options,
                 n_buckets=n_total,
-                causal=self.causal,
-                strict_causal=self.strict_causal,
                 key_mask=None if input_mask is None else part(input_mask),
-                allow_duplicate_attention=self.allow_duplicate_attention,
-                attend_across_buckets=self.attend_across_buckets,
-                dropout=self.dropout,
+                attn_mask=None if pairs is None else part(pairs),
                 training=self.training,
-                return_attn=self.return_attn,
-                self_value=self.self_value,
-                exp_lse=self.exp_lse,
-                backend=self.backend,
             )
             outs.append(out)
             attns.append(attn)
         if parts == 1:  # (a cat of one tensor would copy it)
-            return outs[0], attns[0], buckets
+            return outs[0], attns[0]
         attn = torch.cat(attns) if self.return_attn else None
-        return torch.cat(outs), attn, buckets
+        return torch.cat(outs), attn
+
+
+for _name in (f.name for f in dataclasses.fields(LSHOptions) if f.name != "hash_seed"):  # (hash_seed: a buffer)
+    setattr(LSHAttention, _name, option_property(_name))
 
 
 class FullQKAttention(nn.Module):
@@ -216,10 +269,25 @@ class FullQKAttention(nn.Module):
         self.dropout = check_prob("dropout", dropout)
 
     def forward(
-        self, qk: torch.Tensor, v: torch.Tensor, input_mask: torch.Tensor | None = None
+        self,
+        qk: torch.Tensor,
+        v: torch.Tensor,
+        query_len: int | None = None,
+        input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``qk``, ``v``: ``(rows, len, d)``; ``input_mask`` ``(rows, len)`` bool, True = real.
+
+        As in ``reformer_pytorch``: only the first ``query_len`` positions are queries (the
+        others are keys every query sees, causal or not); ``input_attn_mask`` ``(rows, n, m)``
+        bool says which query-key pairs may attend (padded with True to ``len``). Returns
+        ``out`` ``(rows, query_len, dv)``, ``attn`` ``(rows, query_len, len)`` and an empty tensor."""
         check_qkv(qk, v, input_mask)
+        rows, length, _ = qk.shape
+        query_len = length if query_len is None else check_query_len(query_len, length)
+        check_attn_mask(input_attn_mask, rows, length)
+        allowed = allowed_pairs(input_attn_mask, length, query_len, self.causal, qk.device)
         out, attn = full_qk_attention(
-            qk, v, causal=self.causal, key_mask=input_mask, dropout=self.dropout, training=self.training
+            qk, v, key_mask=input_mask, allowed=allowed, dropout=self.dropout, training=self.training
         )
-        return out, attn, torch.empty(0, dtype=torch.long, device=qk.device)
+        return out[:, :query_len], attn[:, :query_len], torch.empty(0, dtype=torch.long, device=qk.device)

@@ -10,8 +10,10 @@ occurrences; rounds are combined with weights ``softmax_r(lse_r)``.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .common import SELF_ATTN_VALUE, masked_value, normalize_keys
+from .options import LSHOptions
 
 
 def _masked_logits(qk: torch.Tensor, hidden: torch.Tensor, log_dup: torch.Tensor | None = None) -> torch.Tensor:
@@ -68,20 +70,20 @@ def lsh_attention_reference(
     qk: torch.Tensor,
     v: torch.Tensor,
     buckets: torch.Tensor,
+    options: LSHOptions,
     *,
-    bucket_size: int,
     n_buckets: int,
-    causal: bool = False,
-    strict_causal: bool = True,
     key_mask: torch.Tensor | None = None,
-    allow_duplicate_attention: bool = True,
-    attend_across_buckets: bool = True,
+    attn_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense version of :func:`reformer.attention.chunked.lsh_attention_chunked` (no dropout)."""
+    """Dense version of :func:`reformer.attention.chunked.lsh_attention_chunked`, same arguments
+    (of ``options``: ``bucket_size``, ``causal``, ``strict_causal``, ``allow_duplicate_attention``
+    and ``attend_across_buckets``; no dropout, softmax weights)."""
+    bucket_size, causal = options.bucket_size, options.causal
     b, length, _ = qk.shape
     h = buckets.shape[1]
     lp = -(-length // bucket_size) * bucket_size
-    strict = causal and strict_causal
+    strict = causal and options.strict_causal
     outs, attns = [], []
     for i in range(b):
         pad = lp - length
@@ -92,13 +94,15 @@ def lsh_attention_reference(
         valid[length:] = False
         if key_mask is not None:
             valid[:length] = key_mask[i]
-        occ = _round_occurrences(bk, bucket_size, strict, attend_across_buckets)  # (h, lp, lp)
+        occ = _round_occurrences(bk, bucket_size, strict, options.attend_across_buckets)  # (h, lp, lp)
         pos = torch.arange(lp, device=qk.device)
         hidden = ~valid[None, :].expand(lp, lp)
         if causal and not strict:
             hidden = hidden | (pos[None, :] > pos[:, None])
+        if attn_mask is not None:
+            hidden = hidden | ~F.pad(attn_mask[i], (0, pad, 0, pad), value=True)
         log_dup = None
-        if not allow_duplicate_attention:
+        if not options.allow_duplicate_attention:
             log_dup = occ.sum(0).clamp_min(1).log().to(qk.dtype)
         logits = _masked_logits(x, hidden, log_dup)
         # Multiplicity enters as +log M; keys absent from a round's windows are hidden there.

@@ -7,14 +7,23 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..checks import check_extra_keys, check_features, check_int, check_mask, check_prob, resolve_dim_head
+from ..checks import (
+    check_attn_mask,
+    check_extra_keys,
+    check_features,
+    check_int,
+    check_mask,
+    check_prob,
+    resolve_dim_head,
+)
 from ..hashing import BucketSpec, total_buckets
 from ..positions import apply_rotary, rotary_angles
 from .common import SELF_ATTN_VALUE
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
-from .full import full_qk_attention
+from .full import allowed_pairs, full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
+from .options import LSHOptions, one_source
 
 
 class LSHSelfAttention(nn.Module):
@@ -41,7 +50,8 @@ class LSHSelfAttention(nn.Module):
         out_bias: bias in the output projection.
         one_value_head: one value projection (``dim_head`` wide) shared by every head.
         rehash_each_round, drop_for_hash_rate, pad_bucket, n_buckets_first_major, self_value, exp_lse,
-            backend: as in :class:`LSHAttention`.
+            backend, options: as in :class:`LSHAttention` (a model passes ``options``, built once
+            from its config; the LSH keywords then keep their defaults).
     """
 
     def __init__(
@@ -79,8 +89,31 @@ class LSHSelfAttention(nn.Module):
         self_value: float = SELF_ATTN_VALUE,
         exp_lse: bool = False,
         backend: str = "auto",
+        options: LSHOptions | None = None,
     ):
         super().__init__()
+        from_keywords = LSHOptions(
+            lsh_dropout=dropout,
+            bucket_size=bucket_size,
+            n_hashes=n_hashes,
+            causal=causal,
+            allow_duplicate_attention=allow_duplicate_attention,
+            attend_across_buckets=attend_across_buckets,
+            rehash_each_round=rehash_each_round,
+            drop_for_hash_rate=drop_for_hash_rate,
+            random_rotations_per_head=random_rotations_per_head,
+            return_attn=return_attn,
+            strict_causal=strict_causal,
+            n_buckets=n_buckets,
+            max_seq_len=max_seq_len,
+            hash_seed=hash_seed,
+            pad_bucket=pad_bucket,
+            n_buckets_first_major=n_buckets_first_major,
+            self_attn_value=self_value,
+            exp_lse_softmax=exp_lse,
+            attn_backend=backend,
+        )
+        options = one_source(from_keywords, options)
         dim_head = resolve_dim_head(dim, heads, dim_head)
         check_int("n_local_attn_heads", n_local_attn_heads, 0)
         if n_local_attn_heads > heads:
@@ -89,14 +122,14 @@ class LSHSelfAttention(nn.Module):
         self.attn_chunks = check_int("attn_chunks", attn_chunks, 1)
         self.num_mem_kv = check_int("num_mem_kv", num_mem_kv, 0)
         self.n_local_attn_heads = n_local_attn_heads
-        self.causal = bool(causal)
+        self.causal = options.causal
         self.use_full_attn = bool(use_full_attn)
         if full_attn_thres is None:
             # Dense attention equals classic LSH when everything fits in one chunk, but not strict
             # causal LSH; switching there would make a prefix's outputs depend on the length.
-            full_attn_thres = 0 if causal and strict_causal else bucket_size
+            full_attn_thres = 0 if options.causal and options.strict_causal else options.bucket_size
         self.full_attn_thres = check_int("full_attn_thres", full_attn_thres, 0)
-        self.attn_dropout = check_prob("dropout", dropout)
+        self.attn_dropout = options.lsh_dropout
         self.rotary_emb = bool(rotary_emb)
         if self.rotary_emb and dim_head % 2:
             raise ValueError(f"rotary_emb needs an even dim_head, got {dim_head}")
@@ -111,28 +144,7 @@ class LSHSelfAttention(nn.Module):
         self.qk_rescale = None if qk_logit_scale is None else qk_logit_scale * dim_head**0.5
         self.post_attn_dropout = nn.Dropout(check_prob("post_attn_dropout", post_attn_dropout))
         self.mem_kv = nn.Parameter(torch.randn(1, num_mem_kv, dim)) if num_mem_kv > 0 else None
-        self.lsh_attn = LSHAttention(
-            dropout=dropout,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            causal=causal,
-            allow_duplicate_attention=allow_duplicate_attention,
-            attend_across_buckets=attend_across_buckets,
-            rehash_each_round=rehash_each_round,
-            drop_for_hash_rate=drop_for_hash_rate,
-            random_rotations_per_head=random_rotations_per_head,
-            return_attn=return_attn,
-            strict_causal=strict_causal,
-            n_buckets=n_buckets,
-            max_seq_len=max_seq_len,
-            heads=heads - n_local_attn_heads or None,
-            hash_seed=hash_seed,
-            pad_bucket=pad_bucket,
-            n_buckets_first_major=n_buckets_first_major,
-            self_value=self_value,
-            exp_lse=exp_lse,
-            backend=backend,
-        )
+        self.lsh_attn = LSHAttention(heads=heads - n_local_attn_heads or None, options=options)
         #: Optional ``callback(attn, buckets)`` called after each forward (used by Recorder).
         self.callback: Callable[[torch.Tensor | None, torch.Tensor], None] | None = None
 
@@ -157,19 +169,29 @@ class LSHSelfAttention(nn.Module):
         x: torch.Tensor,
         keys: torch.Tensor | None = None,
         input_mask: torch.Tensor | None = None,
+        input_attn_mask: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
+        pos_emb: torch.Tensor | None = None,
         cache: DecodingCache | None = None,
     ) -> torch.Tensor:
         """``x`` ``(b, t, dim)``; ``keys`` ``(b, c, dim)``; ``input_mask`` ``(b, t)`` and
         ``context_mask`` ``(b, c)`` bool, True = real. Returns ``(b, t, dim)``.
+
+        ``reformer_pytorch``'s options, with its semantics: ``input_attn_mask`` ``(b, n, m)``
+        bool, which query-key pairs may attend, indexed as there (the sequence, then the memory
+        key/values, then ``keys``; pairs beyond ``n``, ``m`` allowed), on the LSH heads and dense
+        attention (local heads ignore it, as there).
+        ``pos_emb`` ``(1, n, dim_head)``: see :meth:`LSHAttention.forward`; as there, it turns
+        the LSH heads' vectors of the first ``n`` positions (not local heads, not dense attention).
 
         ``cache``: incremental decoding (see :mod:`reformer.attention.decode`). While its
         ``seq_len`` is 0 this is the prefill, which also stores this layer's keys; after that
         ``x`` is the next position ``(b, 1, dim)``."""
         check_features("x", x, self.dim)
         if cache is not None:
-            if keys is not None or input_mask is not None or context_mask is not None:
-                raise ValueError("cached decoding takes no keys, input_mask or context_mask")
+            extras = (keys, input_mask, input_attn_mask, context_mask, pos_emb)
+            if any(extra is not None for extra in extras):
+                raise ValueError("cached decoding takes no keys, input_mask, input_attn_mask, context_mask or pos_emb")
             if cache.seq_len > 0:  # this layer's state exists, so the prefill below accepted it
                 return self._decode_step(x, cache.next_layer())
             reason = self.cache_unsupported_reason()
@@ -186,6 +208,7 @@ class LSHSelfAttention(nn.Module):
         n_prefix = sum(p.shape[1] for p in prefix)
         seq = torch.cat([*prefix, x], dim=1) if prefix else x
         length = n_prefix + t
+        check_attn_mask(input_attn_mask, b, length)
 
         mask = None
         if input_mask is not None or context_mask is not None:
@@ -227,6 +250,10 @@ class LSHSelfAttention(nn.Module):
             lqk = (qk[:, lh:] if lh else qk).reshape(rows, length, dh)
             lv = (v[:, lh:] if lh else v).reshape(rows, length, dh)
             row_mask = None if mask is None else mask.repeat_interleave(h - lh, dim=0)
+            pairs = None
+            if input_attn_mask is not None:  # (the peer's layout is ours rolled: the sequence first)
+                pairs = allowed_pairs(input_attn_mask, length, length, False, x.device)
+                pairs = pairs.roll((n_prefix, n_prefix), dims=(1, 2)).repeat_interleave(h - lh, dim=0)
             if self.attends_densely(length):
                 out, attn = full_qk_attention(
                     lqk,
@@ -236,9 +263,17 @@ class LSHSelfAttention(nn.Module):
                     dropout=self.attn_dropout,
                     training=self.training,
                     need_weights=self.callback is not None or self.lsh_attn.return_attn,
+                    allowed=pairs,
                 )
             else:
-                out, attn, buckets = self.lsh_attn(lqk, lv, row_mask, chunks=self.attn_chunks)
+                out, attn, buckets = self.lsh_attn(
+                    lqk,
+                    lv,
+                    input_mask=row_mask,
+                    input_attn_mask=pairs,
+                    pos_emb=None if pos_emb is None else _unturned_prefix(pos_emb, n_prefix),
+                    chunks=self.attn_chunks,
+                )
             if self.callback is not None:  # per (batch, head): attn (b, h, L, L), buckets (b, h, n_hashes, L)
                 self.callback(
                     None if attn is None else attn.view(b, h - lh, length, length),
@@ -298,16 +333,17 @@ class LSHSelfAttention(nn.Module):
                 parts.append(dense_step(state, q[:, lh:], slice(lh, h)))
             else:
                 buckets = self.lsh_attn.hash(q[:, lh:].reshape(b * (h - lh), 1, dh))[..., 0]  # (rows, n_hashes)
-                parts.append(
-                    lsh_step(
-                        state,
-                        q[:, lh:],
-                        buckets,
-                        slice(lh, h),
-                        allow_duplicate_attention=self.lsh_attn.allow_duplicate_attention,
-                        self_value=self.lsh_attn.self_value,
-                    )
-                )
+                parts.append(lsh_step(state, q[:, lh:], buckets, slice(lh, h), self.lsh_attn.options))
         out = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]  # (b, h, dh)
         out = out.masked_fill(state.poisoned_newest(), torch.nan)
         return self._merge_heads(out[:, :, None])
+
+
+def _unturned_prefix(pos_emb: torch.Tensor, n_prefix: int) -> torch.Tensor:
+    """``pos_emb`` ``(1, n, d)`` (``[sin | cos]`` halves) of the sequence, preceded by angle 0
+    for the ``n_prefix`` memory/context positions in front of it: ``(1, n_prefix + n, d)``."""
+    if n_prefix == 0:
+        return pos_emb
+    half = pos_emb.shape[-1] // 2
+    zero_angle = torch.cat([pos_emb.new_zeros(1, n_prefix, half), pos_emb.new_ones(1, n_prefix, half)], dim=-1)
+    return torch.cat([zero_angle, pos_emb], dim=1)

@@ -6,7 +6,7 @@ The algorithm of :class:`~.window_torch.TorchWindows`, with three changes:
   way back to rows) are each one pass of a C kernel per row instead of several torch ops;
 * the rounds are combined online (softmax round weights): each block's outputs are added to
   their positions' rows as they come, so no per-slot outputs are kept (``n_hashes`` x the
-  output); with ``exp_lse`` round weights they are combined after all rounds, as there;
+  output); with ``exp_lse_softmax`` round weights they are combined after all rounds, as there;
 * strict causal windows with no mask beyond the strict one (:attr:`.WindowPlan.fused`) go
   through one fused kernel call per CPU worker part for the forward and one for the backward:
   matmuls in registers, softmax and gradients per window while its tiles are in cache.
@@ -53,9 +53,9 @@ class KernelWindows(TorchWindows):
         plan.mask_(dots, blk, strict_part=False)
         if plan.strict:  # the kernel applies the strict mask and the own-key logit
             span_row = plan.query_slots(plan.span_row, blk).flatten()
-            self_value = self_logit(dots.dtype, plan.self_value)
-            return cpu_kernels.strict_softmax(dots, probs, span_row, plan.s, plan.c, self_value, plan.exp_lse)
-        return cpu_kernels.softmax(dots, probs, plan.exp_lse)
+            self_value = self_logit(dots.dtype, plan.self_attn_value)
+            return cpu_kernels.strict_softmax(dots, probs, span_row, plan.s, plan.c, self_value, plan.exp_lse_softmax)
+        return cpu_kernels.softmax(dots, probs, plan.exp_lse_softmax)
 
     def softmax_backward_(self, grad: torch.Tensor, probs: torch.Tensor, shift: torch.Tensor, blk: Block) -> None:
         plan = self.plan
@@ -77,7 +77,7 @@ class KernelWindows(TorchWindows):
 
     def forward(self, qkv: torch.Tensor, all_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         plan, dv = self.plan, self.dv
-        if plan.exp_lse:  # exp(lse) round weights: combined after all rounds
+        if plan.exp_lse_softmax:  # exp(lse) round weights: combined after all rounds
             return super().forward(qkv, all_probs)
         slot_lse = qkv.new_empty(plan.n_windows, plan.s)
         out = qkv.new_zeros(plan.rows, plan.lp, dv)
@@ -106,7 +106,7 @@ class KernelWindows(TorchWindows):
         return out, slot_weight
 
     def backward_rows(self, inputs: BackwardInputs, rows: range, grad: torch.Tensor) -> None:
-        # (the round weights come in as they are: with ``exp_lse`` the forward runs unfused, this fused)
+        # (the round weights come in as they are: with ``exp_lse_softmax`` the forward runs unfused, this fused)
         if self.plan.fused:
             _fused_backward(self.plan, inputs, rows, grad)
         else:
@@ -134,7 +134,7 @@ def _fused_forward(
         rounds,
         plan.s,
         plan.c,
-        self_logit(qkv.dtype, plan.self_value),
+        self_logit(qkv.dtype, plan.self_attn_value),
         FUSED_CHUNK_WINDOWS,
     )
 

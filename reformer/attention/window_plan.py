@@ -28,14 +28,18 @@ Masks (:meth:`WindowPlan.mask_`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from ..native import kernels as cpu_kernels
 from ..native.workers import l2_cache_bytes, split_among_workers
 from .common import SELF_ATTN_VALUE, dropout_keep, dropout_seed, masked_value, self_logit
 from .slots import SlotLayout
+
+if TYPE_CHECKING:  # (options.py imports the backends, which import this module)
+    from .options import LSHOptions
 
 #: Logits computed at once per block of windows (``windows * s * (c + s)``): small enough
 #: that a block's logits and keys stay in cache, large enough that per-block overhead does
@@ -76,6 +80,13 @@ class WindowDropout(NamedTuple):
     ext_pos: torch.Tensor  # (b, c + total) position of each ext slot
 
 
+class WindowPairs(NamedTuple):
+    """A call's mask of query-key pairs (``reformer_pytorch``'s ``input_attn_mask``)."""
+
+    allowed: torch.Tensor  # (b, lp * lp) bool: query position i may attend key position j at i * lp + j
+    ext_pos: torch.Tensor  # (b, c + total) position of each ext slot
+
+
 class Block(NamedTuple):
     """Windows ``start:end`` (flat index): batch rows ``rows``, windows ``j0:j1`` of each row.
     A block lies within one row, or is made of whole rows (``j0 = 0, j1 = n``)."""
@@ -107,11 +118,12 @@ class WindowPlan:
     causal: bool
     key_valid: torch.Tensor | None  # (b, c + total) bool, True = attendable
     dup_info: torch.Tensor | None  # (b, c + total, h, 2) per-round rank/chunk and bucket, for -log N
-    self_value: float = SELF_ATTN_VALUE  # logit of a query's own key
-    exp_lse: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
+    self_attn_value: float = SELF_ATTN_VALUE  # logit of a query's own key
+    exp_lse_softmax: bool = False  # weights as exp(x - logsumexp(x)) (trax / HF) instead of softmax
     kernels: bool = False  # fp32 on CPU: the row kernels of native/kernels.c do the row work
     fused: bool = False  # and the fused window kernels the strict windows' matmuls too
     dropout: WindowDropout | None = None  # attention dropout in training
+    pairs: WindowPairs | None = None  # the call's query-key pair mask
 
     @property
     def width(self) -> int:
@@ -131,7 +143,7 @@ class WindowPlan:
         return self.rows * self.n
 
     def parts(self, device: torch.device) -> list[range]:
-        """Batch rows split among the CPU workers (:mod:`reformer.native.workers`): blocks of
+        """Batch rows split among the CPU workers (:mod:`reformer.cpu_workers`): blocks of
         different rows read and write different rows of the inputs and their gradients."""
         return split_among_workers(self.rows, device)
 
@@ -205,13 +217,15 @@ class WindowPlan:
             if self.slot_group is not None:
                 k_group = self.take(self.slot_group, blk)[:, None, :]
                 hide(k_group[:, :, self.c :].transpose(1, 2) != k_group)
+        if self.pairs is not None:
+            hide(~self._allowed_pairs(blk))
         if self.dup_info is not None:
             k_info = self.take(self.dup_info, blk)  # (blk, c + s, h, 2)
             dots -= self._duplicate_counts(k_info[:, self.c :], k_info).clamp_min(1).double().log().to(dots.dtype)
         if hidden is not None:
             dots.masked_fill_(hidden, masked_value(dots.dtype))
         if strict_part or not self.strict:
-            self.fill_self_(dots, self_logit(dots.dtype, self.self_value), self.self_mask(blk))
+            self.fill_self_(dots, self_logit(dots.dtype, self.self_attn_value), self.self_mask(blk))
 
     def kept_by_dropout(self, blk: Block) -> torch.Tensor:
         """``(blk, s, c + s)`` bool: the entries of the block's windows that dropout keeps."""
@@ -219,6 +233,13 @@ class WindowPlan:
         k_pos = self.take(drop.ext_pos, blk)  # (blk, c + s); a window's queries are its last s keys
         stream = self.query_slots(drop.stream, blk).reshape(-1, self.s, 1)  # (blk, s, 1)
         return dropout_keep(drop.seed, drop.p, stream, k_pos[:, self.c :, None], k_pos[:, None, :])
+
+    def _allowed_pairs(self, blk: Block) -> torch.Tensor:
+        """``(blk, s, c + s)`` bool: the entries whose (query, key) positions the pair mask allows."""
+        k_pos = self.take(self.pairs.ext_pos, blk)  # (blk, c + s); a window's queries are its last s keys
+        index = k_pos[:, self.c :, None] * self.lp + k_pos[:, None, :]  # (blk, s, c + s)
+        allowed = self.pairs.allowed[blk.rows]  # (rows, lp * lp): a block's windows are whole rows' runs
+        return allowed.gather(1, index.reshape(allowed.shape[0], -1)).view_as(index)
 
     def _duplicate_counts(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """How often each entry's key occurs, visibly, in all of its query's windows.
@@ -287,37 +308,37 @@ def _duplicate_info(layout: SlotLayout, strict: bool) -> torch.Tensor:
 
 def build_plan(
     layout: SlotLayout,
+    options: LSHOptions,
     *,
     d: int,
     dv: int,
     n_buckets: int,
-    causal: bool,
-    strict: bool,
-    allow_duplicate_attention: bool,
-    attend_across_buckets: bool,
-    dropout: float,
-    self_value: float,
-    exp_lse: bool,
+    training: bool,
     kernels: bool,
+    attn_mask: torch.Tensor | None = None,
 ) -> WindowPlan:
     """The plan of the windows of ``layout`` (``b`` rows of ``h`` rounds of ``lp`` slots) for
-    ``d`` query/key and ``dv`` value features; ``dropout``: the rate in effect (0 outside
-    training); ``kernels``: whether the CPU row kernels serve this call (the call's
+    ``d`` query/key and ``dv`` value features, with the masks, dropout and weights ``options``
+    ask for; ``attn_mask`` ``(b, len, len)`` bool: the query-key pairs that may attend, or None.
+    ``kernels``: whether the CPU row kernels serve this call (the call's
     :class:`~.slots.CpuKernels` decision); the plan also decides whether the fused window
     kernels take its windows (:attr:`WindowPlan.fused`)."""
+    causal = options.causal
+    strict = causal and options.strict_causal
+    dropout = options.lsh_dropout if training else 0.0
     b, h, lp = layout.inv.shape
     c, total = layout.c, layout.total
     s = queries_per_window(c, strict)
     device = layout.inv.device
     ext_pos = None  # (b, c + total) position of each ext slot, where a mask or dropout needs it
-    if not strict or dropout > 0:
+    if not strict or dropout > 0 or attn_mask is not None:
         ext_pos = with_wrap(layout.perm.reshape(b, total), c)
     slot_group = None
-    if not attend_across_buckets and not strict:  # (strict windows hold their own bucket only)
+    if not options.attend_across_buckets and not strict:  # (strict windows hold their own bucket only)
         slot_round = torch.arange(total, device=device) // lp
         slot_group = with_wrap(layout.slot_bucket + slot_round * (n_buckets + 1), c)
     key_valid = None if layout.key_valid is None else with_wrap(layout.key_valid[layout.slot_row], c)
-    dup_info = None if allow_duplicate_attention else _duplicate_info(layout, strict)
+    dup_info = None if options.allow_duplicate_attention else _duplicate_info(layout, strict)
     round_offset = (
         torch.arange(b, device=device)[:, None, None] * total + torch.arange(h, device=device)[:, None] * lp
     )  # (b, h, 1) flat index of each round's first slot
@@ -325,7 +346,12 @@ def build_plan(
     if dropout > 0:
         stream = (round_offset // lp).expand(b, h, lp).reshape(b, total)  # batch row * rounds + round
         drop = WindowDropout(dropout, dropout_seed(device), stream, ext_pos)
-    strict_mask_only = strict and key_valid is None and dup_info is None and drop is None  # what the fused kernels take
+    pairs = None
+    if attn_mask is not None:  # (padding: pairs of pad positions allowed; key_valid hides those keys)
+        pad = lp - attn_mask.shape[-1]
+        pairs = WindowPairs(F.pad(attn_mask, (0, pad, 0, pad), value=True).reshape(b, lp * lp), ext_pos)
+    # what the fused kernels take
+    strict_mask_only = strict and key_valid is None and dup_info is None and drop is None and pairs is None
     return WindowPlan(
         c=c,
         s=s,
@@ -340,9 +366,10 @@ def build_plan(
         causal=causal,
         key_valid=key_valid,
         dup_info=dup_info,
-        self_value=self_value,
-        exp_lse=exp_lse,
+        self_attn_value=options.self_attn_value,
+        exp_lse_softmax=options.exp_lse_softmax,
         kernels=kernels,
         fused=kernels and strict_mask_only and cpu_kernels.window_tiles_fit(s, c, d, dv),
         dropout=drop,
+        pairs=pairs,
     )

@@ -81,7 +81,7 @@ class TorchWindows:
         """Masks ``dots`` ``(blk, s, c + s)``, writes the attention weights into ``probs`` (same
         shape, may be ``dots``) and returns the per-query log-sum-exp ``(blk, s)``."""
         self.plan.mask_(dots, blk)
-        if self.plan.exp_lse:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
+        if self.plan.exp_lse_softmax:  # trax / HF: exp(x - lse), not renormalised where lse is rounded
             lse = torch.logsumexp(dots, dim=-1)
             torch.exp(dots - lse[..., None], out=probs)
             return lse
@@ -178,7 +178,7 @@ class TorchWindows:
         plan = self.plan
         index = plan.round_slot[rows.start : rows.stop]  # (rows, h, lp) slot of each position's rounds
         total = plan.slot_row.shape[1]
-        slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse)
+        slot_weight[index] = round_weights(slot_lse[index], plan.exp_lse_softmax)
         mine = slice(rows.start * total, rows.stop * total)
         weighted = slot_out[mine].mul_(slot_weight[mine, None].to(slot_out.dtype))
         # only this part's rows, offset to them: other parts write the rest of ``out`` meanwhile

@@ -12,8 +12,9 @@ def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     c = subparsers.add_parser("convert", help="convert a Hugging Face transformers Reformer checkpoint",
                               formatter_class=fmt)  # fmt: skip
-    c.add_argument("--from-transformers", required=True, metavar="DIR",
-                   help="directory of a transformers ReformerModelWithLMHead or ReformerForMaskedLM")  # fmt: skip
+    c.add_argument("--from-transformers", required=True, metavar="DIR_OR_REPO",
+                   help="directory (or Hugging Face Hub repo id) of a transformers ReformerModelWithLMHead, "
+                        "ReformerForMaskedLM or ReformerForSequenceClassification")  # fmt: skip
     c.add_argument("--out", required=True, help="checkpoint directory to write (config.json, model.safetensors)")
     c.add_argument("--byte-vocab", action="store_true",
                    help="258-token byte model (google/reformer-enwik8, id = byte + 2): keep the byte ids")  # fmt: skip
@@ -32,8 +33,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(str(exc).strip().splitlines()[0]) from None
     model.float().save_pretrained(out)
     cfg = model.config
-    kind = "causal" if cfg.causal else "masked"
+    kind = "causal" if cfg.causal else "bidirectional"
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{out}: ReformerLM ({kind}, {cfg.depth} layers {'/'.join(cfg.layer_kinds())}, {cfg.num_tokens} tokens, "
+    layers = "/".join(cfg.layer_kinds())
+    print(f"{out}: {type(model).__name__} ({kind}, {cfg.depth} layers {layers}, {cfg.num_tokens} tokens, "
           f"{n_params / 1e6:.2f}M parameters)")  # fmt: skip
     return 0

@@ -11,7 +11,9 @@ from .options import UsageError, device_type, int_at_least
 def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     e = subparsers.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
-    e.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    e.add_argument("--checkpoint", required=True,
+                   help="run or checkpoint directory, or a Hugging Face Hub repo id (org/name)")  # fmt: skip
+    e.add_argument("--revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     e.add_argument("--data", default=None,
                    help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, "
                         "else builtin)")  # fmt: skip
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.full_attention and args.n_hashes is not None:
         raise UsageError("--n-hashes and --full-attention exclude each other (full attention does not hash)")
-    model, vocab, ckpt = load_for_inference(args.checkpoint, args.device)
+    model, vocab, ckpt = load_for_inference(args.checkpoint, args.device, args.revision)
     switched = ""
     if args.full_attention or args.n_hashes is not None:  # in memory only: the checkpoint is not changed
         switch_attention(model, n_hashes=args.n_hashes, full_attention=args.full_attention)

@@ -12,7 +12,9 @@ from .options import UsageError, device_type, float_in, int_at_least, seed_type
 def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     g = subparsers.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
-    g.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    g.add_argument("--checkpoint", required=True,
+                   help="run or checkpoint directory, or a Hugging Face Hub repo id (org/name)")  # fmt: skip
+    g.add_argument("--revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample")
     g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
         raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
-    model, vocab, _ = load_for_inference(args.checkpoint, args.device)
+    model, vocab, _ = load_for_inference(args.checkpoint, args.device, args.revision)
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
     out.write(args.prompt)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+from .. import hub
 from ..checkpoint import read_config
 from ..config import ReformerConfig
 from ..data import ByteVocab, CharVocab, Corpus, DuplicationTask, load_corpus, vocab_from_dict
@@ -28,9 +29,10 @@ def check_backend_runs(config: ReformerConfig, device: str) -> None:
                          "to 'auto' in its config.json to run here")  # fmt: skip
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run directory (its latest checkpoint)."""
-    p = Path(path)
+def resolve_checkpoint(path: str, revision: str | None = None) -> Path:
+    """A checkpoint directory, a run directory (its latest checkpoint), or a Hugging Face Hub
+    repo id (``org/name``, at ``revision``)."""
+    p = hub.resolve(path, revision=revision)
     if (p / "config.json").is_file():
         return p
     found = checkpoint_dirs(p)
@@ -55,8 +57,10 @@ def check_vocab(ckpt: Path, vocab: ByteVocab | CharVocab, config: ReformerConfig
         raise UsageError(f"{ckpt}: the model has {config.num_tokens} tokens but its vocabulary {vocab.num_tokens}")
 
 
-def load_for_inference(path: str, device: str) -> tuple[ReformerLM, ByteVocab | CharVocab, Path]:
-    ckpt = resolve_checkpoint(path)
+def load_for_inference(
+    path: str, device: str, revision: str | None = None
+) -> tuple[ReformerLM, ByteVocab | CharVocab, Path]:
+    ckpt = resolve_checkpoint(path, revision)
     check_backend_runs(read_config(ckpt)[1], device)
     model = ReformerLM.from_pretrained(ckpt).to(device).eval()
     vocab = read_vocab(ckpt)
