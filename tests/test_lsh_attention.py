@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from builders import LSH_MODES, window_options
 
 from reformer import FullQKAttention, LSHAttention, cpu_workers
 from reformer.attention import chunked
@@ -11,14 +12,9 @@ from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
 
-MODES = [  # (causal, strict_causal)
-    (False, True),
-    (True, True),
-    (True, False),
-]
 SWEEP = list(
     itertools.product(
-        MODES,
+        LSH_MODES,
         [1, 2, 4, 8],  # n_hashes
         [(16, 4), (37, 8), (5, 8)],  # (len, bucket_size): divides, does not, shorter than a bucket
         [False, True],  # padding mask
@@ -48,15 +44,7 @@ def test_chunked_equals_reference(mode, n_hashes, shape, masked, dup, across):
     n_buckets = 4
     buckets = torch.randint(0, n_buckets, (3, n_hashes, length))
     key_mask = torch.rand(3, length) > 0.3 if masked else None
-    kw = dict(
-        bucket_size=bucket_size,
-        n_buckets=n_buckets,
-        causal=causal,
-        strict_causal=strict,
-        key_mask=key_mask,
-        allow_duplicate_attention=dup,
-        attend_across_buckets=across,
-    )
+    kw = dict(window_options(bucket_size, causal, strict, key_mask, across, n_buckets), allow_duplicate_attention=dup)
     out, attn = lsh_attention_chunked(qk, v, buckets, return_attn=True, **kw)
     ref_out, ref_attn = lsh_attention_reference(qk, v, buckets, **kw)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=0)
@@ -64,7 +52,7 @@ def test_chunked_equals_reference(mode, n_hashes, shape, masked, dup, across):
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, length), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("causal,strict", MODES)
+@pytest.mark.parametrize("causal,strict", LSH_MODES)
 def test_module_uses_its_hash_and_equals_reference(causal, strict):
     layer = LSHAttention(bucket_size=8, n_hashes=4, causal=causal, strict_causal=strict, n_buckets=(2, 4)).eval()
     qk, v = _inputs(4, 45, d=16)
@@ -79,7 +67,7 @@ def test_module_uses_its_hash_and_equals_reference(causal, strict):
 
 def test_real_buckets_large_sweep_chunked_vs_reference():
     # Buckets from real hashing (clustered, uneven sizes) rather than uniform random ids.
-    for causal, strict in MODES:
+    for causal, strict in LSH_MODES:
         for n_hashes in (1, 2, 4, 8):
             layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=strict).eval()
             layer.return_attn = True

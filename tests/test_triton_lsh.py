@@ -12,6 +12,8 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from builders import lsh_inputs, window_options  # noqa: E402
+
 from reformer.attention.backends import lsh_attention  # noqa: E402
 from reformer.attention.chunked import lsh_attention_chunked  # noqa: E402
 from reformer.attention.reference import lsh_attention_reference  # noqa: E402
@@ -29,19 +31,8 @@ CASES = [  # causal, strict_causal, key mask, attend_across_buckets, n_hashes, l
 
 
 def _case(causal, strict, masked, across, n_hashes, length, bucket_size, d=32):
-    qk = torch.randn(2, length, d, device=DEVICE, requires_grad=True)
-    v = torch.randn(2, length, d, device=DEVICE, requires_grad=True)
-    buckets = torch.randint(0, 4, (2, n_hashes, length), device=DEVICE)
-    key_mask = torch.rand(2, length, device=DEVICE) > 0.3 if masked else None
-    kw = dict(
-        bucket_size=bucket_size,
-        n_buckets=4,
-        causal=causal,
-        strict_causal=strict,
-        key_mask=key_mask,
-        attend_across_buckets=across,
-    )
-    return qk, v, buckets, kw
+    qk, v, buckets, key_mask = lsh_inputs(length, n_hashes, masked, d=d, device=DEVICE, requires_grad=True)
+    return qk, v, buckets, window_options(bucket_size, causal, strict, key_mask, across)
 
 
 @pytest.mark.parametrize("case", CASES)
