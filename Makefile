@@ -30,7 +30,8 @@ demo: $(VENV)/.stamp-base
 # The interop extra (transformers) lets tests/test_convert.py compare with Hugging Face's Reformer.
 # The gpu extra (triton) lets tests/test_triton_lsh.py run the fused kernel in Triton's interpreter.
 # The compat extra (reformer_pytorch) lets tests/test_compat.py check our API against the live peer.
-test: $(VENV)/.stamp-test,interop,gpu,compat
+# The hub extra (huggingface_hub) lets tests/test_hub.py download from a Hub on localhost.
+test: $(VENV)/.stamp-test,interop,gpu,compat,hub
 	$(BIN)/python -m pytest -q
 
 # On a CUDA machine: every backend against the reference (the @gpu tests).

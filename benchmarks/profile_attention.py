@@ -25,7 +25,7 @@ import torch
 from common import gemm_gflops, keep_freed_memory, machine_line, markdown_table, print_and_write
 
 from reformer import LSHSelfAttention, cpu_kernels, cpu_workers, hashing
-from reformer.attention import chunked, lsh
+from reformer.attention import chunked, lsh, window_kernels, window_torch
 
 SECONDS: dict[str, float] = defaultdict(float)
 FLOPS: dict[str, float] = defaultdict(float)
@@ -67,7 +67,7 @@ KERNELS = {
 
 def instrument() -> None:
     """Wrap what the chunked path calls (module attributes, so only its calls are counted)."""
-    chunked.torch = _TorchProxy()
+    window_torch.torch = window_kernels.torch = _TorchProxy()
     for name, label in KERNELS.items():
         setattr(cpu_kernels, name, timed(label, getattr(cpu_kernels, name)))
     lsh.hash_vectors = timed("hashing", hashing.hash_vectors)  # as lsh.py imported it
@@ -76,8 +76,8 @@ def instrument() -> None:
 
 
 class _TorchProxy:
-    """``torch`` as seen by chunked.py, with its matmuls timed; gathers and scatter-adds are
-    tensor methods, timed by wrapping them on ``torch.Tensor`` while the step runs."""
+    """``torch`` as seen by the chunked path's window modules, with its matmuls timed; gathers and
+    scatter-adds are tensor methods, timed by wrapping them on ``torch.Tensor`` while the step runs."""
 
     bmm = staticmethod(timed("  batched matmuls", torch.bmm, bmm_flops))
 

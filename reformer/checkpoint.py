@@ -1,6 +1,8 @@
 """``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, written
 atomically (temporary file + fsync + rename), with a ``manifest.json`` of the weights' SHA-256
-so that a truncated or altered file is reported as such, read back with clear errors."""
+so that a truncated or altered file is reported as such, read back with clear errors, and a
+model card ``README.md``. ``from_pretrained`` also takes a Hugging Face Hub repo id
+(:mod:`reformer.hub`)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from . import hub
 from .config import ReformerConfig
 
 CONFIG_NAME = "config.json"
@@ -85,9 +89,9 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     """Record the size and SHA-256 of the binary files in ``directory`` (weights, trainer
-    state) in ``manifest.json``. JSON files are left out: they are checked when parsed, and a
-    hand-edited config should load."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix != ".json")
+    state) in ``manifest.json``. JSON and Markdown files are left out: a config is checked when
+    parsed, and a hand-edited config or model card should load."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix not in (".json", ".md"))
     entries = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
     text = json.dumps({"files": entries}, indent=2) + "\n"
     atomic_write(directory / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
@@ -123,30 +127,55 @@ def verify_manifest(directory: Path) -> None:
 
 
 class PretrainedMixin:
-    """Adds checkpoint I/O to a module with a ``config`` attribute and a ``config=`` constructor."""
+    """Adds checkpoint I/O to a module with a ``config`` attribute and a ``config=`` constructor
+    (a model made of several, :class:`~reformer.model.ReformerEncDec`, overrides
+    ``_saved_config`` / ``_from_saved_config``)."""
 
     config: ReformerConfig
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def _saved_config(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    @classmethod
+    def _from_saved_config(cls: type[M], saved: dict[str, Any]) -> M:
+        return cls(config=ReformerConfig.from_dict(saved))
+
+    def save_pretrained(self, directory: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
+        """Write the checkpoint into ``directory`` (created if needed): weights, config, manifest,
+        and a model card ``README.md`` (``training``: what to say of the training, e.g. data,
+        steps, validation loss) unless the directory holds a README.md this library did not write."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"architecture": type(self).__name__, "format_version": FORMAT_VERSION, **self.config.to_dict()}
+        meta = {"architecture": type(self).__name__, "format_version": FORMAT_VERSION, **self._saved_config()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self, tmp))
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        card = directory / hub.CARD_NAME
+        if card.exists() and not hub.is_our_card(card):
+            warnings.warn(f"{card} exists and was not written by reformer-torch: left as it is", stacklevel=2)
+        else:
+            text = hub.model_card(self, training)
+            atomic_write(card, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
         write_manifest(directory)
         return directory
 
     @classmethod
-    def from_pretrained(cls: type[M], directory: str | os.PathLike) -> M:
-        directory = Path(directory)
+    def from_pretrained(
+        cls: type[M], name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> M:
+        """Load a checkpoint directory, or a Hugging Face Hub repo id (``"org/name"``, at
+        ``revision``; downloaded into the Hub cache, ``HF_HUB_OFFLINE=1`` honoured)."""
+        directory = hub.resolve(name_or_path, revision=revision, token=token)
         weights_path = directory / WEIGHTS_NAME
-        arch, config = read_config(directory)
+        arch, saved = read_meta(directory)
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         verify_manifest(directory)
         if arch != cls.__name__:
             raise ValueError(f"{directory} holds a {arch}, not a {cls.__name__}")
-        model = cls(config=config)
+        try:
+            model = cls._from_saved_config(saved)
+        except (TypeError, KeyError) as exc:
+            raise ValueError(f"corrupt {directory / CONFIG_NAME}: {exc}") from None
         assert isinstance(model, nn.Module)
         try:
             load_model(model, weights_path, strict=True)
@@ -156,9 +185,14 @@ class PretrainedMixin:
             raise ValueError(f"{weights_path} does not match the config in {directory / CONFIG_NAME}: {exc}") from None
         return model
 
+    def push_to_hub(self, repo_id: str, **options: Any) -> Any:
+        """Upload this model to the Hugging Face Hub as one commit (see :func:`reformer.hub.push_to_hub`
+        for ``revision``, ``private``, ``token``, ``commit_message``, ``training``)."""
+        return hub.push_to_hub(self, repo_id, **options)
 
-def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
-    """``(architecture, config)`` of a checkpoint directory."""
+
+def read_meta(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+    """``(architecture, saved configuration)`` of a checkpoint directory."""
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in {directory} (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -175,7 +209,13 @@ def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
     if isinstance(version, bool) or not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is newer than this version of reformer-torch "
                          f"reads ({FORMAT_VERSION}); upgrade it")  # fmt: skip
+    return arch, meta
+
+
+def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:
+    """``(architecture, config)`` of a single-config checkpoint directory."""
+    arch, meta = read_meta(directory)
     try:
         return arch, ReformerConfig.from_dict(meta)
     except TypeError as exc:
-        raise ValueError(f"corrupt {path}: {exc}") from None
+        raise ValueError(f"corrupt {Path(directory) / CONFIG_NAME}: {exc}") from None

@@ -574,7 +574,7 @@ void reformer_strict_windows_forward(const float *qkv, const int64_t *ext_row, c
 
 /* The backward of reformer_strict_windows_forward's windows: per window, the output gradient
  * of its queries (grad_out rows at query_rows times their round weights, with shift = weight
- * * (g . out), as chunked._LSHWindows.backward derives), the gradients of the values p^T g, of
+ * * (g . out), as window_torch.TorchWindows.backward derives), the gradients of the values p^T g, of
  * the logits (g v^T - shift) * p, of the queries and of the keys; summed per chunk in a buffer
  * of its key run, then added to grad (rows, 2d + dv) at the run's qkv rows minus first_row.
  * scratch: (chunk * s + c) * (2 * (2d + dv) + dv) + s * (chunk * dv + c + s + 1) floats. */

@@ -99,7 +99,7 @@ def fold_qk_grad_(
     grad: torch.Tensor, qkv: torch.Tensor, norm: torch.Tensor, d: int, scale: float, floor: float
 ) -> None:
     """The gradient of ``qk`` written into the ``q`` columns of ``grad`` ``(n, 2d + dv)`` from its
-    ``q`` and ``k`` columns (see ``chunked._shared_qk_grad``); ``qkv`` and ``norm`` as
+    ``q`` and ``k`` columns (see ``window_torch.TorchWindows.qk_grad``); ``qkv`` and ``norm`` as
     :func:`pack_qkv_` made them."""
     n, dv = grad.shape[0], grad.shape[1] - 2 * d
     _library().reformer_fold_qk_grad(grad.data_ptr(), qkv.data_ptr(), norm.data_ptr(), n, d, dv, scale, floor)
@@ -110,7 +110,7 @@ def strict_softmax(
 ) -> torch.Tensor:
     """Strict-causal window weights: ``dots`` ``(blk, s, c + s)`` raw logits, written as weights
     into ``probs`` (may be ``dots``); ``span_row`` ``(blk * s,)`` int64, each query's
-    ``span * s + i`` (see ``chunked._strict_hidden_table``). Returns the log-sum-exp ``(blk, s)``."""
+    ``span * s + i`` (see ``window_plan.strict_hidden_table``). Returns the log-sum-exp ``(blk, s)``."""
     lse = dots.new_empty(dots.shape[:2])
     span_row = span_row.contiguous()
     _library().reformer_strict_softmax(
@@ -184,7 +184,7 @@ def window_grads_to_rows_(
     """Adds a backward block's window gradients to ``grad`` ``(r, 2d + dv)`` (``[q | k | v]``
     rows) at the rows ``rows`` ``(nb, m * s + c)`` of its key runs: ``gq`` ``(nb * m, s, d)``
     for the runs' last ``m * s`` rows (the queries), ``gk`` ``(nb * m, c + s, d)`` and ``gv``
-    ``(nb * m, c + s, dv)`` for each window's keys (see ``chunked._add_window_grads``)."""
+    ``(nb * m, c + s, dv)`` for each window's keys (see ``window_torch._add_window_grads``)."""
     rows, nb, d, dv = rows.contiguous(), rows.shape[0], gk.shape[-1], gv.shape[-1]
     m = (rows.shape[1] - c) // s
     _library().reformer_window_grads_to_rows(

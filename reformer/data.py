@@ -335,3 +335,94 @@ class DuplicationTask:
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
+
+
+# --- ListOps (Long Range Arena) -------------------------------------------------------------
+
+#: ListOps operators as Long Range Arena writes them (Tay et al., 2020, after Nangia and Bowman,
+#: 2018): minimum, maximum, median (rounded down) and sum modulo 10 of their arguments.
+LISTOPS_OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
+LISTOPS_END = "]"
+#: Token ids: 0 is padding, then the digits, the operators and the closing bracket.
+LISTOPS_VOCAB = ("<pad>", *(str(d) for d in range(10)), *LISTOPS_OPERATORS, LISTOPS_END)
+LISTOPS_PAD = 0
+LISTOPS_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class ListOpsSpec:
+    """Long Range Arena's ListOps: each node is an operator with probability ``operator_p``
+    (below ``max_depth``; the root is at depth 1) holding 2 to ``max_args`` arguments, else a
+    digit; expressions are kept when their token count (operators, digits, closing brackets) is
+    strictly between ``min_length`` and ``max_length``, and each is kept once."""
+
+    max_depth: int = 10
+    max_args: int = 10
+    min_length: int = 500
+    max_length: int = 2000
+    operator_p: float = 0.25
+
+
+def listops_value(operator: str, args: list[int]) -> int:
+    if operator == "[MIN":
+        return min(args)
+    if operator == "[MAX":
+        return max(args)
+    if operator == "[MED":
+        ordered, mid = sorted(args), len(args) // 2
+        return ordered[mid] if len(args) % 2 else (ordered[mid - 1] + ordered[mid]) // 2
+    return sum(args) % 10
+
+
+def _listops_node(rng, depth: int, spec: ListOpsSpec, out: list[str]) -> int | None:
+    """Append one random node's tokens to ``out`` and return its value; None as soon as ``out``
+    reaches ``max_length`` (the expression will be rejected: stop drawing it)."""
+    if len(out) >= spec.max_length:
+        return None
+    if depth >= spec.max_depth or rng.random() > spec.operator_p:
+        digit = rng.randrange(10)
+        out.append(str(digit))
+        return digit
+    n_args = rng.randint(2, spec.max_args)
+    operator = rng.choice(LISTOPS_OPERATORS)
+    out.append(operator)
+    args = []
+    for _ in range(n_args):
+        value = _listops_node(rng, depth + 1, spec, out)
+        if value is None:
+            return None
+        args.append(value)
+    out.append(LISTOPS_END)
+    return listops_value(operator, args)
+
+
+def listops_examples(n: int, seed: int = 0, spec: ListOpsSpec = ListOpsSpec()) -> list[tuple[str, int]]:
+    """``n`` distinct ListOps expressions ``(tokens separated by spaces, value 0..9)`` drawn from
+    ``random.Random(seed)`` by rejection on the length (as Long Range Arena generates them)."""
+    import random
+
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0 < spec.operator_p < 1 or spec.max_args < 2 or spec.max_depth < 2 or spec.min_length >= spec.max_length:
+        raise ValueError(f"ListOpsSpec cannot generate expressions: {spec}")
+    rng, seen, examples = random.Random(seed), set(), []
+    while len(examples) < n:
+        tokens: list[str] = []
+        value = _listops_node(rng, 1, spec, tokens)
+        text = " ".join(tokens)
+        if value is not None and spec.min_length < len(tokens) < spec.max_length and text not in seen:
+            seen.add(text)
+            examples.append((text, value))
+    return examples
+
+
+def listops_tensors(examples: list[tuple[str, int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids ``(n, seq_len)`` (right-padded with :data:`LISTOPS_PAD`) and labels ``(n,)``."""
+    index = {token: i for i, token in enumerate(LISTOPS_VOCAB)}
+    ids = torch.full((len(examples), seq_len), LISTOPS_PAD, dtype=torch.long)
+    for row, (text, _) in enumerate(examples):
+        tokens = text.split()
+        if len(tokens) > seq_len:
+            raise ValueError(f"example {row} has {len(tokens)} tokens, more than seq_len={seq_len}")
+        ids[row, : len(tokens)] = torch.tensor([index[t] for t in tokens])
+    return ids, torch.tensor([label for _, label in examples], dtype=torch.long)

@@ -40,7 +40,9 @@ def chunked_cross_entropy(
         raise ValueError(f"loss_chunk_size must be an integer >= 1, got {chunk_size!r}")
     rows = hidden.reshape(-1, hidden.shape[-1])  # (b*n, d)
     labels = targets.reshape(-1).long()  # (b*n,)
-    recompute = torch.is_grad_enabled()
+    # One chunk holds the whole logits anyway: recomputing it would save nothing (and the first
+    # checkpoint() of a process imports torch._dynamo, seconds on a small CPU).
+    recompute = torch.is_grad_enabled() and rows.shape[0] > chunk_size
     total = rows.new_zeros((), dtype=torch.float32)
     for start in range(0, rows.shape[0], chunk_size):
         chunk, chunk_labels = rows[start : start + chunk_size], labels[start : start + chunk_size]

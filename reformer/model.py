@@ -481,7 +481,7 @@ def _split_enc_dec(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     return enc, dec, rest
 
 
-class ReformerEncDec(nn.Module):
+class ReformerEncDec(PretrainedMixin, nn.Module):
     """Encoder (bidirectional ``ReformerLM`` returning embeddings) + decoder (causal
     ``ReformerLM`` whose blocks cross-attend to every encoder output).
 
@@ -507,6 +507,23 @@ class ReformerEncDec(nn.Module):
         self.decoder = ReformerLM(dim=dim, **shared, **dec, causal=True, cross_attention=True)
         self.ignore_index = ignore_index
         self.pad_value = pad_value
+
+    def _saved_config(self) -> dict[str, Any]:
+        return {
+            "encoder": self.encoder.config.to_dict(),
+            "decoder": self.decoder.config.to_dict(),
+            "ignore_index": self.ignore_index,
+            "pad_value": self.pad_value,
+        }
+
+    @classmethod
+    def _from_saved_config(cls, saved: dict[str, Any]) -> ReformerEncDec:
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model.encoder = ReformerLM(config=ReformerConfig.from_dict(saved["encoder"]))
+        model.decoder = ReformerLM(config=ReformerConfig.from_dict(saved["decoder"]))
+        model.ignore_index, model.pad_value = saved["ignore_index"], saved["pad_value"]
+        return model
 
     def _wrapped_decoder(self) -> TrainingWrapper:
         return TrainingWrapper(self.decoder, ignore_index=self.ignore_index, pad_value=self.pad_value)

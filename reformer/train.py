@@ -190,6 +190,19 @@ def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
+def card_training(state: TrainState, cfg: TrainConfig) -> dict[str, str]:
+    """What a checkpoint's model card says of its training: steps, tokens, context, and the
+    latest validation loss."""
+    tokens = state.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+    facts = {"steps": f"{state.step:,} of {cfg.steps:,}", "tokens seen": f"{tokens:,}", "context": f"{cfg.seq_len:,}"}
+    evaluated = [r for r in state.history if "eval_loss" in r]
+    if evaluated:
+        last = evaluated[-1]
+        loss, bits, step = last["eval_loss"], last["eval_bpc"], last["step"]
+        facts["validation"] = f"{loss:.4f} nats, {bits:.4f} bits per token (step {step:,})"
+    return facts
+
+
 CHECKPOINT_NAME = re.compile(r"step-([0-9]+)")
 
 
@@ -241,7 +254,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
     try:
         os.chmod(tmp, 0o777 & ~current_umask())  # as any new directory (mkdtemp's is 0700)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, training=card_training(state, cfg))
         if vocab is not None:
             write_file(tmp / "vocab.json", lambda path: path.write_text(json.dumps(vocab) + "\n"))
         trainer = {

@@ -9,10 +9,13 @@ import torch
 from builders import tied_projections
 
 from reformer import cpu_kernels
-from reformer.attention import chunked
-from reformer.attention.chunked import _add_block_grads, _strict_hidden_table, lsh_attention_chunked
+from reformer.attention import chunked, slots, window_plan
+from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import masked_value
 from reformer.attention.reference import lsh_attention_reference
+from reformer.attention.slots import CpuKernels
+from reformer.attention.window_plan import WindowPlan, strict_hidden_table
+from reformer.attention.window_torch import BlockGrads, TorchWindows
 
 SELF = -5e4
 
@@ -27,7 +30,7 @@ def _kernels_on(monkeypatch):
 
 def _strict_eager(dots, span_row, c, s, exp_lse):
     """The torch path: table mask, own-key logit, softmax (or exp(x - lse)) and lse."""
-    hidden = _strict_hidden_table(c, s, dots.device).index_select(0, span_row).view_as(dots)
+    hidden = strict_hidden_table(c, s, dots.device).index_select(0, span_row).view_as(dots)
     x = dots.masked_fill(hidden, masked_value(dots.dtype))
     x.view(x.shape[0], -1)[:, c :: c + s + 1] = SELF
     lse = torch.logsumexp(x.double(), -1)
@@ -95,7 +98,7 @@ def test_gather_rows_equals_index_select():
 @pytest.mark.parametrize("nb,m,c,s", [(1, 7, 8, 4), (3, 2, 6, 6), (2, 5, 4, 2)])
 def test_window_grads_to_rows_equals_the_torch_path_bit_for_bit(monkeypatch, nb, m, c, s):
     d, dv, rows_total = 5, 3, 40
-    plan = chunked._WindowPlan(
+    plan = WindowPlan(
         c=c, s=s, lp=0, slot_row=torch.zeros(1, 1), ext_row=torch.zeros(1, 1), round_slot=torch.zeros(1),
         strict=False, span_row=None, slot_pos=None, slot_group=None, causal=False, key_valid=None, dup_info=None,
     )  # fmt: skip
@@ -104,7 +107,7 @@ def test_window_grads_to_rows_equals_the_torch_path_bit_for_bit(monkeypatch, nb,
     gq, gk, gv = torch.randn(nb * m, s, d), torch.randn(nb * m, c + s, d), torch.randn(nb * m, c + s, dv)
     start = torch.randn(rows_total, 2 * d + dv)
     torch_path, fused = start.clone(), start.clone()
-    _add_block_grads(plan, torch_path, key_rows, run, gq, gk, gv)
+    TorchWindows(plan, d, dv).add_block_grads(torch_path, key_rows, run, BlockGrads(gq, gk, gv))
     cpu_kernels.window_grads_to_rows_(fused, key_rows, gq, gk, gv, s, c)
     assert torch.equal(fused, torch_path)
 
@@ -122,7 +125,7 @@ MODES = [
 @pytest.mark.parametrize("kw", MODES)
 @pytest.mark.parametrize("masked", [False, True])
 def test_chunked_with_kernels_equals_reference_with_gradients(monkeypatch, kw, masked):
-    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", 300)
+    monkeypatch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", 300)
     qk, v = torch.randn(2, 77, 16), torch.randn(2, 77, 8)
     buckets = torch.randint(0, 4, (2, 3, 77))
     key_mask = torch.rand(2, 77) > 0.2 if masked else None
@@ -176,7 +179,7 @@ def test_fused_backward_after_the_unfused_exp_lse_forward_equals_the_unfused_pat
 
 
 def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: int, exp_lse: bool = False) -> None:
-    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", block_elements)
     length, rounds = 8 * c, 3
     qk, v = torch.randn(2, length, d) * 3, torch.randn(2, length, dv)
     buckets = torch.randint(0, 8, (2, rounds, length))
@@ -200,7 +203,7 @@ def _check_fused_windows(monkeypatch, block_elements: int, c: int, d: int, dv: i
         torch.testing.assert_close(lsh_attention_chunked(qk, v, buckets, **args)[0], fused[0], atol=0, rtol=0)
     # (the reference has softmax round weights only)
     reference = [None] * 3 if exp_lse else run(lsh_attention_reference, torch.float64)
-    monkeypatch.setattr(chunked, "_fuses_windows", lambda *a: False)
+    monkeypatch.setattr(cpu_kernels, "window_tiles_fit", lambda *a: False)
     unfused = run(lsh_attention_chunked, torch.float32)
     for a, b, r in zip(fused, unfused, reference, strict=True):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
@@ -227,6 +230,35 @@ def test_which_windows_the_fused_kernels_take(monkeypatch, kw, c, dv, fused):
     qk, v = torch.randn(1, 64, 16), torch.randn(1, 64, dv)
     lsh_attention_chunked(qk, v, torch.randint(0, 2, (1, 2, 64)), bucket_size=c, n_buckets=2, **kw)
     assert bool(calls) == fused
+
+
+KERNELS = ["bucket_sort", "pack_qkv_", "gather_rows", "strict_softmax", "softmax", "softmax_backward_",
+           "window_grads_to_rows_", "accumulate_rounds_", "finish_rounds_", "fold_qk_grad_",
+           "strict_windows_forward_", "strict_windows_backward_"]  # fmt: skip
+
+
+@pytest.mark.parametrize("decision", [CpuKernels(sort=False, windows=False), CpuKernels(sort=True, windows=False)])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(causal=False, key_mask=torch.rand(2, 64) > 0.2)])
+def test_the_calls_one_kernel_decision_governs_every_step(monkeypatch, decision, kw):
+    # The kernels could serve here (fp32 on CPU, and fused windows for causal=True); the call's
+    # one decision turns them off, and no step (sort, plan, windows, backward) decides again.
+    monkeypatch.setattr(chunked, "cpu_kernels_for", lambda *a: decision)
+    used = []
+    for name in KERNELS:
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kernel=kernel, name=name: used.append(name) or kernel(*a))
+    qk, v = torch.randn(2, 64, 16, requires_grad=True), torch.randn(2, 64, 16, requires_grad=True)
+    buckets = torch.randint(0, 4, (2, 2, 64))
+    out, _ = lsh_attention_chunked(qk, v, buckets, bucket_size=32, n_buckets=4, **kw)
+    out.square().sum().backward()
+    assert set(used) == ({"bucket_sort"} if decision.sort else set())
+    monkeypatch.setattr(chunked, "cpu_kernels_for", slots.cpu_kernels_for)  # the kernels serve: same result
+    qk2, v2 = qk.detach().requires_grad_(), v.detach().requires_grad_()
+    out2, _ = lsh_attention_chunked(qk2, v2, buckets, bucket_size=32, n_buckets=4, **kw)
+    out2.square().sum().backward()
+    assert "gather_rows" in used or "strict_windows_forward_" in used
+    torch.testing.assert_close(out2, out, atol=2e-6, rtol=0)
+    torch.testing.assert_close(qk2.grad, qk.grad, atol=2e-5, rtol=0)
 
 
 def test_dropout_with_kernels_equals_torch_ops(monkeypatch):

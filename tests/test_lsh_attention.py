@@ -7,7 +7,7 @@ import torch
 from builders import LSH_MODES, window_options
 
 from reformer import FullQKAttention, LSHAttention, cpu_workers
-from reformer.attention import chunked
+from reformer.attention import window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
@@ -27,7 +27,7 @@ SWEEP = list(
 @pytest.fixture(autouse=True)
 def _small_blocks(monkeypatch):
     """Several blocks of windows even at test sizes, so block boundaries are exercised."""
-    monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", 200)
+    monkeypatch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", 200)
 
 
 def _inputs(b, length, d=8, dv=6, dtype=torch.float32):
@@ -87,8 +87,8 @@ def test_strict_half_chunk_windows_equal_reference_with_gradients(bucket_size, n
     # Strict causal attention runs in windows of s = c / 2 queries and 3c/2 keys (c even), the
     # other modes in whole chunks; both against the dense reference, outputs and gradients, with
     # few buckets so that bucket runs cross window and chunk boundaries.
-    assert chunked.queries_per_window(bucket_size, strict=True) == (bucket_size // 2 if bucket_size % 2 == 0 else 7)
-    assert chunked.queries_per_window(bucket_size, strict=False) == bucket_size
+    assert window_plan.queries_per_window(bucket_size, strict=True) == (bucket_size // 2 if bucket_size % 2 == 0 else 7)
+    assert window_plan.queries_per_window(bucket_size, strict=False) == bucket_size
     qk, v = _inputs(2, 150, d=16, dv=8, dtype=torch.float64)
     qk.requires_grad_()
     v.requires_grad_()
@@ -203,7 +203,7 @@ def test_block_size_does_not_change_results_or_gradients(monkeypatch):
     buckets = torch.randint(0, 4, (2, 3, 70))
     results = []
     for elements in (1, 300, 2**20):
-        monkeypatch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", elements)
+        monkeypatch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", elements)
         a, b = qk.clone().requires_grad_(), v.clone().requires_grad_()
         out, _ = lsh_attention_chunked(a, b, buckets, bucket_size=8, n_buckets=4, causal=True)
         out.square().sum().backward()

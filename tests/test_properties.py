@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reformer import Reformer, ReformerLM
-from reformer.attention import chunked
+from reformer.attention import window_plan
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.full import full_qk_attention
 from reformer.attention.local import local_attention_chunked
@@ -73,7 +73,7 @@ def test_lsh_chunked_equals_reference(data, bucket_size, n_hashes, n_buckets, mo
         attend_across_buckets=across,
     )
     with pytest.MonkeyPatch.context() as patch:  # small blocks: block boundaries inside the sequence
-        patch.setattr(chunked, "WINDOW_BLOCK_ELEMENTS", block)
+        patch.setattr(window_plan, "WINDOW_BLOCK_ELEMENTS", block)
         out, _ = lsh_attention_chunked(qk, v, buckets, **kw)
     ref, _ = lsh_attention_reference(qk, v, buckets, **kw)
     _assert_same_with_gradients(out, ref, (qk, v), qk.dtype)

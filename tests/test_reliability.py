@@ -524,7 +524,7 @@ def test_checkpoints_are_written_with_the_users_umask(tmp_path, umask, tiny_lm):
     latest = checkpoint_dirs(tmp_path)[-1]
     assert latest.stat().st_mode & 0o777 == 0o777 & ~umask
     modes = {p.name: p.stat().st_mode & 0o777 for p in latest.iterdir()}
-    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and len(modes) == 5, modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask) and len(modes) == 6, modes  # README.md too
 
 
 # 16. figures the user reads are true ---------------------------------------------------------------------

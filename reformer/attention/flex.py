@@ -6,8 +6,8 @@ block, exactly its own and the previous key block (and, transposed for the backw
 each key block's own and next query block). It is built directly from those narrow
 ``(blocks, 2)`` index tables: nothing of size ``blocks x blocks`` exists, which at 1M tokens
 would not fit. ``mask_mod`` applies the window, causal, bucket and padding rules of
-:class:`reformer.attention.slots.WindowRules` inside the blocks; ``score_mod`` gives a query's
-own key the self value. The per-slot log-sum-exp comes back with gradient for the round combination.
+``window_plan.WindowPlan.mask_`` inside the blocks; ``score_mod`` gives a query's own key the
+self value. The per-slot log-sum-exp comes back with gradient for the round combination.
 
 On CUDA ``flex_attention`` is compiled here, at the call site; on CPU it runs eagerly
 (unfused, forward only), which the tests use to check the masks.

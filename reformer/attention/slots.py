@@ -45,6 +45,21 @@ class SlotLayout(NamedTuple):
         return self.slot_row.shape[1]
 
 
+class CpuKernels(NamedTuple):
+    """Which C kernels of :mod:`reformer.cpu_kernels` serve one LSH attention call: decided once
+    per call (:func:`cpu_kernels_for`) and asked by each of its steps, never decided again."""
+
+    sort: bool  # the counting sort of the buckets (on CPU, any dtype)
+    windows: bool  # the window row kernels (fp32 on CPU, windows and features within their limits)
+
+
+def cpu_kernels_for(qk: torch.Tensor, width: int = 0, features: int = 0) -> CpuKernels:
+    """The kernels that serve attention on ``qk`` with windows of ``width`` keys and ``features``
+    key + value features (see :func:`reformer.cpu_kernels.available`)."""
+    sort = cpu_kernels.serves(qk)
+    return CpuKernels(sort=sort, windows=sort and cpu_kernels.available(qk, width, features))
+
+
 class WindowRules(NamedTuple):
     """Which keys of a window a query sees (the masks of docs/design.md, "Masks")."""
 
@@ -71,7 +86,7 @@ def sort_into_slots(
     n_buckets: int,
 ) -> tuple[SlotInputs, SlotLayout]:
     """Pad ``qk``/``v`` ``(b, len, .)`` and sort ``buckets`` ``(b, h, len)``; see the module doc."""
-    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets)
+    qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, bucket_size, n_buckets, cpu_kernels_for(qk))
     b, lp, d = qk.shape
     inputs = SlotInputs(
         q=(qk * d**-0.5).reshape(b * lp, d),  # scaled here: cheaper than scaling logits
@@ -88,8 +103,10 @@ def pad_and_sort(
     key_mask: torch.Tensor | None,
     bucket_size: int,
     n_buckets: int,
+    kernels: CpuKernels,
 ) -> tuple[torch.Tensor, torch.Tensor, SlotLayout]:
-    """``qk``, ``v`` padded to ``(b, lp, .)`` and the sorted layout of ``buckets`` ``(b, h, len)``."""
+    """``qk``, ``v`` padded to ``(b, lp, .)`` and the sorted layout of ``buckets`` ``(b, h, len)``;
+    ``kernels``: the call's decision whether the counting sort kernel serves."""
     b, length, d = qk.shape
     h = buckets.shape[1]
     c = bucket_size
@@ -104,7 +121,7 @@ def pad_and_sort(
         key_mask = F.pad(key_mask, (0, pad), value=False)
 
     # Sort each round by (bucket, position); keys are unique, so the order is deterministic.
-    if cpu_kernels.serves(buckets):  # a counting sort: O(lp) per round, not O(lp log lp)
+    if kernels.sort:  # a counting sort: O(lp) per round, not O(lp log lp)
         perm, inv, slot_bucket = cpu_kernels.bucket_sort(buckets, n_buckets + 1)  # (b, h, lp) each
     else:
         positions = torch.arange(lp, device=qk.device)

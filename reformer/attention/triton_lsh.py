@@ -81,7 +81,7 @@ def _scores(
 ):
     """Masked fp32 logits ``(BLOCK, BLOCK)`` of a query chunk against one key chunk of its
     window, and ``fixed``: the entries set to a constant (hidden or self), which get no
-    gradient. The rules are those of :class:`reformer.attention.slots.WindowRules`."""
+    gradient. The rules are those of ``window_plan.WindowPlan.mask_``."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
     hidden = ~k_live[None, :]
     if HAS_MASK:

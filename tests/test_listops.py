@@ -1,0 +1,94 @@
+"""The ListOps generator (Long Range Arena's task): lengths, depth, arguments and values checked
+against an independent stack evaluator of the token string."""
+
+import statistics
+
+import pytest
+import torch
+
+from reformer.data import (
+    LISTOPS_END,
+    LISTOPS_OPERATORS,
+    LISTOPS_PAD,
+    LISTOPS_VOCAB,
+    ListOpsSpec,
+    listops_examples,
+    listops_tensors,
+)
+
+SMALL = ListOpsSpec(max_depth=6, max_args=5, min_length=20, max_length=120)
+
+
+def evaluate(text: str) -> tuple[int, int, int]:
+    """(value, depth, most arguments of one operator) of a token string, by a stack machine."""
+    stack: list[tuple[str, list[int]]] = []
+    depth = widest = 0
+    result = None
+    for token in text.split():
+        if token in LISTOPS_OPERATORS:
+            stack.append((token, []))
+            depth = max(depth, len(stack))
+            continue
+        if token == LISTOPS_END:
+            operator, args = stack.pop()
+            widest = max(widest, len(args))
+            value = {
+                "[MIN": min,
+                "[MAX": max,
+                "[MED": lambda a: int(statistics.median(a)),
+                "[SM": lambda a: sum(a) % 10,
+            }[operator](args)
+        else:
+            value = int(token)
+        if stack:
+            stack[-1][1].append(value)
+        else:
+            assert result is None, "more than one expression"
+            result = value
+    assert not stack and result is not None, "unbalanced expression"
+    return result, depth, widest
+
+
+@pytest.mark.parametrize("spec", [SMALL, ListOpsSpec()], ids=["small", "lra"])
+def test_examples_follow_the_spec_and_their_labels_are_their_values(spec):
+    examples = listops_examples(60 if spec is SMALL else 12, seed=3, spec=spec)
+    assert len({text for text, _ in examples}) == len(examples)
+    for text, label in examples:
+        assert spec.min_length < len(text.split()) < spec.max_length
+        value, depth, widest = evaluate(text)
+        assert label == value
+        # the deepest digits sit one level below the deepest operator: operators reach max_depth - 1
+        assert 1 <= depth < spec.max_depth
+        assert 2 <= widest <= spec.max_args
+
+
+def test_generation_is_seeded():
+    assert listops_examples(10, seed=1, spec=SMALL) == listops_examples(10, seed=1, spec=SMALL)
+    assert listops_examples(10, seed=1, spec=SMALL) != listops_examples(10, seed=2, spec=SMALL)
+
+
+def test_every_class_and_operator_occurs():
+    examples = listops_examples(300, seed=0, spec=SMALL)
+    assert {label for _, label in examples} == set(range(10))
+    roots = {text.split()[0] for text, _ in examples}
+    assert roots == set(LISTOPS_OPERATORS)
+
+
+def test_tensors_pad_on_the_right_and_round_trip():
+    examples = listops_examples(5, seed=0, spec=SMALL)
+    ids, labels = listops_tensors(examples, seq_len=SMALL.max_length)
+    assert ids.shape == (5, SMALL.max_length) and labels.tolist() == [label for _, label in examples]
+    for row, (text, _) in zip(ids, examples, strict=True):
+        n = len(text.split())
+        assert " ".join(LISTOPS_VOCAB[i] for i in row[:n].tolist()) == text
+        assert torch.all(row[n:] == LISTOPS_PAD)
+    with pytest.raises(ValueError, match="seq_len"):
+        listops_tensors(examples, seq_len=10)
+
+
+@pytest.mark.parametrize(
+    "spec", [ListOpsSpec(max_args=1), ListOpsSpec(operator_p=0.0), ListOpsSpec(min_length=50, max_length=50)]
+)
+def test_impossible_specs_are_refused(spec):
+    with pytest.raises(ValueError, match="cannot generate"):
+        listops_examples(1, spec=spec)
