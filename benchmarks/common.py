@@ -3,20 +3,19 @@ peak resident memory, machine facts, Markdown tables, atomic output files."""
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import importlib.util
 import multiprocessing as mp
-import os
 import platform
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from reformer import allocator
+from reformer.atomic import atomic_write
 
 
 def rss_bytes() -> int:
@@ -124,22 +123,11 @@ def _version(distribution: str) -> str:
         return "not installed"
 
 
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to ``path`` to write to; renamed onto ``path`` only if the block
-    succeeds, so an interrupted run never leaves a half-written table or plot."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_atomic(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
+    """Write ``text`` to ``path`` (and its missing parents) through :func:`reformer.atomic.atomic_write`,
+    so an interrupted run never leaves a half-written table."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def print_and_write(lines: list[str], script: str, argv: list[str], out: Path | None) -> None:

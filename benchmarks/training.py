@@ -55,7 +55,6 @@ import torch
 import torch.nn.functional as F
 from common import (
     MEASURE_MEMORY_ENV,
-    atomic_path,
     gemm_gflops,
     hf_reformer_lm,
     importable,
@@ -468,10 +467,12 @@ def _axes(title: str, xlabel: str, ylabel: str, log: bool):
 def _save(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
 
+    from reformer.atomic import atomic_write
+
     fig.axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
     print(f"wrote {path}", file=sys.stderr)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from . import hub
+from .atomic import atomic_write
 from .config import ReformerConfig
 
 CONFIG_NAME = "config.json"
@@ -27,56 +27,6 @@ MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
 
 M = TypeVar("M", bound="PretrainedMixin")
-
-
-def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a directory's entries') data to disk, so a rename after it cannot
-    outlive the data in a power loss."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def current_umask() -> int:
-    """The process's umask: from /proc on Linux, else read by setting it (there is no getter;
-    a file another thread creates meanwhile would get 0o022)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("Umask:")), 8)
-    except (OSError, StopIteration):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def write_file(path: str | os.PathLike, write) -> None:
-    """Call ``write(path)``; a failure (Python's ``OSError``, torch's ``RuntimeError`` "file write
-    failed", safetensors' ``SafetensorError`` on a full disk) becomes an ``OSError`` naming the
-    file and the space left."""
-    try:
-        write(path)
-    except (OSError, RuntimeError, SafetensorError) as exc:
-        fs = os.statvfs(Path(path).parent)
-        detail = str(exc).strip().splitlines()[-1][:200]
-        raise OSError(f"could not write {path} ({fs.f_bavail * fs.f_frsize:,} bytes free there): {detail}") from None
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file, and
-    it gets the permissions of any new file (the umask's, not ``mkstemp``'s 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_file(tmp, write)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        fsync_path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
 
 
 def _sha256(path: Path) -> str:

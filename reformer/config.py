@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import InitVar, asdict, dataclass, fields
 from pathlib import Path
 
 from .attention.backends import check_backend
-from .attention.common import SELF_ATTN_VALUE, check_int, check_prob, resolve_dim_head
+from .attention.common import SELF_ATTN_VALUE
+from .checks import check_int, check_prob, resolve_dim_head
 from .feedforward import check_activation
 from .hashing import validate_n_buckets
 from .pkm import PKM_TOPK
@@ -26,6 +27,56 @@ PEER_ALIASES = {
     "lsh_allow_duplicate_attention": "allow_duplicate_attention",
     "lsh_attend_across_buckets": "attend_across_buckets",
 }
+
+#: The encodings of ``position_emb`` ...
+POSITION_EMBS = ("axial", "absolute", "fixed", "rotary", "none")
+#: ... and the boolean keywords (the peer's; ``rotary_emb`` ours) that choose one of them.
+POSITION_FLAGS = {
+    "axial_position_emb": "axial",
+    "absolute_position_emb": "absolute",
+    "fixed_position_emb": "fixed",
+    "rotary_emb": "rotary",
+}
+
+
+def _check_flags(flags: dict[str, object]) -> None:
+    for name, value in flags.items():
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+def position_emb_from_flags(position_emb: str | None, flags: dict[str, object]) -> str:
+    """The one encoding that ``position_emb`` and the boolean ``flags`` (``{keyword: True, False
+    or None (not given)}``) choose together; a ValueError naming both sides of a disagreement."""
+    _check_flags(flags)
+    if position_emb is not None and position_emb not in POSITION_EMBS:
+        raise ValueError(f"position_emb must be one of {', '.join(map(repr, POSITION_EMBS))}, got {position_emb!r}")
+    chosen = [name for name, value in flags.items() if value]
+    if position_emb is not None:
+        for name, value in flags.items():
+            if value is not None and value != (POSITION_FLAGS[name] == position_emb):
+                raise ValueError(f"position_emb={position_emb!r} and {name}={value} disagree: pass position_emb alone")
+        return position_emb
+    if len(chosen) > 1:
+        raise ValueError(f"{chosen[0]}=True and {chosen[1]}=True choose two position encodings; pass one "
+                         f"(or position_emb, one of {', '.join(map(repr, POSITION_EMBS))})")  # fmt: skip
+    if chosen:
+        return POSITION_FLAGS[chosen[0]]
+    return "none" if flags.get("axial_position_emb") is False else "axial"
+
+
+def position_emb_of_saved(data: dict) -> str:
+    """``position_emb`` of a config saved before the field existed, which recorded every boolean
+    (``axial_position_emb`` true by default) and meant: absolute, else fixed, else rotary, else
+    axial when true, else none. Rotary with absolute or fixed positions (both were applied) has
+    no equivalent: a ValueError."""
+    _check_flags({name: data.get(name) for name in POSITION_FLAGS})
+    axial, absolute, fixed, rotary = (data.get(name) for name in POSITION_FLAGS)
+    embedded = "absolute" if absolute else "fixed" if fixed else None
+    if embedded and rotary:
+        raise ValueError(f"this config combines {embedded}_position_emb=True with rotary_emb=True, which an "
+                         "earlier version applied together; position_emb chooses one of them")  # fmt: skip
+    return embedded or ("rotary" if rotary else "axial" if axial is not False else "none")
 
 
 @dataclass
@@ -134,18 +185,21 @@ class ReformerConfig:
     """Below this length run the plain (non-reversible) stack, which is faster."""
 
     # --- positions and output ------------------------------------------------------------
-    axial_position_emb: bool = True
-    """Axial position embeddings (paper default)."""
+    position_emb: str | None = None
+    """How the model knows positions: ``"axial"`` (learned axial embeddings, the paper's; the
+    default), ``"absolute"`` (learned, one per position), ``"fixed"`` (sinusoidal), ``"rotary"``
+    (queries/keys rotated by position, in every attention layer) or ``"none"``. The peer's
+    boolean keywords ``axial_position_emb``, ``absolute_position_emb``, ``fixed_position_emb``
+    and ``rotary_emb`` are accepted instead (``axial_position_emb=False`` alone: ``"none"``);
+    two that disagree are refused."""
+    axial_position_emb: InitVar[bool | None] = None
+    absolute_position_emb: InitVar[bool | None] = None
+    fixed_position_emb: InitVar[bool | None] = None
+    rotary_emb: InitVar[bool | None] = None
     axial_position_shape: tuple[int, ...] | None = None
     """Axial factorisation of the positions; default ``(ceil(max_seq_len / bucket_size), bucket_size)``."""
     axial_position_dims: tuple[int, ...] | None = None
     """Width of each axial part (summing to ``emb_dim``); default an even split."""
-    absolute_position_emb: bool = False
-    """Learned absolute position embeddings."""
-    fixed_position_emb: bool = False
-    """Fixed sinusoidal positions."""
-    rotary_emb: bool = False
-    """Rotary position embedding on queries/keys."""
     weight_tie_embedding: bool = False
     """Tie the output projection to the token embedding."""
     return_embeddings: bool = False
@@ -191,7 +245,16 @@ class ReformerConfig:
     common multiple of the layers' chunk lengths, as Hugging Face does; the output drops the
     padding. Needed to reproduce its outputs when LSH and local chunks differ."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(
+        self,
+        axial_position_emb: bool | None,
+        absolute_position_emb: bool | None,
+        fixed_position_emb: bool | None,
+        rotary_emb: bool | None,
+    ) -> None:
+        flags = dict(zip(POSITION_FLAGS, (axial_position_emb, absolute_position_emb, fixed_position_emb, rotary_emb),
+                         strict=True))  # fmt: skip
+        self.position_emb = position_emb_from_flags(self.position_emb, flags)
         # reformer_pytorch's spellings, normalised before the type checks: attn_chunks=None,
         # pkm_layers as one int, ff_activation as None or a torch.nn class
         if self.attn_chunks is None:
@@ -230,7 +293,7 @@ class ReformerConfig:
         if self.hash_seed is not None and not -(2**63) <= self.hash_seed < 2**63:
             raise ValueError(f"hash_seed must be an int64 (or None), got {self.hash_seed!r}")
         shape, length = self.axial_position_shape, self.max_seq_len
-        if self.axial_position_emb and shape is not None and length is not None and math.prod(shape) < length:
+        if self.position_emb == "axial" and shape is not None and length is not None and math.prod(shape) < length:
             raise ValueError(f"axial_position_shape {shape} has {math.prod(shape)} positions, "
                              f"fewer than max_seq_len={self.max_seq_len}")  # fmt: skip
         self._check_compat_fields()
@@ -293,7 +356,7 @@ class ReformerConfig:
             return
         conflicts = {
             "attn_layers": "lsh" in self.layer_kinds(),
-            "rotary_emb": self.rotary_emb,
+            "position_emb": self.position_emb == "rotary",
             "num_mem_kv": self.num_mem_kv > 0,
             "n_local_attn_heads": self.n_local_attn_heads > 0,
         }
@@ -365,9 +428,12 @@ class ReformerConfig:
     @classmethod
     def from_dict(cls, data: dict) -> ReformerConfig:
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - set(POSITION_FLAGS))
         if unknown:
             raise ValueError(f"unknown config fields {unknown}; allowed: {sorted(known)}")
+        if "position_emb" not in data and set(data) & set(POSITION_FLAGS):  # saved before position_emb
+            saved = position_emb_of_saved(data)
+            data = {k: v for k, v in data.items() if k not in POSITION_FLAGS} | {"position_emb": saved}
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
@@ -376,3 +442,13 @@ class ReformerConfig:
     @classmethod
     def load(cls, path: str | Path) -> ReformerConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _reads_position_flag(kind: str) -> property:
+    return property(lambda self: self.position_emb == kind, doc=f"``position_emb == {kind!r}`` (read-only)")
+
+
+# The boolean keywords are constructor arguments only (InitVar); reading one answers from
+# position_emb (the class attribute dataclass leaves would be the keyword's default, None).
+for _name, _kind in POSITION_FLAGS.items():
+    setattr(ReformerConfig, _name, _reads_position_flag(_kind))

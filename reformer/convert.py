@@ -59,8 +59,6 @@ TRANSFORMERS_LAYOUT: dict[str, Any] = {
     "ff_glu": False,
     "num_mem_kv": 0,
     "n_local_attn_heads": 0,
-    "rotary_emb": False,
-    "fixed_position_emb": False,
     "allow_duplicate_attention": True,
     "attend_across_buckets": True,
     "use_full_attn": False,
@@ -117,8 +115,7 @@ def config_from_transformers(hf: Any) -> ReformerConfig:
         )
     return ReformerConfig(
         **TRANSFORMERS_LAYOUT,
-        axial_position_emb=bool(hf.axial_pos_embds),
-        absolute_position_emb=not hf.axial_pos_embds,
+        position_emb="axial" if hf.axial_pos_embds else "absolute",
         axial_position_shape=tuple(hf.axial_pos_shape) if hf.axial_pos_embds else None,
         axial_position_dims=tuple(hf.axial_pos_embds_dim) if hf.axial_pos_embds else None,
         num_tokens=hf.vocab_size,
@@ -173,10 +170,11 @@ def config_to_transformers(model: ReformerLM) -> Any:
     if cfg.ff_activation not in ACTIVATIONS.values():
         raise _unsupported("ff_activation", cfg.ff_activation, "relu, gelu, silu")
     positions: dict[str, Any] = {"axial_pos_embds": False}
-    if not cfg.absolute_position_emb:
-        if not cfg.axial_position_emb or len(model.pos_emb.shape) != 2:
-            raise _unsupported("axial_position_shape", cfg.axial_position_shape, "two factors with axial_position_emb "
-                               "(or absolute_position_emb=True)")  # fmt: skip
+    if cfg.position_emb not in ("axial", "absolute"):
+        raise _unsupported("position_emb", cfg.position_emb, "'axial' or 'absolute'")
+    if cfg.position_emb == "axial":
+        if len(model.pos_emb.shape) != 2:
+            raise _unsupported("axial_position_shape", cfg.axial_position_shape, "two factors")
         shape, dims = model.pos_emb.shape, model.pos_emb.dims
         positions = {"axial_pos_embds": True, "axial_pos_shape": list(shape), "axial_pos_embds_dim": list(dims)}
     n_buckets = cfg.n_buckets
@@ -230,7 +228,7 @@ BLOCK_NAMES = {
 
 def weight_names(cfg: ReformerConfig) -> list[tuple[str, str]]:
     """``(our name, their name)`` of every parameter."""
-    if cfg.absolute_position_emb:
+    if cfg.position_emb == "absolute":
         pos = [("pos_emb.emb.weight", "reformer.embeddings.position_embeddings.embedding.weight")]
     else:
         pos = [(f"pos_emb.weights.{i}", f"reformer.embeddings.position_embeddings.weights.{i}") for i in range(2)]

@@ -21,8 +21,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .attention.common import check_int
 from .attention.decode import DecodingCache
+from .checks import check_int
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

@@ -452,7 +452,7 @@ def plot_longctx(results: dict, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     models = results["models"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
@@ -487,7 +487,7 @@ def plot_longctx(results: dict, out: Path) -> None:
 
 def publish(out: Path, dest: Path) -> None:
     """Copy the study's result files from ``out`` into ``dest`` (e.g. ``docs/long-context``)."""
-    from .checkpoint import atomic_write
+    from .atomic import atomic_write
 
     dest.mkdir(parents=True, exist_ok=True)
     for name in PUBLISHED:

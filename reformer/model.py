@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import LSHSelfAttention
-from .attention.common import check_features, check_mask
 from .attention.cross import CrossAttention
 from .attention.decode import DecodingCache
 from .attention.dense import DenseSelfAttention
 from .attention.local import BlockLocalAttention
 from .checkpoint import PretrainedMixin
+from .checks import check_features, check_mask
 from .config import PEER_ALIASES, ReformerConfig
 from .feedforward import FeedForward
 from .generate import generate, stream
@@ -170,7 +170,7 @@ class Reformer(PretrainedMixin, nn.Module):
                     max_seq_len=cfg.bucket_length(),
                     hash_seed=cfg.hash_seed,
                     one_value_head=cfg.one_value_head,
-                    rotary_emb=cfg.rotary_emb,
+                    rotary_emb=cfg.position_emb == "rotary",
                     qk_logit_scale=cfg.qk_logit_scale,
                     out_bias=cfg.attn_out_bias,
                     pad_bucket=cfg.pad_bucket,
@@ -319,14 +319,14 @@ class ReformerLM(PretrainedMixin, nn.Module):
         self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
         self.to_model_dim = nn.Linear(emb_dim, cfg.dim) if emb_dim != cfg.dim else nn.Identity()
-        if cfg.absolute_position_emb:
+        if cfg.position_emb == "absolute":
             self.pos_emb = AbsolutePositionalEmbedding(emb_dim, cfg.max_seq_len)
-        elif cfg.fixed_position_emb:
+        elif cfg.position_emb == "fixed":
             self.pos_emb = FixedPositionalEmbedding(emb_dim)
-        elif cfg.axial_position_emb and not cfg.rotary_emb:
+        elif cfg.position_emb == "axial":
             shape = cfg.axial_position_shape or (-(-cfg.max_seq_len // cfg.bucket_size), cfg.bucket_size)
             self.pos_emb = AxialPositionalEmbedding(emb_dim, shape, cfg.axial_position_dims)
-        else:
+        else:  # "rotary" (in the attention layers) or "none"
             self.pos_emb = None
         self.reformer = Reformer(cfg)
         out_dim = cfg.dim * (2 if cfg.reversible_output == "concat" else 1)

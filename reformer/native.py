@@ -12,8 +12,9 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
+
+from .atomic import atomic_write
 
 
 def _cache_dir() -> Path:
@@ -53,11 +54,8 @@ def _compile(compiler: str, source: Path, args: list[str], path: Path) -> None:
     """Builds into a temporary file next to ``path`` and renames it: a concurrent or interrupted
     build never leaves a partial library under the final name."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-    os.close(fd)
-    try:
+
+    def build(tmp: str) -> None:
         subprocess.run([compiler, str(source), "-o", tmp, *args], capture_output=True, text=True, check=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    atomic_write(path, build)

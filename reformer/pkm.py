@@ -19,7 +19,7 @@ import math
 import torch
 from torch import nn
 
-from .attention.common import check_int
+from .checks import check_int
 
 #: Slots each memory reads per head (``product_key_memory``'s default, kept by ``reformer_pytorch``).
 PKM_TOPK = 32

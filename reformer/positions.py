@@ -8,7 +8,7 @@ import math
 import torch
 from torch import nn
 
-from .attention.common import check_int
+from .checks import check_int
 
 
 class AxialPositionalEmbedding(nn.Module):

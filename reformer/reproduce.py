@@ -1,4 +1,4 @@
-"""The paper's experiments, one function each (``cli.py`` parses argv; see docs/reproduction.md).
+"""The paper's experiments, one function each (``reformer.cli.reproduce`` parses argv; see docs/reproduction.md).
 
 * :func:`run_duplication` - the duplication task (§2.1, Table 2): train a 1-layer model with
   full attention and with LSH, evaluate each with every attention setting.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 from .config import ReformerConfig
 from .data import DuplicationTask, load_corpus
 from .model import ReformerLM

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .checkpoint import atomic_write
+from .atomic import atomic_write
 
 LOCK_NAME = ".lock"
 RUN_NAME = "run.json"

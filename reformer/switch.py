@@ -14,7 +14,7 @@ from dataclasses import replace
 from typing import TypeVar
 
 from .attention import LSHSelfAttention
-from .attention.common import check_int
+from .checks import check_int
 from .model import Reformer, ReformerLM
 
 M = TypeVar("M", Reformer, ReformerLM)

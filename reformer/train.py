@@ -1,4 +1,4 @@
-"""The training loop, as plain functions: no argv here (``cli.py`` builds the arguments).
+"""The training loop, as plain functions: no argv here (``reformer.cli.train`` builds the arguments).
 
 A run directory holds ``checkpoints/step-NNNNNNN/`` (weights + config via
 ``save_pretrained``, and ``trainer.pt`` with optimizer, data-sampler and RNG state), each
@@ -20,7 +20,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -30,8 +29,9 @@ from pathlib import Path
 import torch
 
 from . import distributed
-from .attention.common import check_int
-from .checkpoint import current_umask, fsync_path, verify_manifest, write_file, write_manifest
+from .atomic import TMP_DIR_PREFIX, atomic_directory, write_file
+from .checkpoint import verify_manifest, write_manifest
+from .checks import check_int
 from .data import DuplicationTask, WindowSampler
 from .model import ReformerLM
 from .runs import run_lock
@@ -251,9 +251,7 @@ def save_checkpoint(
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # as any new directory (mkdtemp's is 0700)
+    with atomic_directory(final) as tmp:
         model.save_pretrained(tmp, training=card_training(state, cfg))
         if vocab is not None:
             write_file(tmp / "vocab.json", lambda path: path.write_text(json.dumps(vocab) + "\n"))
@@ -268,20 +266,9 @@ def save_checkpoint(
         }
         write_file(tmp / "trainer.pt", lambda path: torch.save(trainer, path))
         write_manifest(tmp)
-        for file in tmp.iterdir():
-            fsync_path(file)
-        if final.is_symlink():
-            raise ValueError(f"{final} is a symlink, not a checkpoint written here; move it away")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in checkpoint_dirs(run_dir)[: -cfg.keep_last]:
         shutil.rmtree(old)
-    for stale in root.glob(".tmp-*"):  # left by a process killed while saving
+    for stale in root.glob(f"{TMP_DIR_PREFIX}*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
     return final
 

@@ -120,7 +120,7 @@ def test_generation_caches_a_standard_lsh_stack_and_recomputes_separate_qk():
         (dict(shared_qk=0), "shared_qk must be True or False"),
         (dict(shared_qk=False), "attn_layers=\\['lsh', 'lsh'\\]"),
         (dict(shared_qk=False, attn_layers=("full", "lsh")), "attn_layers"),
-        (dict(shared_qk=False, use_full_attn=True, rotary_emb=True), "rotary_emb=True"),
+        (dict(shared_qk=False, use_full_attn=True, rotary_emb=True), "position_emb='rotary'"),
         (dict(shared_qk=False, use_full_attn=True, num_mem_kv=2), "num_mem_kv=2"),
         (dict(shared_qk=False, use_full_attn=True, n_local_attn_heads=1), "n_local_attn_heads=1"),
     ],

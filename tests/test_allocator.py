@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-import reformer.cli
+import reformer.allocator
 from reformer.cli import main
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc, Linux's mmap")
@@ -168,6 +168,6 @@ def test_the_pool_stays_at_the_peak_of_live_tensors_when_small_ones_come_in_betw
 
 def test_the_train_command_keeps_freed_memory(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(reformer.cli, "keep_freed_memory", lambda: calls.append(True))
+    monkeypatch.setattr(reformer.allocator, "keep_freed_memory", lambda: calls.append(True))
     main(["train", "--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "run")])  # fails after it
     assert calls == [True]

@@ -531,10 +531,10 @@ def test_checkpoints_are_written_with_the_users_umask(tmp_path, umask, tiny_lm):
 
 
 def test_tokens_per_second_is_tokens_over_wall_time(tmp_path, capsys, monkeypatch):
-    import reformer.cli as cli
+    import reformer.cli.train as train_command
 
     clock = iter([0.0, 100.0])  # the run's start and end, as the command reads them
-    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(train_command, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     code, out, err = _run(capsys, *TRAIN, "--steps", "4", "--out", tmp_path / "run")
     assert code == 0, err
     assert "5 tokens/s (512 tokens in 100 s)" in out  # 4 steps x 2 x 64 tokens / 100 s

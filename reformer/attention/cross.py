@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_features, check_int, check_mask, check_prob, resolve_dim_head
+from ..checks import check_features, check_int, check_mask, check_prob, resolve_dim_head
 
 
 class CrossAttention(nn.Module):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import check_extra_keys, check_features, check_mask, check_prob, reach_of, resolve_dim_head
+from ..checks import check_extra_keys, check_features, check_mask, check_prob, resolve_dim_head
+from .common import reach_of
 
 
 class DenseSelfAttention(nn.Module):

@@ -15,18 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import (
-    check_features,
-    check_int,
-    check_mask,
-    check_prob,
-    masked_softmax,
-    masked_value,
-    normalize_keys,
-    position_dropout,
-    quarantine_non_finite,
-    resolve_dim_head,
-)
+from ..checks import check_features, check_int, check_mask, check_prob, resolve_dim_head
+from .common import masked_softmax, masked_value, normalize_keys, position_dropout, quarantine_non_finite
 from .slots import padded_length
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import check_int, check_prob, check_qkv
 from ..hashing import (
     BucketSpec,
     buckets_for_length,
@@ -18,7 +19,7 @@ from ..hashing import (
 )
 from ..reversible import remember
 from .backends import check_backend, lsh_attention
-from .common import SELF_ATTN_VALUE, check_int, check_prob, check_qkv
+from .common import SELF_ATTN_VALUE
 from .full import full_qk_attention
 
 

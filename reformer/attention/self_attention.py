@@ -7,17 +7,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..checks import check_extra_keys, check_features, check_int, check_mask, check_prob, resolve_dim_head
 from ..hashing import BucketSpec, total_buckets
 from ..positions import apply_rotary, rotary_angles
-from .common import (
-    SELF_ATTN_VALUE,
-    check_extra_keys,
-    check_features,
-    check_int,
-    check_mask,
-    check_prob,
-    resolve_dim_head,
-)
+from .common import SELF_ATTN_VALUE
 from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step, prefill_cache
 from .full import full_qk_attention
 from .local import local_attention_chunked

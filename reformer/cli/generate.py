@@ -1,0 +1,49 @@
+"""``reformer generate``: sample a continuation of a prompt, streamed to stdout."""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import sys
+
+from .options import UsageError, device_type, float_in, int_at_least, seed_type
+
+
+def add_parser(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    g = subparsers.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
+    g.add_argument("--checkpoint", required=True, help="run or checkpoint directory")
+    g.add_argument("--prompt", required=True, help="text to continue")
+    g.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample")
+    g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")
+    g.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens")
+    g.add_argument("--top-p", type=float_in(0, 1, low_open=True), default=0.95, help="nucleus sampling mass")
+    g.add_argument("--seed", type=seed_type, default=None, help="random seed")
+    g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
+    g.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
+    g.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generate import stream
+    from .loading import load_for_inference
+
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
+        raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
+    model, vocab, _ = load_for_inference(args.checkpoint, args.device)
+    prompt = vocab.encode(args.prompt)[None].to(args.device)
+    out = sys.stdout
+    out.write(args.prompt)
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
+    tokens = stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)  # fmt: skip
+    for token in tokens:
+        t = int(token[0])
+        out.write(decoder.decode(bytes([t])) if decoder else vocab.decode([t]))
+        out.flush()
+    out.write((decoder.decode(b"", final=True) if decoder else "") + "\n")
+    return 0

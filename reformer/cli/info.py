@@ -1,0 +1,36 @@
+"""``reformer info``: a run's or checkpoint's architecture, step, best validation bpc,
+parameter count and config, as JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    i = subparsers.add_parser("info", help="describe a run or checkpoint", formatter_class=fmt)
+    i.add_argument("path", help="run or checkpoint directory")
+    i.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..checkpoint import read_config
+    from ..model import ReformerLM
+    from ..train import load_trainer_state
+    from .loading import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.path)
+    arch, config = read_config(ckpt)
+    info = {"checkpoint": str(ckpt), "architecture": arch}
+    if (ckpt / "trainer.pt").is_file():
+        state = load_trainer_state(ckpt)
+        evals = [r["eval_bpc"] for r in state["history"] if "eval_bpc" in r]
+        info.update(step=state["step"], best_eval_bpc=min(evals) if evals else None)
+    with torch.device("meta"):
+        info["parameters"] = sum(p.numel() for p in ReformerLM(config=config).parameters())
+    info["config"] = config.to_dict()
+    print(json.dumps(info, indent=2))
+    return 0

@@ -1,0 +1,218 @@
+"""``reformer train``: train a language model, or resume a run (``--resume``)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+
+from ..presets import PRESETS
+from .options import UsageError, device_type, float_in, int_at_least, seed_type
+
+#: Settings that define a run, with their flags: ``--resume`` must be given the run's values ...
+RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "seq_len": "--seq-len", "seed": "--seed"}
+#: ... and these too, unless ``--allow-change`` says that a change is deliberate.
+RUN_SCHEDULE = {"steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
+                "warmup": "--warmup", "schedule": "--schedule", "precision": "--precision"}  # fmt: skip
+
+#: Exit codes of a run stopped by a signal (after its checkpoint), as a shell reports a killed
+#: command: 128 + the signal; SIGHUP (a closed terminal) is reported as a termination.
+INTERRUPTED_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 143}
+
+
+def add_parser(subparsers) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = subparsers.add_parser("train", help="train a language model", formatter_class=fmt)
+    t.add_argument(
+        "--data", default="builtin", help="builtin or pysrc (no download), a file path, enwik8:PATH, or duplication"
+    )
+    t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
+    t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    t.add_argument(
+        "--seq-len", type=int_at_least(1), default=2048, help="tokens per training sequence (also the model's max)"
+    )
+    t.add_argument("--batch-size", type=int_at_least(1), default=4, help="sequences per micro-batch")
+    t.add_argument("--grad-accum", type=int_at_least(1), default=1, help="micro-batches per optimizer step")
+    t.add_argument("--steps", type=int_at_least(1), default=300, help="optimizer steps in the whole run")
+    t.add_argument("--lr", type=float_in(0, low_open=True), default=2e-3, help="peak learning rate")
+    t.add_argument("--warmup", type=int_at_least(0), default=30, help="warm-up steps")
+    t.add_argument("--schedule", choices=("cosine", "rsqrt", "constant"), default="cosine", help="learning-rate decay")
+    t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
+    t.add_argument("--eval-every", type=int_at_least(1), default=50, help="evaluate every N steps")
+    t.add_argument("--save-every", type=int_at_least(1), default=50, help="checkpoint every N steps")
+    t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
+    t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (with the same settings)")
+    t.add_argument("--allow-change", action="store_true",
+                   help="with --resume: continue with other --steps, --lr, --batch-size, --grad-accum, --warmup, "
+                        "--schedule or --precision than the run's (--data, --vocab, --preset, --seq-len and "
+                        "--seed never change)")  # fmt: skip
+    t.add_argument("--device", type=device_type, default="cpu",
+                   help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")  # fmt: skip
+    t.add_argument("--seed", type=seed_type, default=0, help="random seed")
+    t.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
+                        "instead of DDP")  # fmt: skip
+    t.add_argument("--dist-timeout", type=float_in(0, 1e9, low_open=True), default=600,
+                   help="under torchrun: seconds a process waits for the others before failing")  # fmt: skip
+    t.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import distributed
+    from ..allocator import keep_freed_memory
+
+    keep_freed_memory()  # CPU steps reuse their memory instead of faulting in fresh pages
+    device = distributed.setup(args.device, args.dist_timeout)  # one process of a torchrun job, or the only one
+    try:
+        return _train(args, device)
+    finally:
+        distributed.shutdown()
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    from .loading import data_identity
+
+    return {k: data_identity(args.data) if k == "data" else getattr(args, k) for k in [*RUN_IDENTITY, *RUN_SCHEDULE]}
+
+
+def stored_settings(run: Path, trainer: dict, vocab_kind: str) -> dict:
+    """The run's settings: ``run.json``, or for a run without one (older versions) what its
+    checkpoint records."""
+    from ..runs import read_settings
+
+    stored = read_settings(run)
+    if stored is not None:
+        return stored
+    trained = trainer.get("train_config", {})
+    names = {"warmup": "warmup_steps"}
+    return {"vocab": vocab_kind, **{k: trained[names.get(k, k)] for k in [*RUN_IDENTITY, *RUN_SCHEDULE]
+                                    if names.get(k, k) in trained}}  # fmt: skip
+
+
+def check_same_run(run: Path, step: int, stored: dict, settings: dict, allow_change: bool) -> None:
+    """Refuse a ``--resume`` that would not continue the stored run, listing the differences."""
+    from ..runs import setting_differences
+
+    if settings["steps"] <= step:
+        raise UsageError(f"--steps {settings['steps']}: the run in {run} is already at step {step}; "
+                         "pass a larger --steps (with --allow-change) to train further")  # fmt: skip
+    flags = {**RUN_IDENTITY, **RUN_SCHEDULE}
+    fixed = setting_differences(stored, {k: settings[k] for k in RUN_IDENTITY}, flags)
+    changed = setting_differences(stored, {k: settings[k] for k in RUN_SCHEDULE}, flags)
+    if fixed:
+        raise UsageError(f"--resume: {run} is another run: {'; '.join(fixed + changed)}")
+    if changed and not allow_change:
+        raise UsageError(f"--resume: {run} was trained with other settings: {'; '.join(changed)}; "
+                         "pass --allow-change to continue it with these")  # fmt: skip
+
+
+def _train(args: argparse.Namespace, device: str) -> int:
+    import torch
+
+    from .. import distributed
+    from ..checkpoint import read_config, verify_manifest
+    from ..config import ReformerConfig
+    from ..data import DuplicationTask
+    from ..model import ReformerLM
+    from ..runs import check_not_in_use, check_out_dir, run_lock, write_settings
+    from ..train import TrainConfig, batch_source, checkpoint_dirs, load_trainer_state
+    from .dashboard import Dashboard
+    from .loading import check_backend_runs, check_vocab, load_training_data, read_vocab
+
+    run = Path(args.out)
+    check_out_dir(run)
+    check_not_in_use(run)
+    latest = checkpoint_dirs(run)[-1] if checkpoint_dirs(run) else None
+    if latest is not None and not args.resume:
+        raise UsageError(f"{run} already holds a run; pass --resume to continue it, or choose another --out")
+    if latest is None and args.resume:
+        raise UsageError(f"--resume: {run} holds no run to resume (no checkpoint); drop --resume to start one")
+    settings = run_settings(args)
+    if latest is not None:  # the run's own model and vocabulary, checked against what was asked
+        verify_manifest(latest)  # a corrupt or altered file is named before anything is read
+        trainer, vocab = load_trainer_state(latest), read_vocab(latest)
+        _, config = read_config(latest)
+        check_vocab(latest, vocab, config)
+        check_same_run(run, trainer["step"], stored_settings(run, trainer, vocab.kind), settings, args.allow_change)
+        resume_step = trainer["step"]
+    else:
+        if args.preset not in PRESETS:
+            raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
+        vocab, config, resume_step = args.vocab, PRESETS[args.preset](max_seq_len=args.seq_len), 0
+    corpus = load_training_data(args.data, vocab, args.seq_len, args.batch_size, args.seed)
+    if latest is None:
+        config.num_tokens = corpus.vocab.num_tokens
+    if args.seq_len > config.max_seq_len:
+        raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    check_backend_runs(config, device)
+    cfg = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
+        warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp,
+    )  # fmt: skip
+    for split, data in (("training", corpus.train), ("validation", corpus.valid)):  # fail before writing
+        try:
+            batch_source(data, cfg, seed=0)
+        except ValueError as exc:
+            raise UsageError(f"the {split} split of --data {args.data}: {exc}") from None
+    torch.manual_seed(args.seed)
+    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    if not distributed.is_main():
+        _run_training(args, run, model, corpus, cfg, None)
+        return 0
+    with run_lock(run):
+        write_settings(run, settings)
+        n_params = sum(p.numel() for p in model.parameters())
+        sizes = (
+            "synthetic"
+            if isinstance(corpus.train, DuplicationTask)
+            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+        )
+        procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        dashboard = Dashboard(run, cfg.steps, resume_step)
+        return _run_training(args, run, model, corpus, cfg, dashboard)
+
+
+def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
+    """Train until done or a signal, then (rank 0, which has the ``dashboard``) print the
+    summary; the exit code."""
+    from .. import distributed
+    from ..train import checkpoint_dirs, train
+
+    received: list[int] = []
+
+    def on_signal(signum, frame):  # finish the step, save, exit
+        received.append(signum)
+
+    # SIGTERM: torchrun (on Ctrl-C) and job schedulers send it, then SIGKILL 30 s later; SIGHUP: the terminal closed
+    previous = {sig: signal.signal(sig, on_signal) for sig in INTERRUPTED_EXIT}
+    start = time.perf_counter()
+    try:
+        state = train(
+            model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
+            should_stop=lambda: bool(received), on_step=dashboard, vocab=corpus.vocab.to_dict(),
+        )  # fmt: skip
+    finally:
+        if dashboard is not None:
+            dashboard.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    code = INTERRUPTED_EXIT[received[0]] if received else 0
+    if dashboard is None:
+        return code
+    seconds = time.perf_counter() - start
+    evals = [r for r in state.history if "eval_bpc" in r]
+    first, last = evals[0], evals[-1]
+    trained = len(dashboard.history) * cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+    verb = "interrupted at" if received else "finished"
+    print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
+          f"{last['eval_bpc']:.3f} (step {last['step']}); {trained / seconds:,.0f} tokens/s "
+          f"({trained:,} tokens in {seconds:.0f} s); checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
+    if dashboard.overflows:
+        skipped = dashboard.overflows
+        print(f"fp16: {len(skipped)} step(s) skipped for gradient overflow: {skipped[:10]}", file=sys.stderr)
+    return code
