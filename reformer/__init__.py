@@ -23,6 +23,8 @@ _HOMES = {
     "Reformer": "model",
     "ReformerEncDec": "model",
     "ReformerLM": "model",
+    "ReformerForMaskedLM": "heads",
+    "ReformerForSequenceClassification": "heads",
     "Autopadder": "wrappers",
     "Recorder": "wrappers",
     "TrainingWrapper": "wrappers",
@@ -37,6 +39,8 @@ __all__ = [
     "Reformer",
     "ReformerConfig",
     "ReformerEncDec",
+    "ReformerForMaskedLM",
+    "ReformerForSequenceClassification",
     "ReformerLM",
     "TrainingWrapper",
     "__version__",
@@ -45,6 +49,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .attention import FullQKAttention, LSHAttention, LSHSelfAttention
     from .config import ReformerConfig
+    from .heads import ReformerForMaskedLM, ReformerForSequenceClassification
     from .model import Reformer, ReformerEncDec, ReformerLM
     from .wrappers import Autopadder, Recorder, TrainingWrapper
 

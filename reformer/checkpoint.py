@@ -120,10 +120,11 @@ class PretrainedMixin:
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
         verify_manifest(directory)
-        if arch != cls.__name__:
+        kinds = {kind.__name__: kind for kind in (cls, *_subclasses(cls))}
+        if arch not in kinds:  # (a subclass is one: ReformerLM.from_pretrained gives a ReformerForMaskedLM)
             raise ValueError(f"{directory} holds a {arch}, not a {cls.__name__}")
         try:
-            model = cls._from_saved_config(saved)
+            model = kinds[arch]._from_saved_config(saved)
         except (TypeError, KeyError) as exc:
             raise ValueError(f"corrupt {directory / CONFIG_NAME}: {exc}") from None
         assert isinstance(model, nn.Module)
@@ -139,6 +140,10 @@ class PretrainedMixin:
         """Upload this model to the Hugging Face Hub as one commit (see :func:`reformer.hub.push_to_hub`
         for ``revision``, ``private``, ``token``, ``commit_message``, ``training``)."""
         return hub.push_to_hub(self, repo_id, **options)
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [sub for direct in cls.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
 
 def read_meta(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:

@@ -23,6 +23,9 @@ from .pkm import PKM_TOPK
 UNBOUNDED_CAUSAL_BUCKET_LENGTH = 4096
 
 #: Keyword names of ``reformer_pytorch`` that differ from ours: its name -> the config field.
+#: How sequence classification pools a sequence into one vector (``ReformerConfig.pooling``).
+POOLINGS = ("first", "last", "mean", "max")
+
 PEER_ALIASES = {
     "lsh_allow_duplicate_attention": "allow_duplicate_attention",
     "lsh_attend_across_buckets": "attend_across_buckets",
@@ -204,6 +207,14 @@ class ReformerConfig:
     """Tie the output projection to the token embedding."""
     return_embeddings: bool = False
     """Return final hidden states instead of logits."""
+    num_labels: int = 2
+    """Sequence classification (:mod:`reformer.heads`): number of classes."""
+    pooling: str = "first"
+    """Sequence classification: the one vector of a sequence - its ``"first"`` position (Hugging
+    Face), its ``"last"`` real position (for causal models), the ``"mean"`` or the ``"max"`` over
+    its real positions (``input_mask``)."""
+    classifier_dropout: float = 0.0
+    """Sequence classification: dropout before and inside the classifier."""
 
     # --- layout details of trax / Hugging Face checkpoints (see reformer.convert) --------
     norm_eps: float = 1e-5
@@ -271,7 +282,10 @@ class ReformerConfig:
         self._check_pkm_layers()
         for name in ("num_mem_kv", "n_local_attn_heads", "reverse_thres"):
             check_int(name, getattr(self, name), 0)
-        for name in ("lsh_dropout", "post_attn_dropout", "ff_dropout", "layer_dropout"):
+        check_int("num_labels", self.num_labels, 2)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {self.pooling!r}")
+        for name in ("lsh_dropout", "post_attn_dropout", "ff_dropout", "layer_dropout", "classifier_dropout"):
             check_prob(name, getattr(self, name))
         resolve_dim_head(self.dim, self.heads, self.dim_head)
         if self.n_local_attn_heads > self.heads:

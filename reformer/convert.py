@@ -32,6 +32,7 @@ import torch
 
 from .config import ReformerConfig
 from .hashing import buckets_for_length
+from .heads import ReformerForMaskedLM, ReformerForSequenceClassification
 from .model import ReformerLM
 
 #: Our config fields whose values Hugging Face's architecture fixes. ``from_transformers``
@@ -268,7 +269,10 @@ def _load_transformers(path: str | os.PathLike) -> Any:
     if hf_config.model_type != "reformer":
         raise ValueError(f"{path} holds a {hf_config.model_type!r} model, not a Reformer")
     config_from_transformers(hf_config)  # refuse before loading the weights
-    cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
+    if "ReformerForSequenceClassification" in (hf_config.architectures or ()):
+        cls = tf.ReformerForSequenceClassification
+    else:
+        cls = tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM
     try:  # transformers reads a pytorch_model.bin with torch.load(weights_only=True): code is refused
         return cls.from_pretrained(path)
     except pickle.UnpicklingError:
@@ -276,9 +280,26 @@ def _load_transformers(path: str | os.PathLike) -> Any:
                          "(a pickle that could run code)") from None  # fmt: skip
 
 
-def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM:
-    """Our ``ReformerLM`` (eval mode, config in ``.config``) for a ``transformers``
-    ``ReformerModelWithLMHead`` / ``ReformerForMaskedLM`` or a directory saved from one.
+#: Hugging Face's classification head: ours ``classifier.*`` has the same names.
+CLASSIFIER_NAMES = [(f"classifier.{name}", f"classifier.{name}") for name in
+                    ("dense.weight", "dense.bias", "out_proj.weight", "out_proj.bias")]  # fmt: skip
+LM_HEAD_NAMES = {"to_logits.weight", "to_logits.bias"}
+
+
+def _names_for(model: Any, cfg: ReformerConfig) -> list[tuple[str, str]]:
+    """``(our name, their name)`` of every parameter of ``model`` (a ``ReformerLM`` or a
+    ``ReformerForSequenceClassification``)."""
+    names = weight_names(cfg)
+    if isinstance(model, ReformerForSequenceClassification):
+        return [pair for pair in names if pair[0] not in LM_HEAD_NAMES] + CLASSIFIER_NAMES
+    return names
+
+
+def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> ReformerLM | ReformerForSequenceClassification:
+    """Ours (eval mode, config in ``.config``) for a ``transformers`` model or a directory saved
+    from one: ``ReformerModelWithLMHead`` -> :class:`ReformerLM`, ``ReformerForMaskedLM`` ->
+    :class:`~reformer.heads.ReformerForMaskedLM`, ``ReformerForSequenceClassification`` ->
+    :class:`~reformer.heads.ReformerForSequenceClassification` (pooling ``"first"``, as theirs).
 
     ``byte_vocab``: the checkpoint's tokens are bytes shifted by two special ids (as in
     ``google/reformer-enwik8``: id = byte + 2, vocab 258); keep only the 256 byte rows so that
@@ -288,27 +309,46 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
     hf = model_or_dir
     if isinstance(model_or_dir, (str, os.PathLike)):
         hf = _load_transformers(model_or_dir)
-    if not isinstance(hf, (tf.ReformerModelWithLMHead, tf.ReformerForMaskedLM)):
-        raise TypeError(f"expected a ReformerModelWithLMHead or ReformerForMaskedLM, got {type(hf).__name__}")
+    ours = {
+        tf.ReformerModelWithLMHead: ReformerLM,
+        tf.ReformerForMaskedLM: ReformerForMaskedLM,
+        tf.ReformerForSequenceClassification: ReformerForSequenceClassification,
+    }.get(type(hf))
+    if ours is None:
+        raise TypeError("expected a ReformerModelWithLMHead, ReformerForMaskedLM or ReformerForSequenceClassification, "
+                        f"got {type(hf).__name__}")  # fmt: skip
     cfg = config_from_transformers(hf.config)
+    if ours is ReformerForSequenceClassification:
+        dropout = hf.config.classifier_dropout
+        cfg.num_labels, cfg.pooling = hf.config.num_labels, "first"
+        cfg.classifier_dropout = hf.config.hidden_dropout_prob if dropout is None else dropout
     state = dict(hf.state_dict())
     if byte_vocab:
         if cfg.num_tokens != 256 + BYTE_OFFSET:
             raise _unsupported("vocab_size", cfg.num_tokens, f"{256 + BYTE_OFFSET} with byte_vocab")
         cfg.num_tokens = 256
-        state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS})
-    model = ReformerLM(config=cfg)
-    _copy(state, model, [(theirs, ours) for ours, theirs in weight_names(cfg)])
+        state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS if k in state})
+    model = ours(config=cfg)
+    _copy(state, model, [(theirs, mine) for mine, theirs in _names_for(model, cfg)])
     return model.to(hf.dtype).eval()
 
 
-def to_transformers(model: ReformerLM) -> Any:
+def to_transformers(model: ReformerLM | ReformerForSequenceClassification) -> Any:
     """The ``transformers`` model (eval mode) computing what ``model`` computes:
-    ``ReformerModelWithLMHead`` when causal, else ``ReformerForMaskedLM``."""
+    ``ReformerModelWithLMHead`` for a causal ``ReformerLM``, else ``ReformerForMaskedLM``;
+    ``ReformerForSequenceClassification`` for ours (whose pooling must be ``"first"``)."""
     tf = _transformers()
-    if not isinstance(model, ReformerLM):
-        raise TypeError(f"expected a ReformerLM, got {type(model).__name__}")
+    if not isinstance(model, (ReformerLM, ReformerForSequenceClassification)):
+        raise TypeError(f"expected a ReformerLM or ReformerForSequenceClassification, got {type(model).__name__}")
     hf_config = config_to_transformers(model)
-    hf = (tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM)(hf_config)
-    _copy(model.state_dict(), hf, weight_names(model.config) + [("to_logits.bias", "lm_head.bias")])
+    if isinstance(model, ReformerForSequenceClassification):
+        if model.config.pooling != "first":
+            raise _unsupported("pooling", model.config.pooling, "'first' (Hugging Face classifies the first position)")
+        hf_config.num_labels, hf_config.classifier_dropout = model.config.num_labels, model.config.classifier_dropout
+        hf = tf.ReformerForSequenceClassification(hf_config)
+        pairs = _names_for(model, model.config)
+    else:
+        hf = (tf.ReformerModelWithLMHead if hf_config.is_decoder else tf.ReformerForMaskedLM)(hf_config)
+        pairs = weight_names(model.config) + [("to_logits.bias", "lm_head.bias")]
+    _copy(model.state_dict(), hf, pairs)
     return hf.to(next(model.parameters()).dtype).eval()

@@ -306,15 +306,16 @@ class Reformer(PretrainedMixin, nn.Module):
         return F.pad(x, (0, 0, 0, pad)), F.pad(input_mask, (0, pad), value=False)
 
 
-class ReformerLM(PretrainedMixin, nn.Module):
-    """Token ids ``(batch, len)`` -> logits ``(batch, len, num_tokens)`` (or the final hidden
-    states with ``return_embeddings``)."""
+class TokenModel(PretrainedMixin, nn.Module):
+    """Token ids ``(batch, len)`` -> final normed hidden states ``(batch, len, out_dim)``: the
+    embeddings, the :class:`Reformer` stack and the final norm, which every task model shares
+    (:class:`ReformerLM` adds the language-model head, :mod:`reformer.heads` the others)."""
 
     def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
         super().__init__()
         self.config = cfg = _config(config, kwargs)
         if cfg.max_seq_len is None:
-            raise ValueError("ReformerLM needs max_seq_len (its positions and generation are bounded by it)")
+            raise ValueError(f"{type(self).__name__} needs max_seq_len (its positions are bounded by it)")
         emb_dim = cfg.model_emb_dim
         self.token_emb = nn.Embedding(cfg.num_tokens, emb_dim)
         nn.init.normal_(self.token_emb.weight, std=0.02)
@@ -329,12 +330,12 @@ class ReformerLM(PretrainedMixin, nn.Module):
         else:  # "rotary" (in the attention layers) or "none"
             self.pos_emb = None
         self.reformer = Reformer(cfg)
-        out_dim = cfg.dim * (2 if cfg.reversible_output == "concat" else 1)
-        self.norm = nn.LayerNorm(out_dim, eps=cfg.norm_eps)
-        # The head works at emb_dim when it is given or tied to the embedding, else at out_dim.
-        head_dim = emb_dim if cfg.emb_dim is not None or cfg.weight_tie_embedding else out_dim
-        self.to_emb_dim = nn.Linear(out_dim, head_dim) if head_dim != out_dim else nn.Identity()
-        self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(head_dim, cfg.num_tokens)
+        self.norm = nn.LayerNorm(self.out_dim, eps=cfg.norm_eps)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of the final hidden states: ``dim``, or ``2 dim`` with ``reversible_output="concat"``."""
+        return self.config.dim * (2 if self.config.reversible_output == "concat" else 1)
 
     def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
         """Token + position embeddings (positions from ``offset``) at the model width: ``(b, n, dim)``."""
@@ -370,6 +371,25 @@ class ReformerLM(PretrainedMixin, nn.Module):
                 f"token ids must be in [0, num_tokens={cfg.num_tokens}), got range "
                 f"[{int(tokens.min())}, {int(tokens.max())}]"
             )
+
+    def hidden(self, tokens: torch.Tensor, input_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        """Final normed hidden states ``(b, n, out_dim)`` of token ids ``(b, n)``; ``kwargs`` as in
+        :meth:`Reformer.forward`."""
+        self.check_tokens(tokens)
+        return self.norm(self.reformer(self.embed(tokens), input_mask=input_mask, **kwargs))
+
+
+class ReformerLM(TokenModel):
+    """Token ids ``(batch, len)`` -> logits ``(batch, len, num_tokens)`` (or the final hidden
+    states with ``return_embeddings``)."""
+
+    def __init__(self, config: ReformerConfig | None = None, **kwargs: Any):
+        super().__init__(config, **kwargs)
+        cfg = self.config
+        # The head works at emb_dim when it is given or tied to the embedding, else at out_dim.
+        head_dim = cfg.model_emb_dim if cfg.emb_dim is not None or cfg.weight_tie_embedding else self.out_dim
+        self.to_emb_dim = nn.Linear(self.out_dim, head_dim) if head_dim != self.out_dim else nn.Identity()
+        self.to_logits = None if cfg.weight_tie_embedding else nn.Linear(head_dim, cfg.num_tokens)
 
     def forward(
         self,

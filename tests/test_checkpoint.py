@@ -17,12 +17,8 @@ def test_round_trip_gives_identical_logits(tmp_path, kw):
     model = _model(**kw)
     tokens = torch.randint(0, 40, (2, 64))
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "README.md",
-        "config.json",
-        "manifest.json",
-        "model.safetensors",
-    ]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["README.md", "config.json", "manifest.json", "model.safetensors"]
     loaded = ReformerLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(model(tokens), loaded(tokens))
