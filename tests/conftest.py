@@ -1,3 +1,4 @@
+import builders
 import pytest
 import torch
 
@@ -6,6 +7,12 @@ import torch
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def tiny_lm():
+    """Builds the tiny causal LM of :data:`builders.TINY_LM`: ``tiny_lm(depth=2, ...)`` overrides options."""
+    return builders.tiny_lm
 
 
 def pytest_collection_modifyitems(config, items):

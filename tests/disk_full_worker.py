@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from builders import tiny_lm
 
 from reformer import ReformerLM
 from reformer.cli import main
@@ -74,7 +75,7 @@ def main_check(mnt: Path) -> dict:
 
     # every file of a checkpoint: the failing write moves through them as the free space grows
     torch.manual_seed(0)
-    model = ReformerLM(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True)
+    model = tiny_lm()
     cfg = TrainConfig(steps=10, batch_size=2, seq_len=64, keep_last=2)
     optimizer, corpus = build_optimizer(model, cfg), load_corpus("builtin")
     model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()

@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from builders import LSH_MODES, lsh_inputs, window_options
 
 from reformer import LSHAttention, ReformerConfig
 from reformer.attention.backends import lsh_attention, resolve_backend
@@ -17,16 +18,6 @@ from reformer.attention.slots import WindowRules, sort_into_slots
 
 flex = pytest.importorskip("reformer.attention.flex")
 
-MODES = [(False, True), (True, True), (True, False)]  # (causal, strict_causal)
-
-
-def _inputs(length, n_hashes, masked, d=16, device="cpu", dtype=torch.float32, requires_grad=False):
-    qk = torch.randn(2, length, d, device=device, dtype=dtype, requires_grad=requires_grad)
-    v = torch.randn(2, length, d, device=device, dtype=dtype, requires_grad=requires_grad)
-    buckets = torch.randint(0, 4, (2, n_hashes, length), device=device)
-    key_mask = torch.rand(2, length, device=device) > 0.3 if masked else None
-    return qk, v, buckets, key_mask
-
 
 def _options(**kw):
     return LSHOptions(**{"bucket_size": 16, **kw})
@@ -35,7 +26,7 @@ def _options(**kw):
 def test_auto_is_chunked_on_cpu_and_bit_identical():
     layer = LSHAttention(bucket_size=8, n_hashes=2, causal=True, n_buckets=4).eval()
     assert layer.attn_backend == "auto"
-    qk, v, _, mask = _inputs(37, 2, True)
+    qk, v, _, mask = lsh_inputs(37, 2, True)
     out, _, buckets = layer(qk, v, input_mask=mask)
     expected, _ = lsh_attention_chunked(
         qk, v, buckets, LSHOptions(bucket_size=8, causal=True), n_buckets=4, key_mask=mask
@@ -55,18 +46,18 @@ def test_auto_is_chunked_on_cpu_and_bit_identical():
 )
 @pytest.mark.parametrize("backend", ["triton", "flex"])
 def test_forcing_a_fused_backend_outside_its_subset_names_the_option(backend, option, value, named):
-    qk, v, buckets, _ = _inputs(32, 1, False)
+    qk, v, buckets, _ = lsh_inputs(32, 1, False)
     with pytest.raises(ValueError, match=named):
         lsh_attention(qk, v, buckets, _options(attn_backend=backend, **{option: value}), n_buckets=4, training=True)
 
 
 def test_auto_falls_back_to_chunked_outside_the_subset():
-    qk, v, _, _ = _inputs(32, 1, False)
+    qk, v, _, _ = lsh_inputs(32, 1, False)
     assert resolve_backend(qk, v, _options(return_attn=True), training=False) == "chunked"
 
 
 def test_unavailable_backend_and_bad_names_are_explained():
-    qk, v, buckets, _ = _inputs(32, 1, False, d=24)
+    qk, v, buckets, _ = lsh_inputs(32, 1, False, d=24)
     with pytest.raises(RuntimeError, match="head dims"):
         lsh_attention(qk, v, buckets, _options(attn_backend="flex"), n_buckets=4)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -75,14 +66,14 @@ def test_unavailable_backend_and_bad_names_are_explained():
         ReformerConfig(attn_backend="fast")
 
 
-FLEX_SWEEP = list(itertools.product(MODES, [1, 2], [(37, 8), (64, 16)], [False, True], [True, False]))
+FLEX_SWEEP = list(itertools.product(LSH_MODES, [1, 2], [(37, 8), (64, 16)], [False, True], [True, False]))
 
 
 @pytest.mark.parametrize("mode,n_hashes,shape,masked,across", FLEX_SWEEP)
 def test_flex_forward_on_cpu_equals_chunked(mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
-    qk, v, buckets, key_mask = _inputs(length, n_hashes, masked)
-    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    qk, v, buckets, key_mask = lsh_inputs(length, n_hashes, masked)
+    options = window_options(bucket_size, causal, strict, across)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
         out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend="flex"), n_buckets=4, key_mask=key_mask)
@@ -94,7 +85,7 @@ def test_flex_forward_on_cpu_equals_chunked(mode, n_hashes, shape, masked, acros
 def test_flex_block_mask_is_narrow_and_covers_every_visible_entry(n_hashes, length):
     from torch.nn.attention.flex_attention import create_mask
 
-    qk, v, buckets, key_mask = _inputs(length, n_hashes, True)
+    qk, v, buckets, key_mask = lsh_inputs(length, n_hashes, True)
     inputs, layout = sort_into_slots(qk, v, buckets, key_mask, 8, 4)
     block_mask = flex.window_block_mask(layout, WindowRules(False, False, True, SELF_ATTN_VALUE))
     n = layout.n
@@ -115,7 +106,9 @@ def _listed(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return table
 
 
-GPU_SWEEP = list(itertools.product(MODES, [1, 2, 4, 8], [(16, 16), (37, 16), (200, 32)], [False, True], [True, False]))
+GPU_SWEEP = list(
+    itertools.product(LSH_MODES, [1, 2, 4, 8], [(16, 16), (37, 16), (200, 32)], [False, True], [True, False])
+)
 
 
 @pytest.mark.gpu
@@ -123,8 +116,8 @@ GPU_SWEEP = list(itertools.product(MODES, [1, 2, 4, 8], [(16, 16), (37, 16), (20
 @pytest.mark.parametrize("mode,n_hashes,shape,masked,across", GPU_SWEEP)
 def test_gpu_backend_equals_reference(backend, mode, n_hashes, shape, masked, across):
     (causal, strict), (length, bucket_size) = mode, shape
-    qk, v, buckets, key_mask = _inputs(length, n_hashes, masked, d=32, device="cuda", requires_grad=True)
-    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    qk, v, buckets, key_mask = lsh_inputs(length, n_hashes, masked, d=32, device="cuda", requires_grad=True)
+    options = window_options(bucket_size, causal, strict, across)
     out, _ = lsh_attention(qk, v, buckets, options.replace(attn_backend=backend), n_buckets=4, key_mask=key_mask)
     ref, _ = lsh_attention_reference(qk.double(), v.double(), buckets, options, n_buckets=4, key_mask=key_mask)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=0)
@@ -161,5 +154,5 @@ def test_gpu_low_precision_error_is_that_of_plain_dense_attention(backend, dtype
 
 @pytest.mark.gpu
 def test_gpu_auto_picks_a_fused_backend():
-    qk, v, _, _ = _inputs(256, 2, False, d=64, device="cuda", dtype=torch.bfloat16)
+    qk, v, _, _ = lsh_inputs(256, 2, False, d=64, device="cuda", dtype=torch.bfloat16)
     assert resolve_backend(qk, v, _options(bucket_size=64), training=False) in ("triton", "flex")

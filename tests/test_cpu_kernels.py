@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from builders import tied_projections
 
 from reformer.attention import chunked, slots, window_plan
 from reformer.attention.chunked import lsh_attention_chunked
@@ -323,11 +324,7 @@ def test_disabled_by_the_environment(monkeypatch):
 
 @pytest.mark.parametrize("r", [8, 13, 128])
 def test_argmax_both_signs_equals_argmax_with_ties_zeros_and_nan(r):
-    part = torch.randn(300, r)
-    part[:20] = 0  # zero vectors: every entry ties
-    part[20:40, 5] = part[20:40, 2]  # exact tie between two top candidates
-    part[40:60, 3] = -part[40:60].abs().amax(-1)  # bottom ties with the top's magnitude
-    part[60:70, 1] = float("nan")
+    part = tied_projections(300, r)
     expected = torch.cat([part, -part], dim=-1).argmax(dim=-1)
     got = cpu_kernels.argmax_both_signs(part)
     finite = ~part.isnan().any(-1)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+from builders import tiny_lm
 
 import reformer.train as train_mod
 from reformer import ReformerLM
@@ -60,7 +61,7 @@ def test_sigkill_at_random_moments_always_leaves_a_loadable_checkpoint(tmp_path)
 
 def _tiny_model():
     torch.manual_seed(0)
-    return ReformerLM(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True)
+    return tiny_lm()
 
 
 def test_a_failing_write_keeps_the_previous_checkpoint_and_reports(tmp_path, monkeypatch):

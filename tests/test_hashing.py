@@ -1,5 +1,6 @@
 import pytest
 import torch
+from builders import tied_projections
 
 from reformer.hashing import buckets_for_length, draw_rotations, hash_vectors, validate_n_buckets
 from reformer.native import workers as cpu_workers
@@ -98,11 +99,7 @@ def test_cpu_matching_argmax_equals_argmax_with_ties_zeros_and_nan():
     from reformer.hashing import _argmax_of_both_signs_by_matching
 
     torch.manual_seed(0)
-    part = torch.randn(300, 8)
-    part[:20] = 0  # zero vectors: every entry ties
-    part[20:40, 5] = part[20:40, 2]  # exact tie between two top candidates
-    part[40:60, 3] = -part[40:60].abs().amax(-1)  # bottom ties with the top's magnitude
-    part[60:70, 1] = float("nan")
+    part = tied_projections(300, 8)
     expected = torch.cat([part, -part], dim=-1).argmax(dim=-1)
     got = _argmax_of_both_signs_by_matching(part, torch.empty(part.numel()))
     finite = ~part.isnan().any(-1)

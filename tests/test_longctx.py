@@ -120,9 +120,9 @@ def test_document_windows_lie_inside_documents_without_overlap():
         document_windows(docs, seq_len=100, max_windows=5)
 
 
-def test_position_losses_equal_a_direct_computation():
+def test_position_losses_equal_a_direct_computation(tiny_lm):
     torch.manual_seed(0)
-    model = ReformerLM(num_tokens=256, dim=16, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
+    model = tiny_lm(dim=16, max_seq_len=32)
     tokens = torch.randint(0, 256, (200,), dtype=torch.uint8)
     starts = torch.tensor([0, 33, 100, 150])
     losses = position_losses(model, tokens, starts, seq_len=32, batch_size=3)  # two batches

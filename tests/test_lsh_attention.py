@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from builders import LSH_MODES
 
 from reformer import FullQKAttention, LSHAttention
 from reformer.attention import window_plan
@@ -13,14 +14,9 @@ from reformer.attention.options import LSHOptions
 from reformer.attention.reference import full_qk_attention_reference, lsh_attention_reference
 from reformer.native import workers as cpu_workers
 
-MODES = [  # (causal, strict_causal)
-    (False, True),
-    (True, True),
-    (True, False),
-]
 SWEEP = list(
     itertools.product(
-        MODES,
+        LSH_MODES,
         [1, 2, 4, 8],  # n_hashes
         [(16, 4), (37, 8), (5, 8)],  # (len, bucket_size): divides, does not, shorter than a bucket
         [False, True],  # padding mask
@@ -65,7 +61,7 @@ def test_chunked_equals_reference(mode, n_hashes, shape, masked, dup, across):
     torch.testing.assert_close(attn.sum(-1), torch.ones(3, length), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("causal,strict", MODES)
+@pytest.mark.parametrize("causal,strict", LSH_MODES)
 def test_module_uses_its_hash_and_equals_reference(causal, strict):
     layer = LSHAttention(bucket_size=8, n_hashes=4, causal=causal, strict_causal=strict, n_buckets=(2, 4)).eval()
     qk, v = _inputs(4, 45, d=16)
@@ -78,7 +74,7 @@ def test_module_uses_its_hash_and_equals_reference(causal, strict):
 
 def test_real_buckets_large_sweep_chunked_vs_reference():
     # Buckets from real hashing (clustered, uneven sizes) rather than uniform random ids.
-    for causal, strict in MODES:
+    for causal, strict in LSH_MODES:
         for n_hashes in (1, 2, 4, 8):
             layer = LSHAttention(bucket_size=16, n_hashes=n_hashes, causal=causal, strict_causal=strict).eval()
             layer.return_attn = True

@@ -89,18 +89,9 @@ def test_reversible_gradients_float64_and_keys_gradient():
 
 @pytest.mark.parametrize("kind", ["lsh", "local", "full"])
 @pytest.mark.parametrize("num_mem_kv", [0, 4])
-def test_language_model_is_strictly_causal(kind, num_mem_kv):
-    model = ReformerLM(
-        num_tokens=50,
-        dim=32,
-        depth=2,
-        heads=2,
-        bucket_size=8,
-        n_hashes=2,
-        max_seq_len=96,
-        causal=True,
-        attn_layers=(kind,),
-        num_mem_kv=num_mem_kv,
+def test_language_model_is_strictly_causal(kind, num_mem_kv, tiny_lm):
+    model = tiny_lm(
+        num_tokens=50, depth=2, n_hashes=2, max_seq_len=96, attn_layers=(kind,), num_mem_kv=num_mem_kv
     ).eval()
     tokens = torch.randint(0, 50, (2, 96))
     with torch.no_grad():
@@ -175,7 +166,7 @@ def test_readme_examples_scaled_down():
     assert decoder(torch.randint(0, 200, (1, 128)), keys=encoder(visual_emb)).shape == (1, 128, 200)
 
 
-def test_embedding_options():
+def test_embedding_options(tiny_lm):
     for kw in (
         dict(absolute_position_emb=True),
         dict(rotary_emb=True),
@@ -184,13 +175,13 @@ def test_embedding_options():
         dict(use_rezero=True),
         dict(use_scale_norm=True),
     ):
-        model = ReformerLM(num_tokens=30, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=40, **kw)
+        model = tiny_lm(num_tokens=30, max_seq_len=40, causal=False, **kw)
         out = model(torch.randint(0, 30, (2, 33)))
         assert out.shape == (2, 33, 30) and torch.isfinite(out).all(), kw
 
 
-def test_bad_inputs_give_clear_errors():
-    model = ReformerLM(num_tokens=10, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=32)
+def test_bad_inputs_give_clear_errors(tiny_lm):
+    model = tiny_lm(num_tokens=10, dim=16, bucket_size=4, max_seq_len=32, causal=False)
     cases = [
         (torch.tensor([[1, 10]]), "token ids must be in"),
         (torch.tensor([[-1, 2]]), "token ids must be in"),
@@ -242,10 +233,10 @@ def test_reversible_stack_trains_on_inputs_without_grad():
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_training_wrapper_loss_and_generate():
+def test_training_wrapper_loss_and_generate(tiny_lm):
     from reformer import TrainingWrapper
 
-    model = ReformerLM(num_tokens=20, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
+    model = tiny_lm(num_tokens=20, max_seq_len=32)
     wrapper = TrainingWrapper(model, ignore_index=0)
     x = torch.randint(1, 20, (2, 17))
     model.eval()  # deterministic hashing, so the two computations can be compared
@@ -262,18 +253,8 @@ def test_training_wrapper_loss_and_generate():
 
 
 @pytest.mark.parametrize("reversible", [True, False])
-def test_bf16_autocast_training_step(reversible):
-    model = ReformerLM(
-        num_tokens=30,
-        dim=32,
-        depth=2,
-        heads=2,
-        bucket_size=8,
-        max_seq_len=64,
-        causal=True,
-        lsh_dropout=0.1,
-        reverse_thres=0 if reversible else 10**9,
-    )
+def test_bf16_autocast_training_step(reversible, tiny_lm):
+    model = tiny_lm(num_tokens=30, depth=2, lsh_dropout=0.1, reverse_thres=0 if reversible else 10**9)
     tokens = torch.randint(0, 30, (2, 64))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(1)

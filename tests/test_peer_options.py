@@ -180,9 +180,9 @@ def test_encoder_decoder_generate_is_greedy_decoding():
     assert model.generate(seq_in[:1], start[0], seq_len=5).shape == (5,)  # a 1-D start gives 1-D
 
 
-def test_training_wrapper_on_a_list_of_sequences():
+def test_training_wrapper_on_a_list_of_sequences(tiny_lm):
     torch.manual_seed(0)
-    net = ReformerLM(num_tokens=20, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=64, causal=True)
+    net = tiny_lm(num_tokens=20, dim=16, bucket_size=4)
     wrapper = TrainingWrapper(net, ignore_index=0, pad_value=0)
     seqs = [torch.randint(1, 20, (n,)) for n in (5, 17, 11)]
     padded = torch.zeros(3, 16, dtype=torch.long)
@@ -197,10 +197,10 @@ def test_training_wrapper_on_a_list_of_sequences():
         wrapper([torch.zeros(2, 3, dtype=torch.long)])
 
 
-def test_training_wrapper_generate_shapes_and_filters():
+def test_training_wrapper_generate_shapes_and_filters(tiny_lm):
     from reformer.generative_tools import top_k, top_p
 
-    net = ReformerLM(num_tokens=20, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=64, causal=True)
+    net = tiny_lm(num_tokens=20, dim=16, bucket_size=4)
     wrapper = TrainingWrapper(net)
     assert wrapper.generate(torch.tensor([3, 4]), 6).shape == (6,)
     assert wrapper.generate(torch.tensor([[3, 4]]), 6, filter_logits_fn=top_p).shape == (1, 6)

@@ -207,7 +207,7 @@ def test_checkpoints_sort_by_step_number(run, capsys):
     assert code == 0 and json.loads(out)["checkpoint"].endswith("step-10000000")
 
 
-def test_pruning_ignores_other_names_and_never_follows_symlinks(tmp_path):
+def test_pruning_ignores_other_names_and_never_follows_symlinks(tmp_path, tiny_lm):
     run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "precious.txt").write_text("keep me")
@@ -219,7 +219,7 @@ def test_pruning_ignores_other_names_and_never_follows_symlinks(tmp_path):
     before = _snapshot(tmp_path)
     corpus = load_corpus("builtin")
     torch.manual_seed(0)
-    model = ReformerLM(num_tokens=256, dim=16, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
+    model = tiny_lm(dim=16, max_seq_len=32)
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, eval_every=100, eval_batches=1, save_every=1, keep_last=1)
     train(model, corpus.train, corpus.valid, cfg, run)
     assert [p.name for p in checkpoint_dirs(run)] == ["step-0000003"]
@@ -244,8 +244,8 @@ def test_pruning_ignores_other_names_and_never_follows_symlinks(tmp_path):
         ("model_type", "reformer", "reformer convert --from-transformers"),
     ],
 )
-def test_config_json_is_checked_field_by_field(tmp_path, capsys, field, value, match):
-    model = ReformerLM(num_tokens=16, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True)
+def test_config_json_is_checked_field_by_field(tmp_path, capsys, field, value, match, tiny_lm):
+    model = tiny_lm(num_tokens=16)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
@@ -424,9 +424,8 @@ def test_train_config_fields_are_range_checked(field, value, match):
         TrainConfig(**{field: value})
 
 
-def test_a_backend_that_cannot_run_here_is_named(tmp_path, capsys, monkeypatch):
-    model = ReformerLM(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True,
-                       attn_backend="triton")  # fmt: skip
+def test_a_backend_that_cannot_run_here_is_named(tmp_path, capsys, monkeypatch, tiny_lm):
+    model = tiny_lm(attn_backend="triton")
     model.save_pretrained(tmp_path / "ckpt")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     if not torch.cuda.is_available():
@@ -512,12 +511,12 @@ def test_malformed_checkpoint_json_is_named(run, capsys, name, text, match):
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])
-def test_checkpoints_are_written_with_the_users_umask(tmp_path, umask):
+def test_checkpoints_are_written_with_the_users_umask(tmp_path, umask, tiny_lm):
     previous = os.umask(umask)
     try:
         corpus = load_corpus("builtin")
         torch.manual_seed(0)
-        model = ReformerLM(num_tokens=256, dim=16, depth=1, heads=2, bucket_size=8, max_seq_len=32, causal=True)
+        model = tiny_lm(dim=16, max_seq_len=32)
         cfg = TrainConfig(steps=1, batch_size=2, seq_len=32, eval_every=100, eval_batches=1)
         train(model, corpus.train, corpus.valid, cfg, tmp_path, vocab=ByteVocab().to_dict())
     finally:

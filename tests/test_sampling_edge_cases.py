@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from builders import tiny_lm
 
 from reformer import ReformerLM
 from reformer.generate import sampling_probs
@@ -15,7 +16,7 @@ from reformer.generate import sampling_probs
 @pytest.fixture(scope="module")
 def model() -> ReformerLM:
     torch.manual_seed(0)
-    return ReformerLM(num_tokens=20, dim=16, depth=1, heads=2, bucket_size=4, max_seq_len=32, causal=True).eval()
+    return tiny_lm(num_tokens=20, dim=16, bucket_size=4, max_seq_len=32).eval()
 
 
 PROMPT = torch.tensor([[1, 5, 7, 2], [3, 3, 9, 0]])

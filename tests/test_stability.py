@@ -36,14 +36,13 @@ def test_a_thousand_training_steps_do_not_grow_memory():
     assert torch.isfinite(loss)
 
 
-def test_the_same_seed_gives_the_same_losses(tmp_path):
+def test_the_same_seed_gives_the_same_losses(tmp_path, tiny_lm):
     corpus = load_corpus("builtin")
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=64, eval_every=3, eval_batches=1, save_every=100, seed=5)
     runs = []
     for name in ("a", "b"):
         torch.manual_seed(0)
-        model = ReformerLM(num_tokens=256, dim=32, depth=1, heads=2, bucket_size=8, max_seq_len=64, causal=True,
-                           lsh_dropout=0.1)  # fmt: skip
+        model = tiny_lm(lsh_dropout=0.1)
         runs.append(train(model, corpus.train, corpus.valid, cfg, tmp_path / name).history)
     assert [r["loss"] for r in runs[0]] == [r["loss"] for r in runs[1]]
     assert [r.get("eval_loss") for r in runs[0]] == [r.get("eval_loss") for r in runs[1]]

@@ -12,9 +12,10 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
+from builders import window_options  # noqa: E402
+
 from reformer.attention.backends import lsh_attention  # noqa: E402
 from reformer.attention.chunked import lsh_attention_chunked  # noqa: E402
-from reformer.attention.options import LSHOptions  # noqa: E402
 from reformer.attention.reference import lsh_attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,7 +35,7 @@ def _case(causal, strict, masked, across, n_hashes, length, bucket_size, d=32):
     v = torch.randn(2, length, d, device=DEVICE, requires_grad=True)
     buckets = torch.randint(0, 4, (2, n_hashes, length), device=DEVICE)
     key_mask = torch.rand(2, length, device=DEVICE) > 0.3 if masked else None
-    options = LSHOptions(bucket_size=bucket_size, causal=causal, strict_causal=strict, attend_across_buckets=across)
+    options = window_options(bucket_size, causal, strict, across)
     return qk, v, buckets, options, dict(n_buckets=4, key_mask=key_mask)
 
 

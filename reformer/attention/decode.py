@@ -5,9 +5,9 @@ new token then attends through the stored keys, so its output equals what the fu
 on the sequence so far would give it - exactly the same function, evaluated for one query:
 
 * strictly causal LSH heads: in each round the new query sees only the at most
-  ``bucket_size`` latest earlier keys of its own bucket (DESIGN section 3). Those positions are
-  kept in a ring per (row, round, bucket), so a step gathers ``n_hashes * bucket_size`` keys
-  whatever the context length;
+  ``bucket_size`` latest earlier keys of its own bucket (docs/design.md, "Masks"). Those
+  positions are kept in a ring per (row, round, bucket), so a step gathers
+  ``n_hashes * bucket_size`` keys whatever the context length;
 * local heads: the keys of the query's block and the previous one (``2 * window``);
 * full-attention heads (``use_full_attn``, or LSH heads of a sequence no longer than
   ``full_attn_thres``): every stored key.

@@ -1,4 +1,4 @@
-"""The sorted-slot layout every LSH attention backend works in (DESIGN.md section 3).
+"""The sorted-slot layout every LSH attention backend works in (docs/design.md, "The attention contract").
 
 The sequence is padded to a multiple of ``bucket_size`` with pad positions in an extra bucket
 that sorts last, so every round occupies whole chunks and pads are never attended. Each
@@ -61,7 +61,7 @@ def cpu_kernels_for(qk: torch.Tensor, width: int = 0, features: int = 0) -> CpuK
 
 
 class WindowRules(NamedTuple):
-    """Which keys of a window a query sees (the masks of DESIGN.md section 3)."""
+    """Which keys of a window a query sees (the masks of docs/design.md, "Masks")."""
 
     causal: bool  # classic causal: no key at a later position
     strict: bool  # strict causal: own bucket, at most ``c`` earlier slots of the round

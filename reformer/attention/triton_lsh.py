@@ -1,9 +1,10 @@
 """Fused LSH attention in Triton: one program per chunk, online softmax over its window.
 
-Computes, per sorted slot, what :func:`reformer.attention.chunked.lsh_attention_chunked`
-computes (DESIGN.md section 3): a query chunk attends to its own chunk and the previous one (the
-first wrapping to the last), reading queries, keys and values straight from the unsorted
-inputs through the sort indices, so no sorted copy of ``q``/``k``/``v`` is ever written.
+Computes, per sorted slot, what the chunked backend computes
+(:func:`reformer.attention.chunked.lsh_attention_chunked`; docs/design.md, "The attention
+contract"): a query chunk attends to its own chunk and the previous one (the first wrapping
+to the last), reading queries, keys and values straight from the unsorted inputs through
+the sort indices, so no sorted copy of ``q``/``k``/``v`` is ever written.
 Logits accumulate in fp32 whatever the input dtype (fp16, bf16, fp32; head dims 16 to 128).
 
 Forward: one program per (chunk, batch row) writes ``out`` and ``lse`` of its ``c`` slots.
