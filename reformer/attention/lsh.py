@@ -22,7 +22,7 @@ from ..reversible import remember
 from .backends import lsh_attention
 from .common import SELF_ATTN_VALUE
 from .full import allowed_pairs, full_qk_attention
-from .options import LSHOptions, one_source, option_property
+from .options import LSHOptions, layer_options, option_property
 
 
 def _rows(rows: slice, t: torch.Tensor) -> torch.Tensor:
@@ -105,29 +105,9 @@ class LSHAttention(nn.Module):
         backend: str = "auto",
         options: LSHOptions | None = None,
     ):
+        options = layer_options(locals(), options)  # (first: locals() holds just the arguments)
         super().__init__()
-        from_keywords = LSHOptions(
-            lsh_dropout=dropout,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            causal=causal,
-            allow_duplicate_attention=allow_duplicate_attention,
-            attend_across_buckets=attend_across_buckets,
-            rehash_each_round=rehash_each_round,
-            drop_for_hash_rate=drop_for_hash_rate,
-            random_rotations_per_head=random_rotations_per_head,
-            return_attn=return_attn,
-            strict_causal=strict_causal,
-            n_buckets=n_buckets,
-            max_seq_len=max_seq_len,
-            hash_seed=hash_seed,
-            pad_bucket=pad_bucket,
-            n_buckets_first_major=n_buckets_first_major,
-            self_attn_value=self_value,
-            exp_lse_softmax=exp_lse,
-            attn_backend=backend,
-        )
-        self.options = one_source(from_keywords, options)
+        self.options = options
         self.heads = None if heads is None else check_int("heads", heads, 1)
         seed = self.options.hash_seed
         if seed is None:

@@ -114,6 +114,21 @@ class LSHOptions:
         return n_buckets
 
 
+#: The public layers' keywords that spell an option under another name (``reformer_pytorch``'s
+#: ``dropout``, and the layers' own short names).
+LAYER_KEYWORDS = {"dropout": "lsh_dropout", "self_value": "self_attn_value", "exp_lse": "exp_lse_softmax",
+                  "backend": "attn_backend"}  # fmt: skip
+
+
+def layer_options(keywords: dict[str, Any], options: LSHOptions | None) -> LSHOptions:
+    """A public layer's options from its keyword arguments (``locals()`` on entering its
+    ``__init__``): every option found there under its name or its :data:`LAYER_KEYWORDS` name;
+    or ``options`` when given (see :func:`one_source`)."""
+    fields = {f.name for f in dataclasses.fields(LSHOptions)}
+    renamed = {LAYER_KEYWORDS.get(name, name): value for name, value in keywords.items()}
+    return one_source(LSHOptions(**{name: value for name, value in renamed.items() if name in fields}), options)
+
+
 def one_source(from_keywords: LSHOptions, options: LSHOptions | None) -> LSHOptions:
     """A layer's options: ``options`` when given - its LSH keywords must then keep their
     defaults, so that no keyword is silently ignored - else those built from the keywords."""

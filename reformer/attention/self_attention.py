@@ -23,7 +23,7 @@ from .decode import DecodingCache, LayerCache, dense_step, local_step, lsh_step,
 from .full import allowed_pairs, full_qk_attention
 from .local import local_attention_chunked
 from .lsh import LSHAttention
-from .options import LSHOptions, one_source
+from .options import LSHOptions, layer_options
 
 
 class LSHSelfAttention(nn.Module):
@@ -91,29 +91,8 @@ class LSHSelfAttention(nn.Module):
         backend: str = "auto",
         options: LSHOptions | None = None,
     ):
+        options = layer_options(locals(), options)  # (first: locals() holds just the arguments)
         super().__init__()
-        from_keywords = LSHOptions(
-            lsh_dropout=dropout,
-            bucket_size=bucket_size,
-            n_hashes=n_hashes,
-            causal=causal,
-            allow_duplicate_attention=allow_duplicate_attention,
-            attend_across_buckets=attend_across_buckets,
-            rehash_each_round=rehash_each_round,
-            drop_for_hash_rate=drop_for_hash_rate,
-            random_rotations_per_head=random_rotations_per_head,
-            return_attn=return_attn,
-            strict_causal=strict_causal,
-            n_buckets=n_buckets,
-            max_seq_len=max_seq_len,
-            hash_seed=hash_seed,
-            pad_bucket=pad_bucket,
-            n_buckets_first_major=n_buckets_first_major,
-            self_attn_value=self_value,
-            exp_lse_softmax=exp_lse,
-            attn_backend=backend,
-        )
-        options = one_source(from_keywords, options)
         dim_head = resolve_dim_head(dim, heads, dim_head)
         check_int("n_local_attn_heads", n_local_attn_heads, 0)
         if n_local_attn_heads > heads:

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from .options import UsageError, device_type, int_at_least
+from .options import UsageError, add_checkpoint_arguments, device_type, int_at_least
 
 
 def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     e = subparsers.add_parser("eval", help="bits per token on a validation split", formatter_class=fmt)
-    e.add_argument("--checkpoint", required=True,
-                   help="run or checkpoint directory, or a Hugging Face Hub repo id (org/name)")  # fmt: skip
-    e.add_argument("--revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
+    add_checkpoint_arguments(e)
     e.add_argument("--data", default=None,
                    help="builtin, pysrc, a file path, enwik8:PATH, or duplication (default: the run's data, "
                         "else builtin)")  # fmt: skip

@@ -6,15 +6,13 @@ import argparse
 import codecs
 import sys
 
-from .options import UsageError, device_type, float_in, int_at_least, seed_type
+from .options import UsageError, add_checkpoint_arguments, device_type, float_in, int_at_least, seed_type
 
 
 def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     g = subparsers.add_parser("generate", help="sample a continuation of a prompt", formatter_class=fmt)
-    g.add_argument("--checkpoint", required=True,
-                   help="run or checkpoint directory, or a Hugging Face Hub repo id (org/name)")  # fmt: skip
-    g.add_argument("--revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
+    add_checkpoint_arguments(g)
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample")
     g.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature (0 = greedy)")

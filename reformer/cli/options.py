@@ -72,3 +72,10 @@ def device_type(text: str) -> str:
     elif device.type != "cpu":
         raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or mps, got {text!r}")
     return text
+
+
+def add_checkpoint_arguments(parser) -> None:
+    """``--checkpoint`` (a run, a checkpoint directory or a Hub repo id) and ``--revision``."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="run or checkpoint directory, or a Hugging Face Hub repo id (org/name)")  # fmt: skip
+    parser.add_argument("--revision", help="with a Hub repo id: its branch, tag or commit (default: main)")
