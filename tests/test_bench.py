@@ -191,5 +191,7 @@ def test_page_faults_compares_the_allocator_settings(tmp_path):
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines() if line.startswith("| `LSH")]
     assert len(rows) == 1 and rows[0][1].strip() == "8,192"
     default_faults, heap_faults, pool_faults = (int(cell.split("/")[2].replace(",", "")) for cell in rows[0][2:5])
-    assert default_faults > 100 * 2**20 // 4096  # at least the probabilities' pages
+    # at least the packed rows' pages (glibc's dynamic mmap threshold keeps some blocks across steps,
+    # more or fewer from run to run: 24-43K faults measured, so the probabilities' 25.6K is no floor)
+    assert default_faults > 50 * 2**20 // 4096
     assert heap_faults < default_faults / 10 and pool_faults < default_faults / 10

@@ -133,8 +133,10 @@ def test_resume_with_another_number_of_processes_continues_the_same_run(tmp_path
 
 
 def _worker_pid(launcher: subprocess.Popen, rank: int) -> int:
-    """The pid of the torchrun worker with ``RANK=rank`` (Linux: read from /proc)."""
-    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+    """The pid of the torchrun worker with ``RANK=rank`` (Linux: read from /proc; any of the
+    launcher's threads may have started it)."""
+    tasks = Path(f"/proc/{launcher.pid}/task").iterdir()
+    for pid in (pid for task in tasks for pid in (task / "children").read_text().split()):
         if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
             return int(pid)
     raise AssertionError(f"no worker with RANK={rank}")
