@@ -190,10 +190,15 @@ def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
     return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
+def tokens_per_step(cfg: TrainConfig) -> int:
+    """Tokens one optimizer step trains on, over every process."""
+    return cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+
+
 def card_training(state: TrainState, cfg: TrainConfig) -> dict[str, str]:
     """What a checkpoint's model card says of its training: steps, tokens, context, and the
     latest validation loss."""
-    tokens = state.step * cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+    tokens = state.step * tokens_per_step(cfg)
     facts = {"steps": f"{state.step:,} of {cfg.steps:,}", "tokens seen": f"{tokens:,}", "context": f"{cfg.seq_len:,}"}
     evaluated = [r for r in state.history if "eval_loss" in r]
     if evaluated:
@@ -368,7 +373,7 @@ def train(
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
-            tokens = cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
+            tokens = tokens_per_step(cfg)
             record = {"step": state.step, "loss": total, "lr": optimizer.param_groups[0]["lr"],
                       "tokens_per_s": tokens / (time.perf_counter() - t0)}  # fmt: skip
             if scale is not None and scaler.get_scale() < scale:  # fp16: inf/NaN gradients, update skipped
