@@ -207,3 +207,40 @@ def test_fsdp_with_fp16_is_a_clear_error():
 
     with pytest.raises(ValueError, match="fsdp supports precision fp32 or bf16"):
         TrainConfig(fsdp=True, precision="fp16")
+
+
+LATE_RANK_1 = """
+import os, sys, time
+import reformer.runs
+from reformer.cli import main
+check = reformer.runs.check_out_dir
+def late(run):  # rank 1 looks at --out after rank 0 had time to take the run's lock and write run.json
+    if os.environ["RANK"] == "1":
+        time.sleep(3)
+    check(run)
+reformer.runs.check_out_dir = late
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_every_process_checks_the_output_directory_before_rank_0_writes_into_it(tmp_path):
+    script = tmp_path / "late_rank_1.py"
+    script.write_text(LATE_RANK_1)
+    run = tmp_path / "run"
+    with torchrun(str(script), "train", *FAST, "--batch-size", "2", "--steps", "2", "--out", str(run)) as launcher:
+        out, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "finished step 2" in out
+
+
+def test_a_refusal_on_one_process_ends_every_process_at_once(tmp_path):
+    """A bad --out is refused by every process together (no process waits for the others until
+    the collective timeout)."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("not a run")
+    start = time.time()
+    with torchrun("-m", "reformer.cli", "train", *FAST, "--steps", "2", "--out", str(tmp_path / "run")) as launcher:
+        _, err = launcher.communicate(timeout=TIMEOUT)
+    assert launcher.returncode != 0
+    assert err.count("is not a run directory and holds other files (notes.txt)") >= 2, err[-3000:]
+    assert time.time() - start < 60

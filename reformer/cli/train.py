@@ -113,16 +113,49 @@ def _train(args: argparse.Namespace, device: str) -> int:
     import torch
 
     from .. import distributed
-    from ..checkpoint import read_config, verify_manifest
     from ..config import ReformerConfig
     from ..data import DuplicationTask
     from ..model import ReformerLM
-    from ..runs import check_not_in_use, check_out_dir, run_lock, write_settings
-    from ..train import TrainConfig, batch_source, checkpoint_dirs, load_trainer_state
+    from ..runs import run_lock, write_settings
     from .dashboard import Dashboard
-    from .loading import check_backend_runs, check_vocab, load_training_data, read_vocab
 
     run = Path(args.out)
+    try:
+        settings, config, corpus, cfg, resume_step = _checked_inputs(args, run, device)
+        refusal = None
+    except (ValueError, OSError) as exc:
+        refusal = exc
+    # Every process checks --out before rank 0 writes into it (a process that looked later would
+    # find rank 0's lock file and refuse), and all refuse together instead of waiting on each other.
+    if distributed.any_process(refusal is not None):
+        raise refusal or UsageError("another process of the job refused the inputs (its error is above)")
+    torch.manual_seed(args.seed)
+    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    if not distributed.is_main():
+        _run_training(args, run, model, corpus, cfg, None)
+        return 0
+    with run_lock(run):
+        write_settings(run, settings)
+        n_params = sum(p.numel() for p in model.parameters())
+        sizes = (
+            "synthetic"
+            if isinstance(corpus.train, DuplicationTask)
+            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+        )
+        procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
+        print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        dashboard = Dashboard(run, cfg.steps, resume_step)
+        return _run_training(args, run, model, corpus, cfg, dashboard)
+
+
+def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
+    """Check --out, the resume, the data and the model before anything is written; return the
+    run's settings, model config, corpus, training config and the step it starts from."""
+    from ..checkpoint import read_config, verify_manifest
+    from ..runs import check_not_in_use, check_out_dir
+    from ..train import TrainConfig, batch_source, checkpoint_dirs, load_trainer_state
+    from .loading import check_backend_runs, check_vocab, load_training_data, read_vocab
+
     check_out_dir(run)
     check_not_in_use(run)
     latest = checkpoint_dirs(run)[-1] if checkpoint_dirs(run) else None
@@ -158,23 +191,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
             batch_source(data, cfg, seed=0)
         except ValueError as exc:
             raise UsageError(f"the {split} split of --data {args.data}: {exc}") from None
-    torch.manual_seed(args.seed)
-    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
-    if not distributed.is_main():
-        _run_training(args, run, model, corpus, cfg, None)
-        return 0
-    with run_lock(run):
-        write_settings(run, settings)
-        n_params = sum(p.numel() for p in model.parameters())
-        sizes = (
-            "synthetic"
-            if isinstance(corpus.train, DuplicationTask)
-            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
-        )
-        procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
-        print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
-        dashboard = Dashboard(run, cfg.steps, resume_step)
-        return _run_training(args, run, model, corpus, cfg, dashboard)
+    return settings, config, corpus, cfg, resume_step
 
 
 def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
