@@ -9,6 +9,7 @@ import torch
 from builders import LSH_MODES, lsh_inputs, window_options
 
 from reformer import LSHAttention, ReformerConfig
+from reformer.attention import backends
 from reformer.attention.backends import lsh_attention, resolve_backend
 from reformer.attention.chunked import lsh_attention_chunked
 from reformer.attention.common import SELF_ATTN_VALUE
@@ -64,6 +65,41 @@ def test_unavailable_backend_and_bad_names_are_explained():
         LSHAttention(backend="cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ReformerConfig(attn_backend="fast")
+
+
+def test_a_registered_backend_is_chosen_or_refused_by_what_it_declares(monkeypatch):
+    """A new backend is one table entry: auto chooses it, passes over it for an option, dtype or
+    head dim it does not declare, and forcing it there names what is missing."""
+    calls = []
+
+    def attention(qk, v, buckets, options, **kw):
+        calls.append(options.causal)
+        return lsh_attention_chunked(qk, v, buckets, options, **kw)
+
+    dummy = backends.Backend(
+        attention, frozenset({"key_mask"}), dtypes=(torch.float32,), head_dims=(16,), auto_devices=("cpu",)
+    )
+    monkeypatch.setitem(backends.BACKENDS, "dummy", dummy)
+    monkeypatch.setattr(backends, "AUTO_ORDER", ("dummy", *backends.AUTO_ORDER))
+    qk, v, buckets, mask = lsh_inputs(32, 2, True)
+    out, _ = lsh_attention(qk, v, buckets, _options(), n_buckets=4, key_mask=mask)  # auto: first, and it fits
+    expected, _ = lsh_attention_chunked(qk, v, buckets, _options(), n_buckets=4, key_mask=mask)
+    assert torch.equal(out, expected)
+    LSHAttention(bucket_size=16, n_hashes=2, backend="dummy")(qk, v, input_mask=mask)  # a name the layers take
+    assert calls == [False, False]
+    for refused_qk, refused_v, options in [(qk, v, {"causal": True}), (qk.double(), v.double(), {}),
+                                           (torch.randn(2, 32, 32), v, {})]:  # fmt: skip
+        assert resolve_backend(refused_qk, refused_v, _options(**options), training=False) == "chunked"
+    assert calls == [False, False]
+    dummy_options = _options(attn_backend="dummy")
+    with pytest.raises(ValueError, match="attn_backend='dummy' does not support causal=True"):
+        lsh_attention(qk, v, buckets, dummy_options.replace(causal=True), n_buckets=4)
+    with pytest.raises(RuntimeError, match=r"dtype torch.float64 \(needs float32\)"):
+        lsh_attention(qk.double(), v.double(), buckets, dummy_options, n_buckets=4)
+    with pytest.raises(RuntimeError, match="head dims 32, 16"):
+        lsh_attention(torch.randn(2, 32, 32), v, buckets, dummy_options, n_buckets=4)
+    with pytest.raises(ValueError, match="unknown features"):
+        backends.Backend(attention, frozenset({"causal", "sliding_window"}))
 
 
 FLEX_SWEEP = list(itertools.product(LSH_MODES, [1, 2], [(37, 8), (64, 16)], [False, True], [True, False]))

@@ -1,16 +1,20 @@
 """Which implementation computes LSH attention: the one place where the backend is chosen.
 
+Each backend is one entry of :data:`BACKENDS`, which declares what it supports; ``"auto"``
+tries :data:`AUTO_ORDER` in turn and takes the first that supports the call's options and can
+run its inputs here. Forcing a backend outside what it supports raises an error that names the
+option (``ValueError``) or the input or missing library (``RuntimeError``).
+
 * ``"chunked"`` (:mod:`.chunked`): every option, any device; the CPU path.
 * ``"triton"`` (:mod:`.triton_lsh`): fused kernel, CUDA (or CPU under ``TRITON_INTERPRET=1``).
 * ``"flex"`` (:mod:`.flex`): ``torch.nn.attention.flex_attention`` with a sparse block mask;
   compiled on CUDA, eager (forward only) on CPU.
-* ``"auto"``: chunked on CPU; on CUDA the first of triton, flex that supports the options,
-  dtype and head dim, else chunked. (The order is provisional until the GPU benchmarks of
-  ``benchmarks/gpu.py`` have run.)
 
-The fused backends cover the common subset: no ``return_attn``, ``allow_duplicate_attention``
-True, no attention dropout in training, ``exp_lse_softmax`` False. ``auto`` falls back to chunked
-outside it; forcing a fused backend there raises an error that names the option.
+``auto`` is chunked on CPU; on CUDA the first of triton, flex that supports the call, else
+chunked (the order is provisional until the GPU benchmarks of ``benchmarks/gpu.py`` have run).
+The fused backends cover the common subset: causal or not, a key mask; no ``input_attn_mask``,
+``return_attn``, ``allow_duplicate_attention=False``, attention dropout in training or
+``exp_lse_softmax``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,51 +34,98 @@ from .slots import SlotInputs, SlotLayout, WindowRules, combine_rounds, sort_int
 if TYPE_CHECKING:  # (options.py imports check_backend from here)
     from .options import LSHOptions
 
-BACKENDS = ("auto", "chunked", "flex", "triton")
 #: Head dims the fused backends are built for (powers of two: tl.dot tiles, flex kernels).
 FUSED_HEAD_DIMS = (16, 32, 64, 128)
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: What a backend may support beyond plain LSH attention (see :func:`used_features`).
+FEATURES = ("causal", "key_mask", "pair_mask", "return_attn", "duplicate_attention_off", "training_dropout", "exp_lse")
 
+#: ``lsh_attention_chunked``'s signature: every backend computes that result.
+Attention = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 WindowKernel = Callable[[SlotInputs, SlotLayout, WindowRules], tuple[torch.Tensor, torch.Tensor]]
+#: Why a backend cannot run ``(qk, v, bucket_size)`` here (a library, the device), or None.
+Limits = Callable[[torch.Tensor, torch.Tensor, int], str | None]
 
 
-def check_backend(backend: object) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return backend
+@dataclass(frozen=True)
+class Backend:
+    """One way to compute :func:`.chunked.lsh_attention_chunked`'s result, and what it supports."""
+
+    attention: Attention
+    #: Those of :data:`FEATURES` it supports.
+    supports: frozenset[str] = frozenset(FEATURES)
+    #: The dtypes and head dims (of ``qk`` and ``v``) it takes; None: any.
+    dtypes: tuple[torch.dtype, ...] | None = None
+    head_dims: tuple[int, ...] | None = None
+    limits: Limits = lambda qk, v, bucket_size: None
+    #: The device types on which ``"auto"`` may choose it; None: any.
+    auto_devices: tuple[str, ...] | None = None
+
+    def __post_init__(self):
+        unknown = set(self.supports) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"unknown features {sorted(unknown)}; each must be one of {FEATURES}")
 
 
-def unsupported_option(options: LSHOptions, training: bool, pair_mask: bool = False) -> str | None:
-    """The first option (as ``name=value``) outside the fused backends' subset, or None
-    (``pair_mask``: the call has an ``attn_mask``)."""
-    if pair_mask:
-        return "input_attn_mask"
-    if options.return_attn:
-        return "return_attn=True"
-    if not options.allow_duplicate_attention:
-        return "allow_duplicate_attention=False"
-    if options.lsh_dropout > 0 and training:
-        return f"lsh_dropout={options.lsh_dropout} (attention dropout in training)"
-    if options.exp_lse_softmax:
-        return "exp_lse_softmax=True"
+def used_features(options: LSHOptions, training: bool, key_mask: bool = False, pair_mask: bool = False) -> dict:
+    """Those of :data:`FEATURES` that a call uses, each with the name an error gives it
+    (``key_mask``/``pair_mask``: the call has a key mask / an ``attn_mask``)."""
+    named = {
+        "pair_mask": pair_mask and "input_attn_mask",
+        "return_attn": options.return_attn and "return_attn=True",
+        "duplicate_attention_off": not options.allow_duplicate_attention and "allow_duplicate_attention=False",
+        "training_dropout": options.lsh_dropout > 0 and training
+        and f"lsh_dropout={options.lsh_dropout} (attention dropout in training)",
+        "exp_lse": options.exp_lse_softmax and "exp_lse_softmax=True",
+        "causal": options.causal and "causal=True",
+        "key_mask": key_mask and "a key mask",
+    }
+    return {feature: name for feature, name in named.items() if name}
+
+
+def _fused_backend(load_kernel: Callable[[], WindowKernel], limits: Limits) -> Backend:
+    """A fused per-slot window kernel (``load_kernel`` imports it on first use: optional
+    dependencies) as a backend of the common subset, on the slots it sorts the inputs into."""
+
+    def attention(qk, v, buckets, options: LSHOptions, *, n_buckets: int, key_mask=None, attn_mask=None,
+                  training: bool = False) -> tuple[torch.Tensor, None]:  # fmt: skip
+        causal = options.causal
+        rules = WindowRules(causal, causal and options.strict_causal, options.attend_across_buckets,
+                            options.self_attn_value)  # fmt: skip
+        qk, v, bad = quarantine_non_finite(qk, v)
+        inputs, layout = sort_into_slots(qk, v, buckets, key_mask, options.bucket_size, n_buckets)
+        slot_out, slot_lse = load_kernel()(inputs, layout, rules)
+        out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
+        return out.masked_fill(bad, torch.nan), None
+
+    subset = frozenset({"causal", "key_mask"})
+    return Backend(attention, subset, FUSED_DTYPES, FUSED_HEAD_DIMS, limits, auto_devices=("cuda",))
+
+
+def _triton_kernel() -> WindowKernel:
+    from .triton_lsh import triton_window_attention
+
+    return triton_window_attention
+
+
+def _flex_kernel() -> WindowKernel:
+    from .flex import flex_window_attention
+
+    return flex_window_attention
+
+
+def _triton_limits(qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'reformer-torch[gpu]')"
+    if qk.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return f"device {qk.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
     return None
 
 
-def unavailable_reason(backend: str, qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
-    """Why ``backend`` cannot run on these inputs here (library, device, dtype, sizes), or None."""
-    if qk.dtype not in FUSED_DTYPES:
-        return f"dtype {qk.dtype} (needs float16, bfloat16 or float32)"
-    if qk.shape[-1] not in FUSED_HEAD_DIMS or v.shape[-1] not in FUSED_HEAD_DIMS:
-        return f"head dims {qk.shape[-1]}, {v.shape[-1]} (each must be one of {FUSED_HEAD_DIMS})"
-    cuda = qk.device.type == "cuda"
-    if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install 'reformer-torch[gpu]')"
-        if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
-            return f"device {qk.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
-        return None
+def _flex_limits(qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
     if not _flex_has_aux_lse():
         return f"torch {torch.__version__} has no flex_attention with AuxRequest(lse=True) (a newer torch has)"
+    cuda = qk.device.type == "cuda"
     if cuda and bucket_size % 16:
         return f"bucket_size={bucket_size} (flex_attention blocks need a multiple of 16)"
     if not cuda and torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad):
@@ -90,19 +142,57 @@ def _flex_has_aux_lse() -> bool:
     return True
 
 
+#: Every backend by name. A new one is an entry here and a place in :data:`AUTO_ORDER`.
+BACKENDS: dict[str, Backend] = {
+    "chunked": Backend(lsh_attention_chunked),
+    "flex": _fused_backend(_flex_kernel, _flex_limits),
+    "triton": _fused_backend(_triton_kernel, _triton_limits),
+}
+#: The backends ``"auto"`` tries, in order; the last takes every call.
+AUTO_ORDER = ("triton", "flex", "chunked")
+
+
+def check_backend(backend: object) -> str:
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def unsupported_option(backend: str, used: dict) -> str | None:
+    """The first of the ``used`` features (see :func:`used_features`) that ``backend`` does not
+    support, as an error names it, or None."""
+    return next((named for feature, named in used.items() if feature not in BACKENDS[backend].supports), None)
+
+
+def unavailable_reason(backend: str, qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
+    """Why ``backend`` cannot run on these inputs here (dtype, head dims, library, device), or None."""
+    entry = BACKENDS[backend]
+    if entry.dtypes is not None and qk.dtype not in entry.dtypes:
+        return f"dtype {qk.dtype} (needs {_one_of([str(t).removeprefix('torch.') for t in entry.dtypes])})"
+    if entry.head_dims is not None and not {qk.shape[-1], v.shape[-1]} <= set(entry.head_dims):
+        return f"head dims {qk.shape[-1]}, {v.shape[-1]} (each must be one of {entry.head_dims})"
+    return entry.limits(qk, v, bucket_size)
+
+
+def _one_of(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def resolve_backend(
-    qk: torch.Tensor, v: torch.Tensor, options: LSHOptions, training: bool, pair_mask: bool = False
-) -> str:
-    """The backend that computes this call: ``options.attn_backend``, or for ``"auto"`` the first usable one."""
-    requested = options.attn_backend
-    if requested == "chunked":
-        return requested
-    blocker = unsupported_option(options, training, pair_mask)
+    qk: torch.Tensor, v: torch.Tensor, options: LSHOptions, training: bool, key_mask: bool = False,
+    pair_mask: bool = False,
+) -> str:  # fmt: skip
+    """The backend that computes this call: ``options.attn_backend``, or for ``"auto"`` the first
+    of :data:`AUTO_ORDER` that supports its options and runs its inputs here."""
+    requested, used = options.attn_backend, used_features(options, training, key_mask, pair_mask)
     if requested == "auto":
-        if qk.device.type != "cuda" or blocker is not None:
-            return "chunked"
-        usable = [b for b in ("triton", "flex") if unavailable_reason(b, qk, v, options.bucket_size) is None]
-        return usable[0] if usable else "chunked"
+        return next(
+            name for name in AUTO_ORDER
+            if (BACKENDS[name].auto_devices is None or qk.device.type in BACKENDS[name].auto_devices)
+            and unsupported_option(name, used) is None
+            and unavailable_reason(name, qk, v, options.bucket_size) is None
+        )  # fmt: skip
+    blocker = unsupported_option(requested, used)
     if blocker is not None:
         raise ValueError(
             f"attn_backend={requested!r} does not support {blocker}; use 'chunked' (or 'auto', which falls back)"
@@ -111,17 +201,6 @@ def resolve_backend(
     if reason is not None:
         raise RuntimeError(f"attn_backend={requested!r} cannot run here: {reason}")
     return requested
-
-
-def _window_kernel(backend: str) -> WindowKernel:
-    """The fused per-slot window attention of ``backend`` (imported on first use: optional deps)."""
-    if backend == "triton":
-        from .triton_lsh import triton_window_attention
-
-        return triton_window_attention
-    from .flex import flex_window_attention
-
-    return flex_window_attention
 
 
 def lsh_attention(
@@ -136,18 +215,8 @@ def lsh_attention(
     training: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`.chunked.lsh_attention_chunked` (same arguments and result) computed by the
-    backend ``options.attn_backend`` asks for (a fused one only without ``attn_mask``)."""
-    name = resolve_backend(qk, v, options, training, attn_mask is not None)
-    if name == "chunked":
-        return lsh_attention_chunked(
-            qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask, attn_mask=attn_mask, training=training
-        )
-    causal = options.causal
-    rules = WindowRules(
-        causal, causal and options.strict_causal, options.attend_across_buckets, options.self_attn_value
+    backend that :func:`resolve_backend` chooses."""
+    name = resolve_backend(qk, v, options, training, key_mask is not None, attn_mask is not None)
+    return BACKENDS[name].attention(
+        qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask, attn_mask=attn_mask, training=training
     )
-    qk, v, bad = quarantine_non_finite(qk, v)
-    inputs, layout = sort_into_slots(qk, v, buckets, key_mask, options.bucket_size, n_buckets)
-    slot_out, slot_lse = _window_kernel(name)(inputs, layout, rules)
-    out, _ = combine_rounds(slot_out, slot_lse, layout, qk.shape[1])
-    return out.masked_fill(bad, torch.nan), None
