@@ -189,12 +189,9 @@ def _cell(res: dict) -> str:
 
 
 def _plot(results: dict, systems: list[str], lengths: list[int], path: Path) -> None:
-    import matplotlib
+    from reformer.plots import pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = pyplot().subplots(figsize=(6, 4))
     for system in systems:
         points = [(n, results[system, n]["ms"]) for n in lengths if "ms" in results[system, n]]
         if points:
@@ -203,8 +200,7 @@ def _plot(results: dict, systems: list[str], lengths: list[int], path: Path) -> 
     ax.set_title("Generation, dim 512, depth 6, LSH (CPU)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
 
 

@@ -452,12 +452,9 @@ def render(report: dict) -> str:
 
 
 def _axes(title: str, xlabel: str, ylabel: str, log: bool):
-    import matplotlib
+    from reformer.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     scale = "log" if log else "linear"
     ax.set(xscale=scale, yscale=scale, xlabel=xlabel, ylabel=ylabel, title=title)
     ax.grid(True, which="both", alpha=0.3)
@@ -465,15 +462,11 @@ def _axes(title: str, xlabel: str, ylabel: str, log: bool):
 
 
 def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    from reformer.atomic import atomic_write
+    from reformer.plots import save_png
 
     fig.axes[0].legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
+    save_png(fig, path, dpi=120)
     print(f"wrote {path}", file=sys.stderr)
 
 

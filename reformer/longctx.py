@@ -447,13 +447,9 @@ def targets(results: dict) -> list[str]:
 def plot_longctx(results: dict, out: Path) -> None:
     """``longctx-curves.png`` (validation bits per byte vs steps and vs seconds) and
     ``longctx-positions.png`` (bits per byte by position bucket)."""
-    import matplotlib
+    from .plots import finish_axes, pyplot, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .atomic import atomic_write
-
+    plt = pyplot()
     models = results["models"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for label, m in models.items():
@@ -461,13 +457,8 @@ def plot_longctx(results: dict, out: Path) -> None:
         axes[0].plot(steps, bpb, "o-", markersize=3, label=label)
         axes[1].plot(seconds, bpb, "o-", markersize=3, label=label)
     for ax, xlabel in zip(axes, ("step", "training seconds"), strict=True):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation bits per byte")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "longctx-curves.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+        finish_axes(ax, xlabel, "validation bits per byte")
+    save_png(fig, out / "longctx-curves.png")
 
     cfg = results["config"]
     buckets = config_from_dict(cfg).buckets()
@@ -476,13 +467,8 @@ def plot_longctx(results: dict, out: Path) -> None:
         mean, se = zip(*m["trained"]["by_position"], strict=True)
         ax.errorbar(range(len(buckets)), mean, yerr=[2 * e for e in se], marker="o", capsize=3, label=label)
     ax.set_xticks(range(len(buckets)), [f"{a}-{b}" for a, b in buckets])
-    ax.set_xlabel("position in the context")
-    ax.set_ylabel("bits per byte (+- 2 standard errors)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(out / "longctx-positions.png", lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+    finish_axes(ax, "position in the context", "bits per byte (+- 2 standard errors)")
+    save_png(fig, out / "longctx-positions.png")
 
 
 def publish(out: Path, dest: Path) -> None:

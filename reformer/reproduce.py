@@ -27,6 +27,7 @@ from .atomic import atomic_write
 from .config import ReformerConfig
 from .data import DuplicationTask, load_corpus
 from .model import ReformerLM
+from .plots import finish_axes, pyplot, save_png
 from .switch import switch_attention
 from .train import Data, TrainConfig, TrainState, train
 
@@ -361,10 +362,7 @@ def lm_table(results: dict) -> str:
 
 
 def plot_curves(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = results["curves"]
     panels = [  # Fig. 4 analogue, then Fig. 3 analogue when its baselines were trained
@@ -380,14 +378,8 @@ def plot_curves(results: dict, path: Path) -> None:
         for label in labels:
             steps, bpc = zip(*curves[label], strict=True)
             ax.plot(steps, bpc, "o-", markersize=3, label=_display(label))
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out bits per byte")
-        ax.set_title(f"{results['config']['data']}: {title}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
+        finish_axes(ax, "step", "held-out bits per byte", f"{results['config']['data']}: {title}")
+    save_png(fig, path)
 
 
 def with_overrides(cfg: DuplicationConfig | LMConfig, **overrides) -> DuplicationConfig | LMConfig:

@@ -74,7 +74,8 @@ def used_features(options: LSHOptions, training: bool, key_mask: bool = False, p
         "pair_mask": pair_mask and "input_attn_mask",
         "return_attn": options.return_attn and "return_attn=True",
         "duplicate_attention_off": not options.allow_duplicate_attention and "allow_duplicate_attention=False",
-        "training_dropout": options.lsh_dropout > 0 and training
+        "training_dropout": options.lsh_dropout > 0
+        and training
         and f"lsh_dropout={options.lsh_dropout} (attention dropout in training)",
         "exp_lse": options.exp_lse_softmax and "exp_lse_softmax=True",
         "causal": options.causal and "causal=True",

@@ -6,31 +6,21 @@ import csv
 import sys
 from pathlib import Path
 
-from ..atomic import atomic_write
+from ..plots import finish_axes, pyplot, save_png
 from ..train import TrainState
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
     """``loss.png``: the training loss and the validation bits per token by step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in history]
     ax.plot(steps, [r["loss"] / 0.6931471805599453 for r in history], label="train (bits/token)", alpha=0.6)
     evals = [r for r in history if "eval_bpc" in r]
     ax.plot([r["step"] for r in evals], [r["eval_bpc"] for r in evals], "o-", label="validation bpc")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per token")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    try:  # a failed write (a full disk) names the file, as the checkpoints' do
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    finally:
-        plt.close(fig)
+    finish_axes(ax, "step", "bits per token")
+    save_png(fig, path)
 
 
 class Dashboard:
