@@ -77,6 +77,9 @@ class TrainConfig:
     fsdp: bool = False
     """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (the whole
     model as one unit) instead of replicating them with DDP; ``fp32`` or ``bf16``."""
+    compile: bool = False
+    """Train through ``torch.compile`` (the model compiles to one graph; the first step, and the
+    first of a new shape, take the compile time). Evaluation stays eager."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -346,6 +349,8 @@ def train(
         batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
         trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
         net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
+        if cfg.compile:
+            net = torch.compile(net)
         optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler, scaler)
