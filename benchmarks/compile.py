@@ -16,7 +16,6 @@ decode step does not compile yet (docs/python.md).
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import ATTENTION, CASES, TRAINING, build  # noqa: E402
+from ab import CASES, TRAINING, build  # noqa: E402
 from common import keep_freed_memory, machine_line, markdown_table, print_and_write  # noqa: E402
 
 import reformer  # noqa: E402
@@ -38,35 +37,10 @@ def timed(step, seed: int) -> tuple[float, torch.Tensor]:
     return time.perf_counter() - start, out
 
 
-def compiled_build(kind: str, length: int):
-    """The eager module and step, and a compiled copy of the module with its step."""
-    module, eager_step = build(reformer, kind, length)
-    twin = copy.deepcopy(module)
-    compiled = torch.compile(twin)
-    if kind == "attention":
-        x = torch.randn(1, length, ATTENTION["dim"], generator=torch.Generator().manual_seed(1), requires_grad=True)
-
-        def compiled_step() -> torch.Tensor:
-            out = compiled(x)
-            out.sum().backward()
-            twin.zero_grad(set_to_none=True)
-            return out.detach()
-
-        return eager_step, compiled_step
-    tokens = torch.randint(0, TRAINING["num_tokens"], (1, length), generator=torch.Generator().manual_seed(1))
-
-    def compiled_training_step() -> torch.Tensor:
-        loss = compiled(tokens, targets=tokens)
-        loss.backward()
-        twin.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return eager_step, compiled_training_step
-
-
 def run_case(name: str, rounds: int) -> dict:
     kind, length = CASES[name]
-    eager_step, compiled_step = compiled_build(kind, length)
+    _, eager_step = build(reformer, kind, length)
+    _, compiled_step = build(reformer, kind, length, compiled=True)  # the same weights (seed 0)
     eager_first, eager_out = timed(eager_step, 0)
     compile_s, compiled_out = timed(compiled_step, 0)
     a, b = [], []
