@@ -95,3 +95,15 @@ def test_the_package_names_resolve_lazily_to_their_modules():
     assert set(reformer.__all__) <= set(dir(reformer))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         reformer.Nope  # noqa: B018
+
+
+def test_importing_the_models_imports_no_compiler():
+    """``torch._dynamo`` (seconds to import) and ``triton`` load only when something compiles:
+    a triton imported early also misses ``TRITON_INTERPRET``, which the CPU tests of the Triton
+    kernel set before importing it."""
+    code = ("import sys; from reformer import ReformerLM; ReformerLM(num_tokens=8, dim=8, depth=1, heads=1, "
+            "bucket_size=4, max_seq_len=16)(__import__('torch').zeros(1, 16, dtype=__import__('torch').long)); "
+            "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from reformer import Reformer, ReformerEncDec, ReformerLM
-from reformer.attention.lsh_op import _encode
 from reformer.attention.options import LSHOptions
 
 BASE = dict(num_tokens=64, dim=32, depth=2, heads=2, bucket_size=8, n_hashes=2, max_seq_len=128, causal=True)
@@ -20,14 +19,17 @@ BASE = dict(num_tokens=64, dim=32, depth=2, heads=2, bucket_size=8, n_hashes=2, 
 CASES = {
     "lsh-strict-dropouts": dict(lsh_dropout=0.1, ff_dropout=0.1, post_attn_dropout=0.1),
     "lsh-bidirectional-masked-memory-rotary": dict(causal=False, num_mem_kv=2, position_emb="rotary"),
-    "local-full-lsh-absolute-standard": dict(attn_layers=("local", "full", "lsh"), depth=3, position_emb="absolute",
-                                             residual="standard"),  # fmt: skip
-    "axial-local-heads-no-duplicates": dict(n_local_attn_heads=1, allow_duplicate_attention=False,
-                                            attend_across_buckets=False),  # fmt: skip
+    "local-full-lsh-absolute-standard": dict(
+        attn_layers=("local", "full", "lsh"), depth=3, position_emb="absolute", residual="standard"
+    ),  # fmt: skip
+    "axial-local-heads-no-duplicates": dict(
+        n_local_attn_heads=1, allow_duplicate_attention=False, attend_across_buckets=False
+    ),  # fmt: skip
     "fixed-chunked-tied": dict(position_emb="fixed", ff_chunks=2, attn_chunks=2, weight_tie=True),
     "dense-separate-qk": dict(use_full_attn=True, shared_qk=False, position_emb="absolute"),
-    "no-positions-glu-scalenorm-trax-causal": dict(position_emb="none", ff_glu=True, use_scale_norm=True,
-                                                   strict_causal=False),  # fmt: skip
+    "no-positions-glu-scalenorm-trax-causal": dict(
+        position_emb="none", ff_glu=True, use_scale_norm=True, strict_causal=False
+    ),  # fmt: skip
 }
 
 
@@ -132,7 +134,7 @@ def test_lsh_windows_operator_passes_opcheck(training):
     key_mask = torch.rand(2, 30, generator=gen) > 0.2
     options = LSHOptions(bucket_size=8, causal=True, lsh_dropout=0.2)
     seed = torch.tensor(7)
-    args = (qk, v, buckets, key_mask, None, _encode(options), 4, training, seed)
+    args = (qk, v, buckets, key_mask, None, options.as_text, 4, training, seed)
     torch.library.opcheck(torch.ops.reformer.lsh_windows.default, args)
 
 

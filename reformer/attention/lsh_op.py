@@ -14,9 +14,7 @@ same. The compiled graph sees only their shapes
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,24 +40,16 @@ def lsh_windows_op(
     dropped = training and options.lsh_dropout > 0  # (drawn only then, as without compiling)
     seed = dropout_seed(qk.device) if dropped else torch.zeros((), dtype=torch.int64, device=qk.device)
     out, attn = torch.ops.reformer.lsh_windows(
-        qk, v, buckets, key_mask, attn_mask, _encode(options), n_buckets, training, seed
+        qk, v, buckets, key_mask, attn_mask, options.as_text, n_buckets, training, seed
     )
     return out, attn if options.return_attn else None
-
-
-@torch.compiler.assume_constant_result  # (Dynamo cannot trace json; the options are constants of the graph)
-def _encode(options: LSHOptions) -> str:
-    return json.dumps(dataclasses.asdict(options), sort_keys=True)
 
 
 @functools.lru_cache(maxsize=64)
 def _decode(options: str) -> LSHOptions:
     from .options import LSHOptions
 
-    fields = json.loads(options)
-    if isinstance(fields["n_buckets"], list):  # (a factorised bucket count: a tuple)
-        fields["n_buckets"] = tuple(fields["n_buckets"])
-    return LSHOptions(**fields)
+    return LSHOptions.from_text(options)
 
 
 @torch.library.custom_op("reformer::lsh_windows", mutates_args=())

@@ -8,6 +8,7 @@ a new option is a field here (plus a config field of the same name) and the code
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 from dataclasses import dataclass
 from typing import Any
@@ -83,6 +84,11 @@ class LSHOptions:
         if not self.rehash_each_round and self.n_buckets is not None:
             self._check_top_buckets(self.n_buckets)
         object.__setattr__(self, "self_attn_value", float(self.self_attn_value))
+        # as_text: the options as one line of name=repr(value) (from_text reads it back), how they
+        # travel as an operator's argument (lsh_op). Made here, so that torch.compile reads a
+        # constant string even where it treats the numbers as symbols.
+        text = ";".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        object.__setattr__(self, "as_text", text)
 
     def _check_top_buckets(self, n_buckets: BucketSpec) -> None:
         if not isinstance(n_buckets, int):
@@ -99,6 +105,12 @@ class LSHOptions:
         name; ``max_seq_len`` is the length the bucket count derives from."""
         names = [f.name for f in dataclasses.fields(cls) if f.name not in cls.LAYER_ONLY and f.name != "max_seq_len"]
         return cls(**{name: getattr(config, name) for name in names}, max_seq_len=config.bucket_length())
+
+    @classmethod
+    def from_text(cls, text: str) -> LSHOptions:
+        """The options whose :attr:`as_text` is ``text``."""
+        fields = dict(item.split("=", 1) for item in text.split(";"))
+        return cls(**{name: _literal(value) for name, value in fields.items()})
 
     def replace(self, **changes: Any) -> LSHOptions:
         """A copy with ``changes`` applied (and checked)."""
@@ -158,3 +170,10 @@ def option_property(name: str) -> property:
         layer.options = layer.options.replace(**{name: value})
 
     return property(get, set_, doc=f"The LSH option ``{name}`` (see :class:`LSHOptions`).")
+
+
+def _literal(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):  # inf, -inf and nan are no Python literals
+        return float(text)

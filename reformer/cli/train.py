@@ -53,8 +53,11 @@ def add_parser(subparsers) -> None:
     t.add_argument("--device", type=device_type, default="cpu",
                    help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")  # fmt: skip
     t.add_argument("--seed", type=seed_type, default=0, help="random seed")
-    t.add_argument("--compile", action="store_true",
-                   help="train through torch.compile (the first step compiles the model: up to minutes)")
+    t.add_argument(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile (the first step compiles the model: up to minutes)",
+    )
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
                         "instead of DDP")  # fmt: skip
