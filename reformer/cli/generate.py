@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
         raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
-    model, vocab, _ = load_for_inference(args.checkpoint, args.device, args.revision)
+    model, vocab, ckpt = load_for_inference(args.checkpoint, args.device, args.revision)
+    if not model.config.causal:
+        raise UsageError(f"{ckpt} holds a bidirectional {type(model).__name__}: it does not generate left to right")
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
     out.write(args.prompt)
