@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..generate import stream
+    from ..heads import ReformerForMaskedLM
     from .loading import load_for_inference
 
     if not args.prompt:
@@ -35,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
         raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
     model, vocab, ckpt = load_for_inference(args.checkpoint, args.device, args.revision)
-    if not model.config.causal:
-        raise UsageError(f"{ckpt} holds a bidirectional {type(model).__name__}: it does not generate left to right")
+    if isinstance(model, ReformerForMaskedLM):
+        raise UsageError(f"{ckpt} holds a masked language model: it does not generate left to right")
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
     out.write(args.prompt)
