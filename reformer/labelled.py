@@ -164,9 +164,7 @@ def load_listops(spec: str, seq_len: int) -> LabelledCorpus:
                           pack(encoded[n_train:], values[n_train:], seq_len), vocab, names)  # fmt: skip
 
 
-def load_labelled(
-    spec: str, vocab: str | Vocab, seq_len: int, labels: tuple[str, ...] | None = None
-) -> LabelledCorpus:
+def load_labelled(spec: str, vocab: str | Vocab, seq_len: int, labels: tuple[str, ...] | None = None) -> LabelledCorpus:
     """The documents of ``spec`` (a ``label<TAB>text`` file, a folder per label, or ListOps),
     encoded with ``vocab`` (``"byte"``, ``"char"`` built from the documents, or a model's) and
     split (see the module doc). ``labels``: a model's label names, which fix the ids."""

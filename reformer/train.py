@@ -38,9 +38,9 @@ from .checkpoint import verify_manifest, write_manifest
 from .checks import check_int
 from .config import ReformerConfig
 from .data import DuplicationTask, WindowSampler
-from .heads import mask_tokens
+from .heads import ReformerForMaskedLM, ReformerForSequenceClassification, mask_tokens
 from .labelled import ExampleSampler, LabelledSet
-from .model import TokenModel
+from .model import ReformerLM, TokenModel
 from .runs import run_lock
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -271,6 +271,10 @@ def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
 
 Objective = CausalLM | MaskedLM | Classification
 OBJECTIVE_CLASSES = {"causal": CausalLM, "mlm": MaskedLM, "classify": Classification}
+#: The model class that each objective trains.
+MODEL_CLASSES: dict[str, type[TokenModel]] = {
+    "causal": ReformerLM, "mlm": ReformerForMaskedLM, "classify": ReformerForSequenceClassification,
+}  # fmt: skip
 
 
 def objective_for(cfg: TrainConfig, config: ReformerConfig) -> Objective:

@@ -19,8 +19,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import read_config
     from ..model import ReformerLM
-    from ..train import load_trainer_state
-    from .loading import MODEL_CLASSES, resolve_checkpoint
+    from ..train import MODEL_CLASSES, load_trainer_state
+    from .loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.path)
     arch, config = read_config(ckpt)

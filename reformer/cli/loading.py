@@ -11,16 +11,10 @@ from .. import hub
 from ..checkpoint import read_config, read_vocab_file
 from ..config import ReformerConfig
 from ..data import ByteVocab, Corpus, DuplicationTask, Vocab, load_corpus, vocab_from_dict
-from ..heads import ReformerForMaskedLM, ReformerForSequenceClassification
 from ..labelled import LabelledCorpus, load_labelled
 from ..model import ReformerLM, TokenModel
-from ..train import checkpoint_dirs
+from ..train import MODEL_CLASSES, checkpoint_dirs
 from .options import UsageError
-
-#: The model class that each objective (``TrainConfig.objective``) trains.
-MODEL_CLASSES: dict[str, type[TokenModel]] = {
-    "causal": ReformerLM, "mlm": ReformerForMaskedLM, "classify": ReformerForSequenceClassification,
-}  # fmt: skip
 
 
 def objective_of(architecture: str) -> str:

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--task", choices=("lm", "classify"), default="lm",
                    help="lm: a language model; classify: a document classifier (see --data)")  # fmt: skip
     t.add_argument("--objective", choices=("causal", "mlm"), default="causal",
-                   help="--task lm: next-token prediction (causal) or masked-token prediction (mlm, bidirectional)")
+                   help="--task lm: next-token prediction (causal) or masked-token prediction "
+                        "(mlm, bidirectional)")  # fmt: skip
     t.add_argument("--data", default="builtin",
                    help="--task lm: builtin or pysrc (no download), a file path, enwik8:PATH, or duplication; "
                         "--task classify: a label<TAB>text file, a folder with a sub-folder per label, or "
@@ -51,7 +52,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
     t.add_argument("--eval-every", type=int_at_least(1), default=50, help="evaluate every N steps")
     t.add_argument("--eval-batches", type=int_at_least(1), default=None,
-                   help="batches per evaluation (default: --task classify the whole validation split, else 4)")
+                   help="batches per evaluation (default: --task classify the whole validation split, "
+                        "else 4)")  # fmt: skip
     t.add_argument("--save-every", type=int_at_least(1), default=50, help="checkpoint every N steps")
     t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
@@ -127,8 +129,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
     from ..config import ReformerConfig
     from ..data import DuplicationTask
     from ..runs import run_lock, write_settings
+    from ..train import MODEL_CLASSES
     from .dashboard import Dashboard
-    from .loading import MODEL_CLASSES
 
     run = Path(args.out)
     try:
