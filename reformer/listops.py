@@ -87,7 +87,7 @@ class ListOpsConfig:
     def model_config(self, label: str) -> ReformerConfig:
         """A bidirectional classifier over ListOps' tokens; the same sizes for every label."""
         attention = {
-            "lsh": dict(attn_layers=("lsh",), n_hashes=self.n_hashes),
+            "lsh": dict(attn_layers=("lsh",), n_hashes=self.n_hashes, pad_bucket=True),
             "local": dict(attn_layers=("local",)),
             "transformer": dict(residual="standard", shared_qk=False, use_full_attn=True),
         }[label]

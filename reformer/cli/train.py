@@ -243,8 +243,8 @@ def new_model_config(config, corpus, args: argparse.Namespace) -> None:
     config.num_tokens = model_tokens(corpus.vocab, args.objective)
     if args.objective != "causal":
         config.causal = False
-    if args.objective == "classify":
-        config.num_labels, config.pooling = len(corpus.labels), args.pooling
+    if args.objective == "classify":  # padding hashed into a bucket of its own: documents classify as unpadded
+        config.num_labels, config.pooling, config.pad_bucket = len(corpus.labels), args.pooling, True
 
 
 def default_eval_batches(corpus, args: argparse.Namespace) -> int:
