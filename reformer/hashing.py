@@ -77,8 +77,20 @@ def draw_rotations(
     shape = (n_sets, dim, n_hashes, sum(factors) // 2)
     if seed is None:
         return torch.randn(shape, device=device, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    return seeded_normal(seed, list(shape)).to(device=device, dtype=dtype)
+
+
+@torch.library.custom_op("reformer::seeded_normal", mutates_args=())
+def seeded_normal(seed: int, shape: list[int]) -> torch.Tensor:
+    """Standard normal float32 numbers of ``shape`` on CPU from a private generator seeded with
+    ``seed``. An operator, so that ``torch.compile`` keeps it in its graph (Dynamo cannot trace a
+    ``torch.Generator``)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@seeded_normal.register_fake
+def _(seed: int, shape: list[int]) -> torch.Tensor:
+    return torch.empty(shape)
 
 
 #: Elements of the rotated-vector buffer per hashing step. The projections have
@@ -185,7 +197,7 @@ def _argmax_of_both_signs(part: torch.Tensor, matches: torch.Tensor | None) -> t
     the top projection and the negated bottom one, the first half on a tie."""
     if matches is None:
         return cpu_kernels.argmax_both_signs(part)
-    if part.device.type == "cpu":
+    if part.device.type == "cpu" and not torch.compiler.is_compiling():  # (its tie check reads a value)
         return _argmax_of_both_signs_by_matching(part, matches)
     return _argmax_of_both_signs_by_max_min(part)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class _HalfBlockState:
@@ -72,6 +73,8 @@ def remember(compute: Callable[[], Any]) -> Any:
     """``compute()``, except in the backward re-run of a reversible block, which gets the value
     its forward computed at the same call. Only for results that need no gradient and that
     consume no random numbers (draws must still happen in the re-run, to keep the RNG in step)."""
+    if torch.compiler.is_compiling():  # no reversible function there (see reversible_apply)
+        return compute()
     record = _REMEMBERED.get()
     return compute() if record is None else record.take(compute)
 
@@ -174,7 +177,17 @@ def reversible_apply(
     blocks: Sequence[ReversibleBlock], x1: torch.Tensor, x2: torch.Tensor, **kwargs: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` reversibly on ``(x1, x2)``; tensor ``kwargs`` that require grad (keys,
-    encoder context) receive their gradients."""
+    encoder context) receive their gradients.
+
+    Under ``torch.compile`` each block is checkpointed instead: Dynamo cannot trace the hand-written
+    backward (it re-runs blocks and calls ``torch.autograd.grad``), but it traces activation
+    checkpointing, which also re-runs each block in the backward with the forward's RNG state.
+    The gradients are the same; the backward keeps one block input ``(b, n, dim)`` pair per block
+    where the reversible function keeps none."""
+    if torch.compiler.is_compiling():
+        for block in blocks:
+            x1, x2 = checkpoint(block, x1, x2, use_reentrant=False, **kwargs)
+        return x1, x2
     grad_names = tuple(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.requires_grad)
     params = {id(p): p for block in blocks for p in block.parameters() if p.requires_grad}  # shared ones once
     return _ReversibleFunction.apply(

@@ -29,8 +29,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 
 from .common import quarantine_non_finite
+from .lsh_op import lsh_windows_op
 from .slots import cpu_kernels_for, pad_and_sort
 from .window_kernels import KernelWindows
 from .window_plan import build_plan, key_windows, queries_per_window, with_wrap
@@ -59,20 +61,25 @@ class _LSHWindows(torch.autograd.Function):
         qkv, norm = path.pack_qkv(qk, v)  # (b * lp, 2d + dv), (b * lp, 1)
         all_probs = qk.new_empty(plan.n_windows, plan.s, plan.width) if save or keep_probs else None
         out, slot_weight = path.forward(qkv, all_probs)  # (b, lp, dv), (b * total,)
+        slot_weight = slot_weight.view(plan.rows, -1)  # (b, total): the tensor returned is the one saved
         if save:
             ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
             ctx.path = path
         kept = all_probs if keep_probs else qk.new_empty(0)
         ctx.mark_non_differentiable(kept, slot_weight)
-        return out, kept, slot_weight.view(plan.rows, -1)
+        return out, kept, slot_weight
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_probs, _grad_weight):
-        qkv, norm, out, all_probs, slot_weight = ctx.saved_tensors
-        path = ctx.path
-        grad = path.backward(qkv, all_probs, grad_out, out, slot_weight)  # (b * lp, 2d + dv)
-        return path.qk_grad(qkv, norm, grad), grad[:, 2 * path.d :], None, None, None
+        return (*_windows_grads(ctx.path, *ctx.saved_tensors, grad_out), None, None, None)
+
+
+def _windows_grads(path: TorchWindows, qkv, norm, out, all_probs, slot_weight, grad_out):
+    """The gradients of the flat ``qk`` ``(b * lp, d)`` and ``v`` ``(b * lp, dv)`` for ``grad_out``
+    ``(b, lp, dv)``, from what :class:`_LSHWindows`'s forward computed."""
+    grad = path.backward(qkv, all_probs, grad_out, out, slot_weight)  # (b * lp, 2d + dv)
+    return path.qk_grad(qkv, norm, grad), grad[:, 2 * path.d :]
 
 
 def lsh_attention_chunked(
@@ -94,16 +101,25 @@ def lsh_attention_chunked(
     len)`` bool, the query-key pairs that may attend. ``exp_lse_softmax``: attention and round
     weights are ``exp(x - logsumexp(x))`` as in trax / Hugging Face instead of a softmax - the
     same but for rounding, which shows where a query sees only itself (``x ~ self_attn_value``).
-    Returns ``(out (b, len, dv), attn (b, len, len) or None)``.
+    Returns ``(out (b, len, dv), attn (b, len, len) or None)``. Under ``torch.compile`` the
+    windows run as an operator (:mod:`.lsh_op`).
     """
+    qk, v, bad = quarantine_non_finite(qk, v)
+    windows = lsh_windows_op if torch.compiler.is_compiling() else lsh_windows
+    out, attn = windows(
+        qk, v, buckets, options, n_buckets=n_buckets, key_mask=key_mask, attn_mask=attn_mask, training=training
+    )
+    return out.masked_fill(bad, torch.nan), attn
+
+
+def _planned(qk, v, buckets, options: LSHOptions, n_buckets, key_mask, attn_mask, training, dropout_seed):
+    """The windows' implementation (its plan inside) and the flat padded inputs ``(b * lp, .)``."""
     b, length, d = qk.shape
     dv = v.shape[-1]
     strict = options.causal and options.strict_causal
     c = options.bucket_size
     kernels = cpu_kernels_for(qk, c + queries_per_window(c, strict), d + dv)  # the one decision of the call
-    qk, v, bad = quarantine_non_finite(qk, v)
     qk, v, layout = pad_and_sort(qk, v, buckets, key_mask, c, n_buckets, kernels)
-    lp = layout.lp
     plan = build_plan(
         layout,
         options,
@@ -113,23 +129,69 @@ def lsh_attention_chunked(
         training=training,
         kernels=kernels.windows,
         attn_mask=attn_mask,
+        dropout_seed=dropout_seed,
     )
     path = (KernelWindows if plan.kernels else TorchWindows)(plan, d, dv)
-    save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
-    qk, v = qk.reshape(b * lp, d), v.to(qk.dtype).reshape(b * lp, dv)
-    return_attn = options.return_attn
-    out, probs, slot_weight = _LSHWindows.apply(qk, v, path, return_attn, save)
-    out = out[:, :length].masked_fill(bad, torch.nan)
+    return path, qk.reshape(b * layout.lp, d), v.to(qk.dtype).reshape(b * layout.lp, dv)
 
-    attn = None
-    if return_attn:
-        with torch.no_grad():
-            s = plan.s
-            slot_pos = layout.perm.reshape(b, -1)  # (b, total) position of each slot
-            q_pos = slot_pos.view(-1, s)  # (windows, s)
-            k_pos = key_windows(with_wrap(slot_pos, c), s, plan.width).flatten(0, 1)  # (windows, c + s)
-            flat_index = q_pos[:, :, None] * lp + k_pos[:, None, :]  # (windows, s, c + s)
-            attn = probs.new_zeros(b, lp * lp)
-            attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weight.view(-1, s, 1)).view(b, -1))
-            attn = attn.view(b, lp, lp)[:, :length, :length]
-    return out, attn
+
+def lsh_windows(
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    buckets: torch.Tensor,
+    options: LSHOptions,
+    *,
+    n_buckets: int,
+    key_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    training: bool = False,
+    dropout_seed: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`lsh_attention_chunked` of finite inputs; ``dropout_seed`` ``()`` int64: the seed of
+    the attention dropout in training (None: drawn from torch's RNG)."""
+    b, length, _ = qk.shape
+    path, flat_qk, flat_v = _planned(qk, v, buckets, options, n_buckets, key_mask, attn_mask, training, dropout_seed)
+    save = torch.is_grad_enabled() and (qk.requires_grad or v.requires_grad)
+    out, probs, slot_weight = _LSHWindows.apply(flat_qk, flat_v, path, options.return_attn, save)
+    attn = _dense_attention(path.plan, probs, slot_weight, length) if options.return_attn else None
+    return out[:, :length], attn
+
+
+def lsh_windows_backward(
+    grad_out: torch.Tensor,
+    qk: torch.Tensor,
+    v: torch.Tensor,
+    buckets: torch.Tensor,
+    options: LSHOptions,
+    *,
+    n_buckets: int,
+    key_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    training: bool,
+    dropout_seed: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients of ``qk`` and ``v`` for ``grad_out`` ``(b, len, dv)`` of :func:`lsh_windows`
+    (called with the same arguments), without autograd: its forward again, then its backward."""
+    b, length, d = qk.shape
+    path, flat_qk, flat_v = _planned(qk, v, buckets, options, n_buckets, key_mask, attn_mask, training, dropout_seed)
+    plan = path.plan
+    qkv, norm = path.pack_qkv(flat_qk, flat_v)  # (b * lp, 2d + dv), (b * lp, 1)
+    all_probs = qkv.new_empty(plan.n_windows, plan.s, plan.width)
+    out, slot_weight = path.forward(qkv, all_probs)  # (b, lp, dv), (b * total,)
+    grad_out = F.pad(grad_out, (0, 0, 0, plan.lp - length))  # (b, lp, dv)
+    grad_qk, grad_v = _windows_grads(path, qkv, norm, out, all_probs, slot_weight.view(plan.rows, -1), grad_out)
+    return grad_qk.view(b, plan.lp, d)[:, :length], grad_v.view(b, plan.lp, -1)[:, :length].to(v.dtype)
+
+
+def _dense_attention(plan, probs: torch.Tensor, slot_weight: torch.Tensor, length: int) -> torch.Tensor:
+    """The ``(b, length, length)`` attention of the windows' ``probs`` ``(windows, s, c + s)``
+    weighted by the slots' round weights ``(b, total)`` (for ``return_attn``)."""
+    with torch.no_grad():
+        b, lp, s, c = plan.rows, plan.lp, plan.s, plan.c
+        slot_pos = plan.slot_row % lp  # (b, total) position of each slot in its row
+        q_pos = slot_pos.view(-1, s)  # (windows, s)
+        k_pos = key_windows(with_wrap(slot_pos, c), s, plan.width).flatten(0, 1)  # (windows, c + s)
+        flat_index = q_pos[:, :, None] * lp + k_pos[:, None, :]  # (windows, s, c + s)
+        attn = probs.new_zeros(b, lp * lp)
+        attn.scatter_add_(1, flat_index.view(b, -1), (probs * slot_weight.view(-1, s, 1)).view(b, -1))
+        return attn.view(b, lp, lp)[:, :length, :length]

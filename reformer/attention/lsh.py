@@ -113,7 +113,15 @@ class LSHAttention(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
         self.register_buffer("hash_seed", torch.tensor(int(seed), dtype=torch.int64))
+        # The buffer's value, kept where it is set (here and on loading): reading the buffer at
+        # each forward would wait for a GPU and break torch.compile's graph.
+        self._seed = int(seed)
         self._eval_rotations: tuple[tuple, torch.Tensor] | None = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "hash_seed" in state_dict:
+            self._seed = int(state_dict[prefix + "hash_seed"])
 
     def extra_repr(self) -> str:
         return (
@@ -135,9 +143,11 @@ class LSHAttention(nn.Module):
             n_sets = self.heads if self.heads is not None and rows % self.heads == 0 else rows
         if self.training:
             rotations = draw_rotations(d, rounds, n_buckets, n_sets, device=qk.device, dtype=qk.dtype)
+        elif torch.compiler.is_compiling():  # drawn in the graph (an opaque op): no cache for Dynamo to guard
+            rotations = draw_rotations(d, rounds, n_buckets, n_sets, seed=self._seed, device=qk.device, dtype=qk.dtype)
         else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token);
             # n_hashes is part of the shape: it may be changed after training (reformer.switch)
-            key = (int(self.hash_seed), d, rounds, n_buckets, n_sets, qk.device, qk.dtype)
+            key = (self._seed, d, rounds, n_buckets, n_sets, qk.device, qk.dtype)
             if self._eval_rotations is None or self._eval_rotations[0] != key:
                 drawn = draw_rotations(d, rounds, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype)
                 self._eval_rotations = (key, drawn)

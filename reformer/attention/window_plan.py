@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from ..native import kernels as cpu_kernels
 from ..native.workers import l2_cache_bytes, split_among_workers
-from .common import SELF_ATTN_VALUE, dropout_keep, dropout_seed, masked_value, self_logit
+from .common import SELF_ATTN_VALUE, dropout_keep, masked_value, self_logit
+from .common import dropout_seed as draw_dropout_seed
 from .slots import SlotLayout
 
 if TYPE_CHECKING:  # (options.py imports the backends, which import this module)
@@ -316,10 +317,12 @@ def build_plan(
     training: bool,
     kernels: bool,
     attn_mask: torch.Tensor | None = None,
+    dropout_seed: torch.Tensor | None = None,
 ) -> WindowPlan:
     """The plan of the windows of ``layout`` (``b`` rows of ``h`` rounds of ``lp`` slots) for
     ``d`` query/key and ``dv`` value features, with the masks, dropout and weights ``options``
-    ask for; ``attn_mask`` ``(b, len, len)`` bool: the query-key pairs that may attend, or None.
+    ask for; ``attn_mask`` ``(b, len, len)`` bool: the query-key pairs that may attend, or None;
+    ``dropout_seed`` ``()`` int64: the attention dropout's seed (None: drawn from torch's RNG).
     ``kernels``: whether the CPU row kernels serve this call (the call's
     :class:`~.slots.CpuKernels` decision); the plan also decides whether the fused window
     kernels take its windows (:attr:`WindowPlan.fused`)."""
@@ -345,7 +348,8 @@ def build_plan(
     drop = None
     if dropout > 0:
         stream = (round_offset // lp).expand(b, h, lp).reshape(b, total)  # batch row * rounds + round
-        drop = WindowDropout(dropout, dropout_seed(device), stream, ext_pos)
+        seed = draw_dropout_seed(device) if dropout_seed is None else dropout_seed
+        drop = WindowDropout(dropout, seed, stream, ext_pos)
     pairs = None
     if attn_mask is not None:  # (padding: pairs of pad positions allowed; key_valid hides those keys)
         pad = lp - attn_mask.shape[-1]

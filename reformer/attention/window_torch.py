@@ -68,7 +68,8 @@ class TorchWindows:
         scaling logits), the unit keys and the values, and the norms ``(r, 1)`` of ``qk``."""
         d = self.d
         qkv = qk.new_empty(qk.shape[0], 2 * d + self.dv)
-        torch.mul(qk, d**-0.5, out=qkv[:, :d])
+        qkv[:, :d] = qk
+        qkv[:, :d] *= d**-0.5
         qkv[:, d : 2 * d], norm = unit_keys_and_norms(qk)
         qkv[:, 2 * d :] = v
         return qkv, norm

@@ -42,7 +42,10 @@ def available(x: torch.Tensor, width: int = 0, features: int = 0) -> bool:
 
 def serves(x: torch.Tensor) -> bool:
     """Whether the kernels run for tensors on ``x``'s device, of any dtype they take: on CPU, with
-    ``REFORMER_CPU_KERNELS`` not ``0`` and the library built and loaded here."""
+    ``REFORMER_CPU_KERNELS`` not ``0`` and the library built and loaded here, and not while
+    ``torch.compile`` traces (the compiled graph uses the torch ops, which Inductor fuses)."""
+    if torch.compiler.is_compiling():
+        return False
     return x.device.type == "cpu" and os.environ.get("REFORMER_CPU_KERNELS", "1") != "0" and _library() is not None
 
 

@@ -56,8 +56,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def worker_count() -> int:
-    """How many parts are worth making: the caller's torch threads (1: run in place)."""
-    return torch.get_num_threads()
+    """How many parts are worth making: the caller's torch threads (1: run in place; also while
+    ``torch.compile`` traces, whose kernels spread over the threads themselves)."""
+    return 1 if torch.compiler.is_compiling() else torch.get_num_threads()
 
 
 def run_parts(parts: Sequence[Callable[[], T]]) -> list[T]:
