@@ -74,31 +74,31 @@ def share_weights(base: torch.nn.Module, ours: torch.nn.Module) -> bool:
     return True
 
 
-def build(package: ModuleType, kind: str, length: int) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
-    """The module and its step (forward to a scalar, backward); the step returns the output."""
+def build(
+    package: ModuleType, kind: str, length: int, compiled: bool = False
+) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """The module (built from seed 0) and its step (forward to a scalar, backward); the step
+    returns the output. ``compiled``: the step runs the module through ``torch.compile``."""
     torch.manual_seed(0)
     if kind == "attention":
-        layer = package.LSHSelfAttention(**ATTENTION)
+        module = package.LSHSelfAttention(**ATTENTION)
         x = torch.randn(1, length, ATTENTION["dim"], generator=torch.Generator().manual_seed(1), requires_grad=True)
+        inputs, kwargs = (x,), {}
+    else:
+        module = package.ReformerLM(**TRAINING, max_seq_len=length)
+        tokens = torch.randint(0, TRAINING["num_tokens"], (1, length), generator=torch.Generator().manual_seed(1))
+        inputs, kwargs = (tokens,), {"targets": tokens}
+    net = torch.compile(module) if compiled else module
 
-        def attention_step() -> torch.Tensor:
-            out = layer(x)  # (1, L, dim)
-            out.sum().backward()
-            x.grad = None
-            layer.zero_grad(set_to_none=True)
-            return out.detach()
+    def step() -> torch.Tensor:
+        out = net(*inputs, **kwargs)  # attention (1, L, dim); training: the loss
+        out.sum().backward()
+        for t in inputs:
+            t.grad = None
+        module.zero_grad(set_to_none=True)
+        return out.detach()
 
-        return layer, attention_step
-    model = package.ReformerLM(**TRAINING, max_seq_len=length)
-    tokens = torch.randint(0, TRAINING["num_tokens"], (1, length), generator=torch.Generator().manual_seed(1))
-
-    def training_step() -> torch.Tensor:
-        loss = model(tokens, targets=tokens)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return model, training_step
+    return module, step
 
 
 def timed(step: Callable[[], torch.Tensor], seed: int) -> tuple[float, torch.Tensor]:

@@ -123,9 +123,12 @@ def hash_vectors(
     xs = x.reshape(groups, n_sets, length, d)
     out = torch.empty(groups, n_sets, n_hashes, length, dtype=torch.long, device=x.device)
     per_position = n_sets * n_hashes * width  # projections of one position of one row group
-    step = min(length, max(1, HASH_BLOCK_ELEMENTS // per_position))
-    group_step = max(1, HASH_BLOCK_ELEMENTS // (step * per_position))
-    blocks = [(g, start) for g in range(0, groups, group_step) for start in range(0, length, step)]
+    if torch.compiler.is_compiling():  # one block: Inductor tiles by itself, and no loop depends on the length
+        step, group_step, blocks = length, groups, [(0, 0)]
+    else:
+        step = min(length, max(1, HASH_BLOCK_ELEMENTS // per_position))
+        group_step = max(1, HASH_BLOCK_ELEMENTS // (step * per_position))
+        blocks = [(g, start) for g in range(0, groups, group_step) for start in range(0, length, step)]
 
     fused = cpu_kernels.available(x)  # fp32 on CPU: the argmax is one pass of a C kernel
 

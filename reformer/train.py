@@ -87,6 +87,9 @@ class TrainConfig:
     fsdp: bool = False
     """Under torchrun: shard parameters, gradients and optimizer state with FSDP2 (the whole
     model as one unit) instead of replicating them with DDP; ``fp32`` or ``bf16``."""
+    compile: bool = False
+    """Train through ``torch.compile`` (the model compiles to one graph; the first step, and the
+    first of a new shape, take the compile time). Evaluation stays eager."""
     objective: str = "causal"
     """``causal`` (next token), ``mlm`` (masked tokens) or ``classify`` (labelled documents)."""
 
@@ -465,6 +468,8 @@ def train(
         objective.sampler(valid_data, cfg, seed=0, evaluation=True)  # fail early if the validation split is too short
         trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
         net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
+        if cfg.compile:
+            net = torch.compile(net)
         optimizer = build_optimizer(model, cfg)  # after wrap: FSDP replaces the parameters by shards
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
         state = TrainState() if trainer is None else restore_trainer(trainer, optimizer, sampler, scaler)

@@ -67,21 +67,29 @@ class Backend:
             raise ValueError(f"unknown features {sorted(unknown)}; each must be one of {FEATURES}")
 
 
-def used_features(options: LSHOptions, training: bool, key_mask: bool = False, pair_mask: bool = False) -> dict:
-    """Those of :data:`FEATURES` that a call uses, each with the name an error gives it
-    (``key_mask``/``pair_mask``: the call has a key mask / an ``attn_mask``)."""
-    named = {
-        "pair_mask": pair_mask and "input_attn_mask",
-        "return_attn": options.return_attn and "return_attn=True",
-        "duplicate_attention_off": not options.allow_duplicate_attention and "allow_duplicate_attention=False",
-        "training_dropout": options.lsh_dropout > 0
-        and training
-        and f"lsh_dropout={options.lsh_dropout} (attention dropout in training)",
-        "exp_lse": options.exp_lse_softmax and "exp_lse_softmax=True",
-        "causal": options.causal and "causal=True",
-        "key_mask": key_mask and "a key mask",
+def used_features(options: LSHOptions, training: bool, key_mask: bool = False, pair_mask: bool = False) -> list[str]:
+    """Those of :data:`FEATURES` that a call uses (``key_mask``/``pair_mask``: the call has a key
+    mask / an ``attn_mask``)."""
+    uses = {
+        "pair_mask": pair_mask,
+        "return_attn": options.return_attn,
+        "duplicate_attention_off": not options.allow_duplicate_attention,
+        "training_dropout": training and options.lsh_dropout > 0,
+        "exp_lse": options.exp_lse_softmax,
+        "causal": options.causal,
+        "key_mask": key_mask,
     }
-    return {feature: name for feature, name in named.items() if name}
+    return [feature for feature, used in uses.items() if used]
+
+
+def feature_name(feature: str, options: LSHOptions) -> str:
+    """How an error names a feature of :data:`FEATURES` that a call with ``options`` uses."""
+    if feature == "training_dropout":
+        return f"lsh_dropout={options.lsh_dropout} (attention dropout in training)"
+    names = {"pair_mask": "input_attn_mask", "return_attn": "return_attn=True", "causal": "causal=True",
+             "duplicate_attention_off": "allow_duplicate_attention=False", "exp_lse": "exp_lse_softmax=True",
+             "key_mask": "a key mask"}  # fmt: skip
+    return names[feature]
 
 
 def _fused_backend(load_kernel: Callable[[], WindowKernel], limits: Limits) -> Backend:
@@ -159,10 +167,10 @@ def check_backend(backend: object) -> str:
     return backend
 
 
-def unsupported_option(backend: str, used: dict) -> str | None:
+def unsupported_feature(backend: str, used: list[str]) -> str | None:
     """The first of the ``used`` features (see :func:`used_features`) that ``backend`` does not
-    support, as an error names it, or None."""
-    return next((named for feature, named in used.items() if feature not in BACKENDS[backend].supports), None)
+    support, or None."""
+    return next((feature for feature in used if feature not in BACKENDS[backend].supports), None)
 
 
 def unavailable_reason(backend: str, qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
@@ -190,14 +198,13 @@ def resolve_backend(
         return next(
             name for name in AUTO_ORDER
             if (BACKENDS[name].auto_devices is None or qk.device.type in BACKENDS[name].auto_devices)
-            and unsupported_option(name, used) is None
+            and unsupported_feature(name, used) is None
             and unavailable_reason(name, qk, v, options.bucket_size) is None
         )  # fmt: skip
-    blocker = unsupported_option(requested, used)
+    blocker = unsupported_feature(requested, used)
     if blocker is not None:
-        raise ValueError(
-            f"attn_backend={requested!r} does not support {blocker}; use 'chunked' (or 'auto', which falls back)"
-        )
+        raise ValueError(f"attn_backend={requested!r} does not support {feature_name(blocker, options)}; "
+                         "use 'chunked' (or 'auto', which falls back)")  # fmt: skip
     reason = unavailable_reason(requested, qk, v, options.bucket_size)
     if reason is not None:
         raise RuntimeError(f"attn_backend={requested!r} cannot run here: {reason}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--device", type=device_type, default="cpu",
                    help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")  # fmt: skip
     t.add_argument("--seed", type=seed_type, default=0, help="random seed")
+    t.add_argument("--compile", action="store_true",
+                   help="train through torch.compile (the first step compiles the model: up to minutes)")
     t.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and optimizer state (FSDP2) "
                         "instead of DDP")  # fmt: skip
@@ -158,6 +161,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
         )
         procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        if cfg.compile:
+            print("torch.compile: the first step compiles the model (it can take minutes)", file=sys.stderr)
         dashboard = Dashboard(run, cfg.steps, resume_step)
         return _run_training(args, run, model, corpus, cfg, dashboard)
 
@@ -212,7 +217,7 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp, objective=args.objective,
-        eval_batches=args.eval_batches or default_eval_batches(corpus, args),
+        eval_batches=args.eval_batches or default_eval_batches(corpus, args), compile=args.compile,
     )  # fmt: skip
     objective = objective_for(cfg, config)
     for split, data in (("training", corpus.train), ("validation", corpus.valid)):  # fail before writing
@@ -262,7 +267,7 @@ def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
     """Train until done or a signal, then (rank 0, which has the ``dashboard``) print the
     summary; the exit code."""
     from .. import distributed
-    from ..train import checkpoint_dirs, train
+    from ..train import checkpoint_dirs, tokens_per_step, train
 
     received: list[int] = []
 
@@ -293,6 +298,10 @@ def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
     print(f"{verb} step {state.step}: validation {headline(first)} (step {first['step']}) -> "
           f"{headline(last)} (step {last['step']}); {trained / seconds:,.0f} tokens/s "
           f"({trained:,} tokens in {seconds:.0f} s); checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
+    if cfg.compile and len(dashboard.history) > 1:
+        step_seconds = [tokens_per_step(cfg) / r["tokens_per_s"] for r in dashboard.history]
+        print(f"torch.compile: first step {step_seconds[0]:.1f} s (compiling), then "
+              f"{statistics.median(step_seconds[1:]):.2f} s per step", file=sys.stderr)  # fmt: skip
     if dashboard.overflows:
         skipped = dashboard.overflows
         print(f"fp16: {len(skipped)} step(s) skipped for gradient overflow: {skipped[:10]}", file=sys.stderr)
