@@ -194,4 +194,6 @@ def test_page_faults_compares_the_allocator_settings(tmp_path):
     # at least the packed rows' pages (glibc's dynamic mmap threshold keeps some blocks across steps,
     # more or fewer from run to run: 24-43K faults measured, so the probabilities' 25.6K is no floor)
     assert default_faults > 50 * 2**20 // 4096
-    assert heap_faults < default_faults / 10 and pool_faults < default_faults / 10
+    assert pool_faults < default_faults / 10  # the caching allocator reuses every page
+    # glibc's kept heap still grows and trims now and then: 16.9K against 48.2K once on a loaded machine
+    assert heap_faults < default_faults / 2

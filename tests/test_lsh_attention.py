@@ -367,3 +367,15 @@ def test_seed_readme_lsh_attention_example():
     out, attn_weights, buckets = attn(qk, v)
     assert out.shape == (10, 1024, 128) and attn_weights is None
     assert buckets.shape == (10, 16, 1024)
+
+
+def test_loading_a_state_dict_brings_its_hash_seed_into_eval_hashing():
+    """The eval rotations follow the loaded ``hash_seed`` buffer (the layer keeps its value as
+    an int, read where the buffer is set rather than at every forward)."""
+    qk, v = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
+    saved = LSHAttention(bucket_size=8, n_hashes=2, hash_seed=1).eval()
+    fresh = LSHAttention(bucket_size=8, n_hashes=2, hash_seed=2).eval()
+    fresh(qk, v)  # eval rotations drawn (and cached) for seed 2
+    assert not torch.equal(saved(qk, v)[2], fresh(qk, v)[2])
+    fresh.load_state_dict(saved.state_dict())
+    assert torch.equal(saved(qk, v)[2], fresh(qk, v)[2])  # the buckets
