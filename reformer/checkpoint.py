@@ -1,8 +1,9 @@
 """``save_pretrained`` / ``from_pretrained``: ``config.json`` + ``model.safetensors``, written
 atomically (temporary file + fsync + rename), with a ``manifest.json`` of the weights' SHA-256
-so that a truncated or altered file is reported as such, read back with clear errors, and a
-model card ``README.md``. ``from_pretrained`` also takes a Hugging Face Hub repo id
-(:mod:`reformer.hub`)."""
+so that a truncated or altered file is reported as such, read back with clear errors, a
+model card ``README.md``, and ``vocab.json`` when the model has a ``vocab`` (``reformer train``'s
+token vocabulary and a classifier's label names, so the CLI can use a model from the Hub).
+``from_pretrained`` also takes a Hugging Face Hub repo id (:mod:`reformer.hub`)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .config import ReformerConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
+VOCAB_NAME = "vocab.json"
 FORMAT_VERSION = 1
 
 M = TypeVar("M", bound="PretrainedMixin")
@@ -82,6 +84,9 @@ class PretrainedMixin:
     ``_saved_config`` / ``_from_saved_config``)."""
 
     config: ReformerConfig
+    vocab: dict[str, Any] | None = None
+    """What ``vocab.json`` describes (``{"kind": "byte"}``, a classifier's ``"labels"``...):
+    read by ``from_pretrained``, written by ``save_pretrained``."""
 
     def _saved_config(self) -> dict[str, Any]:
         return self.config.to_dict()
@@ -90,15 +95,25 @@ class PretrainedMixin:
     def _from_saved_config(cls: type[M], saved: dict[str, Any]) -> M:
         return cls(config=ReformerConfig.from_dict(saved))
 
-    def save_pretrained(self, directory: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
+    def save_pretrained(
+        self,
+        directory: str | os.PathLike,
+        *,
+        training: dict[str, Any] | None = None,
+        vocab: dict[str, Any] | None = None,
+    ) -> Path:
         """Write the checkpoint into ``directory`` (created if needed): weights, config, manifest,
-        and a model card ``README.md`` (``training``: what to say of the training, e.g. data,
-        steps, validation loss) unless the directory holds a README.md this library did not write."""
+        ``vocab.json`` (``vocab``, by default the model's own, if any) and a model card
+        ``README.md`` (``training``: what to say of the training, e.g. data, steps, validation
+        loss) unless the directory holds a README.md this library did not write."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         meta = {"architecture": type(self).__name__, "format_version": FORMAT_VERSION, **self._saved_config()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_model(self, tmp))
         atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+        vocab = self.vocab if vocab is None else vocab
+        if vocab is not None:
+            atomic_write(directory / VOCAB_NAME, lambda tmp: Path(tmp).write_text(json.dumps(vocab) + "\n"))
         card = directory / hub.CARD_NAME
         if card.exists() and not hub.is_our_card(card):
             warnings.warn(f"{card} exists and was not written by reformer-torch: left as it is", stacklevel=2)
@@ -134,6 +149,7 @@ class PretrainedMixin:
             raise ValueError(f"corrupt weights file {weights_path}: {exc}") from None
         except RuntimeError as exc:  # missing/unexpected keys or shape mismatch
             raise ValueError(f"{weights_path} does not match the config in {directory / CONFIG_NAME}: {exc}") from None
+        model.vocab = read_vocab_file(directory)
         return model
 
     def push_to_hub(self, repo_id: str, **options: Any) -> Any:
@@ -165,6 +181,20 @@ def read_meta(directory: str | os.PathLike) -> tuple[str, dict[str, Any]]:
         raise ValueError(f"{path}: format_version {version!r} is newer than this version of reformer-torch "
                          f"reads ({FORMAT_VERSION}); upgrade it")  # fmt: skip
     return arch, meta
+
+
+def read_vocab_file(directory: Path) -> dict[str, Any] | None:
+    """``vocab.json`` of a checkpoint directory as a JSON object, or None if it has none."""
+    path = directory / VOCAB_NAME
+    if not path.is_file():
+        return None
+    try:
+        vocab = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"corrupt {path}: {exc}") from None
+    if not isinstance(vocab, dict):
+        raise ValueError(f"corrupt {path}: not a JSON object")
+    return vocab
 
 
 def read_config(directory: str | os.PathLike) -> tuple[str, ReformerConfig]:

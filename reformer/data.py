@@ -73,13 +73,45 @@ class CharVocab:
         return {"kind": self.kind, "chars": self.chars}
 
 
-def vocab_from_dict(data: dict) -> ByteVocab | CharVocab:
+class WordVocab:
+    """A fixed list of words as tokens, read from text separated by whitespace (ListOps'
+    operators and digits)."""
+
+    kind = "word"
+
+    def __init__(self, words: list[str] | tuple[str, ...]):
+        if not words or len(set(words)) != len(words) or any(not w or w.split() != [w] for w in words):
+            raise ValueError(f"a word vocabulary needs distinct words without whitespace, got {words!r}")
+        self.words = tuple(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.num_tokens = len(self.words)
+
+    def encode(self, data: str | bytes) -> torch.Tensor:
+        words = (data.decode("utf-8") if isinstance(data, bytes) else data).split()
+        missing = sorted(set(words) - set(self.index))
+        if missing:
+            raise ValueError(f"words not in the vocabulary: {missing[:20]}")
+        return torch.tensor([self.index[w] for w in words], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return " ".join(self.words[int(i)] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "words": list(self.words)}
+
+
+Vocab = ByteVocab | CharVocab | WordVocab
+
+
+def vocab_from_dict(data: dict) -> Vocab:
     if not isinstance(data, dict):
         raise ValueError(f"unknown vocabulary description {data!r}")
     if data.get("kind") == "byte":
         return ByteVocab()
     if data.get("kind") == "char" and isinstance(data.get("chars"), str):
         return CharVocab(data["chars"])
+    if data.get("kind") == "word" and isinstance(data.get("words"), list):
+        return WordVocab(data["words"])
     raise ValueError(f"unknown vocabulary description {data!r}")
 
 

@@ -14,10 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-#: The files of a checkpoint directory (checkpoint.py) that are uploaded.
-CHECKPOINT_FILES = ("config.json", "model.safetensors", "manifest.json", "README.md")
-#: What is downloaded of a repository: those and a character vocabulary (``reformer train`` writes one).
-DOWNLOAD_FILES = (*CHECKPOINT_FILES, "vocab.json")
+#: The files of a checkpoint directory (checkpoint.py) that are uploaded and downloaded; ``vocab.json``
+#: (the vocabulary and a classifier's label names) when the model has one (``reformer train`` writes it).
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "manifest.json", "README.md", "vocab.json")
 #: What is downloaded of a Hugging Face transformers Reformer (``reformer convert``).
 TRANSFORMERS_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*")
 CARD_NAME = "README.md"
@@ -45,7 +44,7 @@ def resolve(
     name_or_path: str | os.PathLike,
     revision: str | None = None,
     token: str | bool | None = None,
-    files: tuple[str, ...] = DOWNLOAD_FILES,
+    files: tuple[str, ...] = CHECKPOINT_FILES,
 ) -> Path:
     """A local checkpoint directory as given; a Hub repo id downloaded into (or found in) the Hub
     cache, the ``files`` (names or patterns) only, at ``revision`` (a branch, tag or commit;

@@ -30,7 +30,15 @@ import torch.nn.functional as F
 from .config import ReformerConfig
 from .data import Documents, PySrc, load_pysrc, pysrc_corpus
 from .model import ReformerLM
-from .reproduce import Progress, _write_text, claim_out_dir, parse_attention, train_setting, training_seconds
+from .reproduce import (
+    Progress,
+    _write_text,
+    claim_out_dir,
+    copy_results,
+    parse_attention,
+    train_setting,
+    training_seconds,
+)
 from .switch import switch_attention
 from .train import TrainConfig, TrainState
 
@@ -473,12 +481,7 @@ def plot_longctx(results: dict, out: Path) -> None:
 
 def publish(out: Path, dest: Path) -> None:
     """Copy the study's result files from ``out`` into ``dest`` (e.g. ``docs/long-context``)."""
-    from .atomic import atomic_write
-
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PUBLISHED:
-        data = (out / name).read_bytes()
-        atomic_write(dest / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+    copy_results(out, dest, PUBLISHED)
 
 
 def config_from_dict(data: dict) -> LongCtxConfig:

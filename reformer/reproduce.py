@@ -26,10 +26,10 @@ import torch
 from .atomic import atomic_write
 from .config import ReformerConfig
 from .data import DuplicationTask, load_corpus
-from .model import ReformerLM
+from .model import ReformerLM, TokenModel
 from .plots import finish_axes, pyplot, save_png
 from .switch import switch_attention
-from .train import Data, TrainConfig, TrainState, train
+from .train import MODEL_CLASSES, Data, TrainConfig, TrainState, train
 
 #: Paper Table 2, accuracy %: trained with -> evaluated with.
 PAPER_TABLE2 = {
@@ -174,17 +174,25 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def copy_results(out: Path, dest: Path, names: tuple[str, ...]) -> None:
+    """Copy an experiment's result files ``names`` from ``out`` into ``dest`` (``--publish``)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        data = (out / name).read_bytes()
+        atomic_write(dest / name, lambda tmp, data=data: Path(tmp).write_bytes(data))
+
+
 def train_setting(
     config: ReformerConfig, train_data: Data, valid_data: Data, cfg: TrainConfig, run_dir: Path, device: str,
     progress: Progress | None = None,
-) -> tuple[ReformerLM, TrainState]:  # fmt: skip
-    """Build a model from ``config`` (seeded by ``cfg.seed``) and train it in ``run_dir``,
-    resuming (or just loading) what an earlier call left there."""
+) -> tuple[TokenModel, TrainState]:  # fmt: skip
+    """Build the model of ``cfg.objective`` from ``config`` (seeded by ``cfg.seed``) and train it
+    in ``run_dir``, resuming (or just loading) what an earlier call left there."""
     torch.manual_seed(cfg.seed)  # the same initial weights and hash seeds on every call
-    model = ReformerLM(config=config).to(device)
+    model = MODEL_CLASSES[cfg.objective](config=config).to(device)
 
     def report(record: dict, state: TrainState) -> None:
-        if progress is not None and "eval_bpc" in record:
+        if progress is not None and "eval_loss" in record:
             progress(f"{run_dir.name}: step {record['step']}/{cfg.steps}, loss {record['loss']:.4f}, "
                      f"validation {record['eval_loss']:.4f} nats")  # fmt: skip
 

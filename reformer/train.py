@@ -10,11 +10,15 @@ Under ``torchrun`` (see ``distributed.py``) each process trains on its own ``bat
 of a global batch drawn from the same seeded stream, so the batches (and the run) do not
 depend on how many processes share them: a run can resume with another number of processes.
 Losses are averaged over processes; only rank 0 writes checkpoints and reports steps.
+
+What is optimised is the run's objective (``TrainConfig.objective``): ``causal`` next-token
+prediction (:class:`CausalLM`), ``mlm`` masked-token prediction (:class:`MaskedLM`) or
+``classify`` documents (:class:`Classification`). An objective turns the data into seeded
+batches, a batch into a loss, and a validation batch into metrics; the loop is the same for all.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -32,12 +36,18 @@ from . import distributed
 from .atomic import TMP_DIR_PREFIX, atomic_directory, write_file
 from .checkpoint import verify_manifest, write_manifest
 from .checks import check_int
+from .config import ReformerConfig
 from .data import DuplicationTask, WindowSampler
-from .model import ReformerLM
+from .heads import ReformerForMaskedLM, ReformerForSequenceClassification, mask_tokens
+from .labelled import ExampleSampler, LabelledSet
+from .model import ReformerLM, TokenModel
 from .runs import run_lock
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SCHEDULES = ("cosine", "rsqrt", "constant")
+OBJECTIVES = ("causal", "mlm", "classify")
+#: ``mlm``: the share of tokens chosen for prediction (BERT's).
+MASK_P = 0.15
 
 
 @dataclass
@@ -80,6 +90,8 @@ class TrainConfig:
     compile: bool = False
     """Train through ``torch.compile`` (the model compiles to one graph; the first step, and the
     first of a new shape, take the compile time). Evaluation stays eager."""
+    objective: str = "causal"
+    """``causal`` (next token), ``mlm`` (masked tokens) or ``classify`` (labelled documents)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -103,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.fsdp and self.precision == "fp16":
             raise ValueError("fsdp supports precision fp32 or bf16, not fp16 (its gradient scaler is not shard-aware)")
 
@@ -152,45 +166,150 @@ def lm_loss(
         return model(batch[:, :-1], targets=targets)
 
 
-Data = torch.Tensor | DuplicationTask
+Data = torch.Tensor | DuplicationTask | LabelledSet
+Batch = tuple[torch.Tensor, ...]
 
 
-def batch_source(data: Data, cfg: TrainConfig, seed: int) -> WindowSampler | DuplicationTask:
-    """Random windows of a token tensor, or a fresh copy of a synthetic task, seeded; its
-    batches are global (``batch_size`` rows per process), see :func:`next_batch`."""
-    rows = cfg.batch_size * distributed.world_size()
-    if isinstance(data, DuplicationTask):
-        return DuplicationTask(data.seq_len, rows, data.n_symbols, seed=seed)
-    return WindowSampler(data, cfg.seq_len, rows, seed=seed)
+class CausalLM:
+    """Next-token prediction on random windows of a token stream, or on the duplication task
+    (its second copy scored)."""
+
+    def __init__(self, config: ReformerConfig):
+        del config  # the loss needs nothing of it
+
+    def sampler(self, data: Data, cfg: TrainConfig, seed: int, evaluation: bool = False):
+        del evaluation  # windows are random either way: the seed fixes the validation ones
+        rows = cfg.batch_size * distributed.world_size()
+        if isinstance(data, DuplicationTask):
+            return DuplicationTask(data.seq_len, rows, data.n_symbols, seed=seed)
+        return WindowSampler(data, cfg.seq_len, rows, seed=seed)
+
+    def loss(self, model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+        return lm_loss(model, batch[0], precision, batch[1] if len(batch) > 1 else None)
+
+    def metrics(self, model: torch.nn.Module, batch: Batch, precision: str) -> dict[str, float]:
+        loss = self.loss(model, batch, precision).item()
+        return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
 
 
-def next_batch(
-    source: WindowSampler | DuplicationTask, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+class MaskingSampler:
+    """Windows of ``seq_len`` tokens with BERT's corruption (:func:`~reformer.heads.mask_tokens`,
+    the mask being token ``num_tokens - 1``); windows and masks come from seeded generators whose
+    states travel with checkpoints."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int, rows: int, num_tokens: int, seed: int):
+        self.windows = WindowSampler(data, seq_len, rows, seed=seed)
+        self.num_tokens = num_tokens
+        self.generator = torch.Generator().manual_seed(seed + 1)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``inputs`` and ``labels`` ``(rows, seq_len)``; labels are -100 where nothing is predicted."""
+        tokens = self.windows.next_batch()[:, :-1]  # (rows, seq_len): a window has a next-token target more
+        return mask_tokens(tokens, self.num_tokens - 1, self.num_tokens, MASK_P, generator=self.generator)
+
+    def state_dict(self) -> dict:
+        return {"windows": self.windows.state_dict(), "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.windows.load_state_dict(state["windows"])
+        self.generator.set_state(state["generator"])
+
+
+class MaskedLM:
+    """Masked-token prediction (bidirectional pre-training of a
+    :class:`~reformer.heads.ReformerForMaskedLM`) on random windows of a token stream; the
+    model's last token id is the mask, which the data never holds."""
+
+    def __init__(self, config: ReformerConfig):
+        self.num_tokens = config.num_tokens
+
+    def sampler(self, data: Data, cfg: TrainConfig, seed: int, evaluation: bool = False) -> MaskingSampler:
+        del evaluation
+        if not isinstance(data, torch.Tensor):
+            raise ValueError("masked-token training reads a token stream (a corpus), not a task or documents")
+        return MaskingSampler(data, cfg.seq_len, cfg.batch_size * distributed.world_size(), self.num_tokens, seed)
+
+    def loss(self, model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+        inputs, labels = batch
+        with autocast_for(precision, inputs.device):
+            return model(inputs, labels=labels)  # mean over the chosen positions only
+
+    def metrics(self, model: torch.nn.Module, batch: Batch, precision: str) -> dict[str, float]:
+        inputs, labels = batch
+        with autocast_for(precision, inputs.device):
+            logits = model(inputs)  # (b, n, num_tokens)
+        chosen = labels != -100  # (b, n)
+        return _scores(logits[chosen], labels[chosen])
+
+
+class Classification:
+    """Document classification: batches of labelled documents (each epoch shuffled; the
+    validation ones in order), padding hidden by the input mask."""
+
+    def __init__(self, config: ReformerConfig):
+        del config
+
+    def sampler(self, data: Data, cfg: TrainConfig, seed: int, evaluation: bool = False) -> ExampleSampler:
+        if not isinstance(data, LabelledSet):
+            raise ValueError("classification reads labelled documents, not a token stream")
+        return ExampleSampler(data, cfg.batch_size * distributed.world_size(), seed=seed, shuffle=not evaluation)
+
+    def loss(self, model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
+        ids, mask, labels = batch
+        with autocast_for(precision, ids.device):
+            return model(ids, input_mask=mask, labels=labels)
+
+    def metrics(self, model: torch.nn.Module, batch: Batch, precision: str) -> dict[str, float]:
+        ids, mask, labels = batch
+        with autocast_for(precision, ids.device):
+            logits = model(ids, input_mask=mask)  # (b, num_labels)
+        return _scores(logits, labels)
+
+
+def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Mean cross-entropy (nats) and accuracy of ``logits`` ``(m, classes)`` against ``labels`` ``(m,)``."""
+    return {"eval_loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
+            "eval_accuracy": (logits.argmax(dim=-1) == labels).float().mean().item()}  # fmt: skip
+
+
+Objective = CausalLM | MaskedLM | Classification
+OBJECTIVE_CLASSES = {"causal": CausalLM, "mlm": MaskedLM, "classify": Classification}
+#: The model class that each objective trains.
+MODEL_CLASSES: dict[str, type[TokenModel]] = {
+    "causal": ReformerLM, "mlm": ReformerForMaskedLM, "classify": ReformerForSequenceClassification,
+}  # fmt: skip
+
+
+def objective_for(cfg: TrainConfig, config: ReformerConfig) -> Objective:
+    """The objective of ``cfg`` for a model of ``config``."""
+    return OBJECTIVE_CLASSES[cfg.objective](config)
+
+
+def next_batch(source, device: torch.device) -> Batch:
     """This process's rows of the source's next global batch (every process draws the same
     one: the draw is cheap next to the model, and it keeps the shards disjoint)."""
     out = source.next_batch()
-    tokens, scored = out if isinstance(out, tuple) else (out, None)
-    rows = distributed.local_rows(len(tokens) // distributed.world_size())
-    return tokens[rows].to(device), None if scored is None else scored[rows].to(device)
+    parts = out if isinstance(out, tuple) else (out,)
+    rows = distributed.local_rows(len(parts[0]) // distributed.world_size())
+    return tuple(part[rows].to(device) for part in parts)
 
 
 @torch.no_grad()
-def evaluate(model: ReformerLM, data: Data, cfg: TrainConfig) -> dict:
-    """Validation loss (nats per scored token) and bits per token (= per byte / character), on
-    the same ``cfg.eval_batches`` batches every time, so evaluations are comparable (averaged
-    over processes, each scoring its rows)."""
-    source = batch_source(data, cfg, seed=cfg.seed + 1)
+def evaluate(model: TokenModel, data: Data, cfg: TrainConfig) -> dict:
+    """The objective's validation metrics (loss in nats; bits per token for ``causal``, accuracy
+    for ``mlm`` and ``classify``), on the same ``cfg.eval_batches`` batches every time, so
+    evaluations are comparable (averaged over batches and processes, each scoring its rows)."""
+    objective = objective_for(cfg, model.config)
+    source = objective.sampler(data, cfg, seed=cfg.seed + 1, evaluation=True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    losses = []
+    totals: dict[str, float] = {}
     for _ in range(cfg.eval_batches):
-        tokens, scored = next_batch(source, device)
-        losses.append(lm_loss(model, tokens, cfg.precision, scored).item())
+        for name, value in objective.metrics(model, next_batch(source, device), cfg.precision).items():
+            totals[name] = totals.get(name, 0.0) + value
     model.train(was_training)
-    loss = distributed.mean(sum(losses) / len(losses))
-    return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
+    return {name: distributed.mean(total / cfg.eval_batches) for name, total in totals.items()}
 
 
 def tokens_per_step(cfg: TrainConfig) -> int:
@@ -206,8 +325,9 @@ def card_training(state: TrainState, cfg: TrainConfig) -> dict[str, str]:
     evaluated = [r for r in state.history if "eval_loss" in r]
     if evaluated:
         last = evaluated[-1]
-        loss, bits, step = last["eval_loss"], last["eval_bpc"], last["step"]
-        facts["validation"] = f"{loss:.4f} nats, {bits:.4f} bits per token (step {step:,})"
+        score = (f"{last['eval_bpc']:.4f} bits per token" if "eval_bpc" in last
+                 else f"accuracy {last['eval_accuracy']:.2%}")  # fmt: skip
+        facts["validation"] = f"{last['eval_loss']:.4f} nats, {score} (step {last['step']:,})"
     return facts
 
 
@@ -229,13 +349,13 @@ def checkpoint_step(path: Path) -> int:
     return int(CHECKPOINT_NAME.fullmatch(path.name).group(1))
 
 
-def _full_model(model: ReformerLM) -> ReformerLM:
+def _full_model(model: TokenModel) -> TokenModel:
     """``model``, or under FSDP a CPU copy with the gathered weights (a collective)."""
     if not distributed.is_sharded(model):
         return model
     weights = distributed.gathered(model.state_dict())
     with torch.device("meta"), torch.random.fork_rng(devices=[]):  # building draws hash seeds: keep the run's RNG
-        copy = ReformerLM(config=model.config)
+        copy = type(model)(config=model.config)
     copy.load_state_dict(weights, assign=True)
     return copy
 
@@ -260,9 +380,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state.step:07d}"
     with atomic_directory(final) as tmp:
-        model.save_pretrained(tmp, training=card_training(state, cfg))
-        if vocab is not None:
-            write_file(tmp / "vocab.json", lambda path: path.write_text(json.dumps(vocab) + "\n"))
+        model.save_pretrained(tmp, training=card_training(state, cfg), vocab=vocab)
         trainer = {
             "step": state.step,
             "history": state.history,
@@ -319,7 +437,7 @@ def restore_trainer(trainer: dict, optimizer, sampler, scaler: torch.amp.GradSca
 
 
 def train(
-    model: ReformerLM,
+    model: TokenModel,
     train_data: Data,
     valid_data: Data,
     cfg: TrainConfig,
@@ -331,22 +449,23 @@ def train(
     on_step: Callable[[dict, TrainState], None] | None = None,
     vocab: dict | None = None,
 ) -> TrainState:
-    """Train ``model`` on random windows of ``train_data`` (or batches of a synthetic task);
-    see the module doc for checkpoints.
+    """Train ``model`` for ``cfg.objective`` on ``train_data`` (a token stream, a synthetic task,
+    or labelled documents); see the module doc for checkpoints.
 
     ``stop_after``: stop (with a checkpoint) after this many steps of *this* call, as an
     interruption would; ``should_stop()`` is asked after every step (e.g. set by SIGINT).
     ``on_step(record, state)`` receives each step's record (loss, lr, tokens/s, evals) and the
     run's state, whose history includes the steps before a resume (on rank 0 only). ``vocab``
-    is saved with each checkpoint.
+    (the vocabulary, and a classifier's label names) is saved with each checkpoint.
     Raises :class:`TrainingDiverged` on a non-finite loss, before touching the checkpoints.
     """
     run_dir = Path(run_dir)
     with run_lock(run_dir) if distributed.is_main() else nullcontext():  # one writer per run
         device = next(model.parameters()).device
         torch.manual_seed(cfg.seed)
-        sampler = batch_source(train_data, cfg, seed=cfg.seed)
-        batch_source(valid_data, cfg, seed=0)  # fail early if the validation split is too short
+        objective = objective_for(cfg, model.config)
+        sampler = objective.sampler(train_data, cfg, seed=cfg.seed)
+        objective.sampler(valid_data, cfg, seed=0, evaluation=True)  # fail early if the validation split is too short
         trainer = load_checkpoint(checkpoint_dirs(run_dir)[-1], model) if resume and checkpoint_dirs(run_dir) else None
         net = distributed.wrap(model, fsdp=cfg.fsdp, find_unused=model.config.layer_dropout > 0)
         if cfg.compile:
@@ -362,9 +481,9 @@ def train(
                 group["lr"] = cfg.lr * lr_factor(state.step, cfg)
             total = torch.zeros((), device=device)
             for i in range(cfg.grad_accum):
-                tokens, scored = next_batch(sampler, device)
+                batch = next_batch(sampler, device)
                 with distributed.sync_gradients(net, sync=i == cfg.grad_accum - 1):
-                    loss = lm_loss(net, tokens, cfg.precision, scored)
+                    loss = objective.loss(net, batch, cfg.precision)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 total += loss.detach() / cfg.grad_accum
             total = distributed.mean(total)  # the same on every process, so all of them stop here together

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 import reformer
-from reformer import cli, longctx, reproduce
+from reformer import cli, listops, longctx, reproduce
 from reformer.cli import reproduce as reproduce_command
 
 HELP_ARGVS = [
     ["--help"],
     ["--version"],
     *([command, "--help"] for command in cli.COMMANDS),
-    *(["reproduce", experiment, "--help"] for experiment in ("duplication", "lm", "longctx")),
+    *(["reproduce", experiment, "--help"] for experiment in ("duplication", "lm", "longctx", "listops")),
 ]
 
 # Runs every argv through main() in one fresh interpreter; prints each one's exit code and output,
@@ -81,6 +81,8 @@ def test_the_parsers_offer_the_studies_names():
     assert reproduce_command.DUPLICATION_SCALES == tuple(sorted(reproduce.DUPLICATION_SCALES))
     assert reproduce_command.LONGCTX_SCALES == tuple(sorted(longctx.LONGCTX_SCALES))
     assert reproduce_command.LONGCTX_MODELS == longctx.ALL_MODELS
+    assert reproduce_command.LISTOPS_SCALES == tuple(sorted(listops.LISTOPS_SCALES))
+    assert reproduce_command.LISTOPS_MODELS == listops.LISTOPS_MODELS
 
 
 def test_the_package_names_resolve_lazily_to_their_modules():

@@ -41,6 +41,7 @@ def weight_sum(model) -> str:
 @pytest.fixture
 def saved(tmp_path):
     model = ReformerLM(**TINY)
+    model.vocab = {"kind": "byte"}  # as `reformer train` saves it: uploaded and downloaded with the weights
     model.save_pretrained(tmp_path / "ckpt", training={"data": "builtin", "steps": 10})
     return model, tmp_path / "ckpt"
 
@@ -93,6 +94,17 @@ def test_hub_download_then_offline_cache_then_tampering(saved, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert "does not match its checksum" in load(home, "org/tiny")
+
+
+def test_the_vocabulary_travels_through_from_pretrained_and_save_pretrained(saved, tmp_path):
+    _, ckpt = saved
+    loaded = ReformerLM.from_pretrained(ckpt)
+    assert loaded.vocab == {"kind": "byte"}
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "vocab.json").read_text()) == {"kind": "byte"}
+    (ckpt / "vocab.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="vocab.json: not a JSON object"):
+        ReformerLM.from_pretrained(ckpt)
 
 
 class RecordingApi:

@@ -1,6 +1,7 @@
 """The ListOps generator (Long Range Arena's task): lengths, depth, arguments and values checked
 against an independent stack evaluator of the token string."""
 
+import json
 import statistics
 
 import pytest
@@ -92,3 +93,25 @@ def test_tensors_pad_on_the_right_and_round_trip():
 def test_impossible_specs_are_refused(spec):
     with pytest.raises(ValueError, match="cannot generate"):
         listops_examples(1, spec=spec)
+
+
+def test_the_listops_study_publishes_resumable_results(tmp_path):
+    from reformer.listops import ListOpsConfig, publish, run_listops
+
+    cfg = ListOpsConfig(seq_len=32, n_train=40, steps=2, warmup_steps=1, eval_every=1, batch_size=4, dim=16, depth=1,
+                        heads=2, bucket_size=8, n_hashes=1)  # fmt: skip
+    out = tmp_path / "study"
+    first = run_listops(cfg, out, only=("lsh",))
+    assert list(first["models"]) == ["lsh"] and first["not_yet_run"] == ["local", "transformer"]
+    lsh = first["models"]["lsh"]
+    assert [step for step, _ in lsh["curve"]] == [1, 2] and 0 <= lsh["accuracy"] <= 100
+    assert 0 < first["majority_class"] < 100
+    results = run_listops(cfg, out)  # the finished model is kept, the others trained
+    assert results["models"]["lsh"] == lsh and set(results["models"]) == {"lsh", "local", "transformer"}
+    table = (out / "listops.md").read_text()
+    assert "| lsh |" in table and "37.27" in table and "36.37" in table and "| chance | 10.00 |" in table
+    assert json.loads((out / "listops.json").read_text())["models"]["local"]["parameters"] > 0
+    publish(out, tmp_path / "docs")
+    assert (tmp_path / "docs" / "listops-curves.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="another configuration"):
+        run_listops(ListOpsConfig(**{**cfg.__dict__, "steps": 3}), out)

@@ -9,17 +9,20 @@ from pathlib import Path
 from ..plots import finish_axes, pyplot, save_png
 from ..train import TrainState
 
+LN2 = 0.6931471805599453
+
 
 def plot_losses(history: list[dict], path: Path) -> None:
-    """``loss.png``: the training loss and the validation bits per token by step."""
+    """``loss.png``: the training and validation losses by step, in bits (per token for a
+    language model: the validation curve is its bpc; per document for a classifier)."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [r["step"] for r in history]
-    ax.plot(steps, [r["loss"] / 0.6931471805599453 for r in history], label="train (bits/token)", alpha=0.6)
-    evals = [r for r in history if "eval_bpc" in r]
-    ax.plot([r["step"] for r in evals], [r["eval_bpc"] for r in evals], "o-", label="validation bpc")
-    finish_axes(ax, "step", "bits per token")
+    ax.plot(steps, [r["loss"] / LN2 for r in history], label="train", alpha=0.6)
+    evals = [r for r in history if "eval_loss" in r]
+    ax.plot([r["step"] for r in evals], [r["eval_loss"] / LN2 for r in evals], "o-", label="validation")
+    finish_axes(ax, "step", "loss (bits)")
     save_png(fig, path)
 
 
@@ -27,7 +30,7 @@ class Dashboard:
     """Called after every step with its record: updates the bar, the log, TensorBoard and (at
     each evaluation) the plot."""
 
-    FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc", "overflow"]
+    FIELDS = ["step", "loss", "lr", "tokens_per_s", "eval_loss", "eval_bpc", "eval_accuracy", "overflow"]
 
     def __init__(self, run: Path, steps: int, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +53,10 @@ class Dashboard:
         post = {"loss": f"{record['loss']:.3f}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
         if "eval_bpc" in record:
             post["val_bpc"] = f"{record['eval_bpc']:.3f}"
+        if "eval_accuracy" in record:
+            post["val_acc"] = f"{record['eval_accuracy']:.1%}"
         self.bar.set_postfix(post)
-        if "eval_bpc" in record:  # the curve is redrawn at each evaluation
+        if "eval_loss" in record:  # the curve is redrawn at each evaluation
             plot_losses(state.history, self.run / "loss.png")
         for key in self.FIELDS[1:]:
             if key in record:

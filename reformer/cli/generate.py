@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..generate import stream
+    from ..heads import ReformerForMaskedLM
     from .loading import load_for_inference
 
     if not args.prompt:
@@ -34,7 +35,9 @@ def run(args: argparse.Namespace) -> int:
         args.prompt.encode("utf-8")
     except UnicodeEncodeError as exc:  # bytes of another encoding, which argv keeps as surrogates
         raise UsageError(f"--prompt is not UTF-8 text (a byte at character {exc.start}); give it in UTF-8") from None
-    model, vocab, _ = load_for_inference(args.checkpoint, args.device, args.revision)
+    model, vocab, ckpt = load_for_inference(args.checkpoint, args.device, args.revision)
+    if isinstance(model, ReformerForMaskedLM):
+        raise UsageError(f"{ckpt} holds a masked language model: it does not generate left to right")
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
     out.write(args.prompt)

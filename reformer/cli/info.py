@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import read_config
     from ..model import ReformerLM
-    from ..train import load_trainer_state
+    from ..train import MODEL_CLASSES, load_trainer_state
     from .loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(args.path)
@@ -28,9 +28,13 @@ def run(args: argparse.Namespace) -> int:
     if (ckpt / "trainer.pt").is_file():
         state = load_trainer_state(ckpt)
         evals = [r["eval_bpc"] for r in state["history"] if "eval_bpc" in r]
+        accuracies = [r["eval_accuracy"] for r in state["history"] if "eval_accuracy" in r]
         info.update(step=state["step"], best_eval_bpc=min(evals) if evals else None)
+        if accuracies:  # a classifier's or a masked language model's
+            info["best_eval_accuracy"] = max(accuracies)
+    kind = {cls.__name__: cls for cls in MODEL_CLASSES.values()}.get(arch, ReformerLM)
     with torch.device("meta"):
-        info["parameters"] = sum(p.numel() for p in ReformerLM(config=config).parameters())
+        info["parameters"] = sum(p.numel() for p in kind(config=config).parameters())
     info["config"] = config.to_dict()
     print(json.dumps(info, indent=2))
     return 0

@@ -1,5 +1,5 @@
-"""``reformer reproduce``: the paper's experiments (duplication task, language modelling) and
-the far-context study (see docs/reproduction.md, docs/long-context.md)."""
+"""``reformer reproduce``: the paper's experiments (duplication task, language modelling), the
+far-context study and ListOps (see docs/reproduction.md, docs/long-context.md, docs/listops.md)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ DUPLICATION_SCALES = ("cpu", "paper")
 LONGCTX_SCALES = ("cpu", "gpu", "pilot")
 #: ``longctx.ALL_MODELS``
 LONGCTX_MODELS = ("transformer", "full", "lsh-1", "lsh-2", "lsh-4", "lsh-8", "local")
+#: ``listops.LISTOPS_SCALES``
+LISTOPS_SCALES = ("cpu", "pilot")
+#: ``listops.LISTOPS_MODELS``
+LISTOPS_MODELS = ("lsh", "local", "transformer")
 
 
 def add_parser(subparsers) -> None:
@@ -50,7 +54,17 @@ def add_parser(subparsers) -> None:
                     help="validation windows of the final evaluation (override)")  # fmt: skip
     lc.add_argument("--publish", default=None, metavar="DIR",
                     help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/long-context")  # fmt: skip
-    for x in (dup, lm, lc):
+    lo = experiments.add_parser("listops", help="ListOps (Long Range Arena): LSH vs local vs dense classifiers",
+                                formatter_class=fmt)  # fmt: skip
+    lo.add_argument("--scale", choices=LISTOPS_SCALES, default="cpu",
+                    help="cpu: the proposed 2-core budget (docs/listops.md); pilot: minutes per model")  # fmt: skip
+    lo.add_argument("--models", nargs="+", default=None, choices=LISTOPS_MODELS, metavar="MODEL",
+                    help="train (or resume) only these models now; the results cover every finished model "
+                         f"(default: all of {' '.join(LISTOPS_MODELS)})")  # fmt: skip
+    lo.add_argument("--out", default="runs/listops", help="output directory (results, one run per model)")
+    lo.add_argument("--publish", default=None, metavar="DIR",
+                    help="also copy the results (JSON, Markdown, PNG) into DIR, e.g. docs/listops")  # fmt: skip
+    for x in (dup, lm, lc, lo):
         x.add_argument("--steps", type=int_at_least(1), default=None, help="training steps per model (override)")
         x.add_argument("--seq-len", type=int_at_least(4), default=None, help="sequence length (override)")
         x.add_argument("--batch-size", type=int_at_least(1), default=None, help="sequences per step (override)")
@@ -76,10 +90,24 @@ def run(args: argparse.Namespace) -> int:
         print(reproduce.duplication_table(reproduce.run_duplication(cfg, out, args.device, _progress)), end="")
     elif args.experiment == "longctx":
         return _reproduce_longctx(args, out)
+    elif args.experiment == "listops":
+        return _reproduce_listops(args, out)
     else:
         lm = reproduce.LMConfig(data=args.data)
         cfg = reproduce.with_overrides(lm, eval_every=args.eval_every, variants=args.variants, **sizes)
         print(reproduce.lm_table(reproduce.run_lm(cfg, out, args.device, _progress)), end="")
+    return 0
+
+
+def _reproduce_listops(args: argparse.Namespace, out: Path) -> int:
+    from .. import listops
+
+    cfg = listops.with_overrides(listops.LISTOPS_SCALES[args.scale], seq_len=args.seq_len, steps=args.steps,
+                                 batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    results = listops.run_listops(cfg, out, args.device, only=args.models, progress=_progress)
+    if args.publish is not None:
+        listops.publish(out, Path(args.publish))
+    print(listops.listops_table(results), end="")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``reformer train``: train a language model, or resume a run (``--resume``)."""
+"""``reformer train``: train a language model (causal, or masked with ``--objective mlm``) or a
+document classifier (``--task classify``), or resume a run (``--resume``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from ..presets import PRESETS
 from .options import UsageError, device_type, float_in, int_at_least, seed_type
 
 #: Settings that define a run, with their flags: ``--resume`` must be given the run's values ...
-RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "seq_len": "--seq-len", "seed": "--seed"}
+RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "seq_len": "--seq-len", "seed": "--seed",
+                "objective": "--task/--objective", "pooling": "--pooling"}  # fmt: skip
 #: ... and these too, unless ``--allow-change`` says that a change is deliberate.
 RUN_SCHEDULE = {"steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
                 "warmup": "--warmup", "schedule": "--schedule", "precision": "--precision"}  # fmt: skip
@@ -25,11 +27,19 @@ INTERRUPTED_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 143}
 
 def add_parser(subparsers) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    t = subparsers.add_parser("train", help="train a language model", formatter_class=fmt)
-    t.add_argument(
-        "--data", default="builtin", help="builtin or pysrc (no download), a file path, enwik8:PATH, or duplication"
-    )
-    t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary")
+    t = subparsers.add_parser("train", help="train a language model or a classifier", formatter_class=fmt)
+    t.add_argument("--task", choices=("lm", "classify"), default="lm",
+                   help="lm: a language model; classify: a document classifier (see --data)")  # fmt: skip
+    t.add_argument("--objective", choices=("causal", "mlm"), default="causal",
+                   help="--task lm: next-token prediction (causal) or masked-token prediction "
+                        "(mlm, bidirectional)")  # fmt: skip
+    t.add_argument("--data", default="builtin",
+                   help="--task lm: builtin or pysrc (no download), a file path, enwik8:PATH, or duplication; "
+                        "--task classify: a label<TAB>text file, a folder with a sub-folder per label, or "
+                        "listops[:N] (generated)")  # fmt: skip
+    t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary (listops has its own)")
+    t.add_argument("--pooling", choices=("first", "last", "mean", "max"), default="mean",
+                   help="--task classify: how a document's positions become one vector")  # fmt: skip
     t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
     t.add_argument(
         "--seq-len", type=int_at_least(1), default=2048, help="tokens per training sequence (also the model's max)"
@@ -42,6 +52,9 @@ def add_parser(subparsers) -> None:
     t.add_argument("--schedule", choices=("cosine", "rsqrt", "constant"), default="cosine", help="learning-rate decay")
     t.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32", help="compute precision")
     t.add_argument("--eval-every", type=int_at_least(1), default=50, help="evaluate every N steps")
+    t.add_argument("--eval-batches", type=int_at_least(1), default=None,
+                   help="batches per evaluation (default: --task classify the whole validation split, "
+                        "else 4)")  # fmt: skip
     t.add_argument("--save-every", type=int_at_least(1), default=50, help="checkpoint every N steps")
     t.add_argument("--keep-last", type=int_at_least(1), default=3, help="checkpoints to keep")
     t.add_argument("--out", default="runs/latest", help="run directory (checkpoints, log.csv, loss.png, tensorboard/)")
@@ -121,8 +134,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
     from .. import distributed
     from ..config import ReformerConfig
     from ..data import DuplicationTask
-    from ..model import ReformerLM
     from ..runs import run_lock, write_settings
+    from ..train import MODEL_CLASSES
     from .dashboard import Dashboard
 
     run = Path(args.out)
@@ -136,17 +149,18 @@ def _train(args: argparse.Namespace, device: str) -> int:
     if distributed.any_process(refusal is not None):
         raise refusal or UsageError("another process of the job refused the inputs (its error is above)")
     torch.manual_seed(args.seed)
-    model = ReformerLM(config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    model = MODEL_CLASSES[cfg.objective](config=ReformerConfig.from_dict(config.to_dict())).to(device)
     if not distributed.is_main():
         _run_training(args, run, model, corpus, cfg, None)
         return 0
     with run_lock(run):
         write_settings(run, settings)
         n_params = sum(p.numel() for p in model.parameters())
+        unit = "documents" if cfg.objective == "classify" else "tokens"
         sizes = (
             "synthetic"
             if isinstance(corpus.train, DuplicationTask)
-            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid tokens"
+            else f"{len(corpus.train):,} train / {len(corpus.valid):,} valid {unit}"
         )
         procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
@@ -161,9 +175,20 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
     run's settings, model config, corpus, training config and the step it starts from."""
     from ..checkpoint import read_config, verify_manifest
     from ..runs import check_not_in_use, check_out_dir
-    from ..train import TrainConfig, batch_source, checkpoint_dirs, load_trainer_state
-    from .loading import check_backend_runs, check_vocab, load_training_data, read_vocab
+    from ..train import TrainConfig, checkpoint_dirs, load_trainer_state, objective_for
+    from .loading import (
+        check_backend_runs,
+        check_vocab,
+        load_training_data,
+        objective_of,
+        read_labels,
+        read_vocab,
+    )
 
+    if args.task == "classify":
+        if args.objective != "causal":
+            raise UsageError("--objective applies to --task lm (a classifier learns its labels)")
+        args.objective = "classify"
     check_out_dir(run)
     check_not_in_use(run)
     latest = checkpoint_dirs(run)[-1] if checkpoint_dirs(run) else None
@@ -175,32 +200,70 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
     if latest is not None:  # the run's own model and vocabulary, checked against what was asked
         verify_manifest(latest)  # a corrupt or altered file is named before anything is read
         trainer, vocab = load_trainer_state(latest), read_vocab(latest)
-        _, config = read_config(latest)
-        check_vocab(latest, vocab, config)
+        architecture, config = read_config(latest)
+        check_vocab(latest, vocab, config, objective_of(architecture))
+        labels = read_labels(latest, config) if args.objective == "classify" else None
         check_same_run(run, trainer["step"], stored_settings(run, trainer, vocab.kind), settings, args.allow_change)
         resume_step = trainer["step"]
     else:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         vocab, config, resume_step = args.vocab, PRESETS[args.preset](max_seq_len=args.seq_len), 0
-    corpus = load_training_data(args.data, vocab, args.seq_len, args.batch_size, args.seed)
+        labels = () if args.objective == "classify" else None
+    corpus = load_training_data(args.data, vocab, args.seq_len, args.batch_size, args.seed, labels)
     if latest is None:
-        config.num_tokens = corpus.vocab.num_tokens
+        new_model_config(config, corpus, args)
     if args.seq_len > config.max_seq_len:
         raise UsageError(f"--seq-len {args.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     check_backend_runs(config, device)
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
-        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp,
-        compile=args.compile,
+        save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp, objective=args.objective,
+        eval_batches=args.eval_batches or default_eval_batches(corpus, args), compile=args.compile,
     )  # fmt: skip
+    objective = objective_for(cfg, config)
     for split, data in (("training", corpus.train), ("validation", corpus.valid)):  # fail before writing
         try:
-            batch_source(data, cfg, seed=0)
+            objective.sampler(data, cfg, seed=0, evaluation=split == "validation")
         except ValueError as exc:
             raise UsageError(f"the {split} split of --data {args.data}: {exc}") from None
     return settings, config, corpus, cfg, resume_step
+
+
+def saved_vocab(corpus) -> dict:
+    """What ``vocab.json`` holds: the vocabulary, and a classifier's label names in id order."""
+    labels = getattr(corpus, "labels", None)
+    return {**corpus.vocab.to_dict(), **({"labels": list(labels)} if labels else {})}
+
+
+def headline(record: dict) -> str:
+    """An evaluation's main figure: bits per token of a causal model, else accuracy."""
+    return f"bpc {record['eval_bpc']:.3f}" if "eval_bpc" in record else f"accuracy {record['eval_accuracy']:.2%}"
+
+
+def new_model_config(config, corpus, args: argparse.Namespace) -> None:
+    """Fit a preset's ``config`` to the data and the objective: the vocabulary (and ``mlm``'s
+    mask token), and for anything but next-token prediction a bidirectional model; a classifier's
+    labels and pooling."""
+    from .loading import model_tokens
+
+    config.num_tokens = model_tokens(corpus.vocab, args.objective)
+    if args.objective != "causal":
+        config.causal = False
+    if args.objective == "classify":  # padding hashed into a bucket of its own: documents classify as unpadded
+        config.num_labels, config.pooling, config.pad_bucket = len(corpus.labels), args.pooling, True
+
+
+def default_eval_batches(corpus, args: argparse.Namespace) -> int:
+    """A classifier's evaluation covers its validation split (the last batch wraps round to its
+    first documents); a language model's scores 4 batches of random windows."""
+    from .. import distributed
+
+    if args.objective != "classify":
+        return 4
+    rows = args.batch_size * distributed.world_size()
+    return -(-len(corpus.valid) // rows)
 
 
 def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
@@ -220,7 +283,7 @@ def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
     try:
         state = train(
             model, corpus.train, corpus.valid, cfg, run, resume=args.resume,
-            should_stop=lambda: bool(received), on_step=dashboard, vocab=corpus.vocab.to_dict(),
+            should_stop=lambda: bool(received), on_step=dashboard, vocab=saved_vocab(corpus),
         )  # fmt: skip
     finally:
         if dashboard is not None:
@@ -231,12 +294,12 @@ def _run_training(args, run: Path, model, corpus, cfg, dashboard) -> int:
     if dashboard is None:
         return code
     seconds = time.perf_counter() - start
-    evals = [r for r in state.history if "eval_bpc" in r]
+    evals = [r for r in state.history if "eval_loss" in r]
     first, last = evals[0], evals[-1]
     trained = len(dashboard.history) * cfg.grad_accum * cfg.batch_size * cfg.seq_len * distributed.world_size()
     verb = "interrupted at" if received else "finished"
-    print(f"{verb} step {state.step}: validation bpc {first['eval_bpc']:.3f} (step {first['step']}) -> "
-          f"{last['eval_bpc']:.3f} (step {last['step']}); {trained / seconds:,.0f} tokens/s "
+    print(f"{verb} step {state.step}: validation {headline(first)} (step {first['step']}) -> "
+          f"{headline(last)} (step {last['step']}); {trained / seconds:,.0f} tokens/s "
           f"({trained:,} tokens in {seconds:.0f} s); checkpoint {checkpoint_dirs(run)[-1]}")  # fmt: skip
     if cfg.compile and len(dashboard.history) > 1:
         step_seconds = [tokens_per_step(cfg) / r["tokens_per_s"] for r in dashboard.history]
