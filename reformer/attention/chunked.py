@@ -57,11 +57,7 @@ class _LSHWindows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, qk, v, path: TorchWindows, keep_probs: bool, save: bool):
-        plan = path.plan
-        qkv, norm = path.pack_qkv(qk, v)  # (b * lp, 2d + dv), (b * lp, 1)
-        all_probs = qk.new_empty(plan.n_windows, plan.s, plan.width) if save or keep_probs else None
-        out, slot_weight = path.forward(qkv, all_probs)  # (b, lp, dv), (b * total,)
-        slot_weight = slot_weight.view(plan.rows, -1)  # (b, total): the tensor returned is the one saved
+        qkv, norm, out, all_probs, slot_weight = _windows_forward(path, qk, v, save or keep_probs)
         if save:
             ctx.save_for_backward(qkv, norm, out, all_probs, slot_weight)
             ctx.path = path
@@ -73,6 +69,18 @@ class _LSHWindows(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, _grad_probs, _grad_weight):
         return (*_windows_grads(ctx.path, *ctx.saved_tensors, grad_out), None, None, None)
+
+
+def _windows_forward(path: TorchWindows, qk: torch.Tensor, v: torch.Tensor, keep_probs: bool):
+    """The windows' forward on the flat ``qk`` ``(b * lp, d)`` and ``v`` ``(b * lp, dv)``: the
+    packed rows ``(b * lp, 2d + dv)``, the norms ``(b * lp, 1)``, ``out`` ``(b, lp, dv)``, the
+    probabilities ``(windows, s, c + s)`` (None unless ``keep_probs``) and the slots' round
+    weights ``(b, total)`` - what :func:`_windows_grads` takes."""
+    plan = path.plan
+    qkv, norm = path.pack_qkv(qk, v)
+    all_probs = qk.new_empty(plan.n_windows, plan.s, plan.width) if keep_probs else None
+    out, slot_weight = path.forward(qkv, all_probs)  # (b, lp, dv), (b * total,)
+    return qkv, norm, out, all_probs, slot_weight.view(plan.rows, -1)
 
 
 def _windows_grads(path: TorchWindows, qkv, norm, out, all_probs, slot_weight, grad_out):
@@ -174,13 +182,10 @@ def lsh_windows_backward(
     (called with the same arguments), without autograd: its forward again, then its backward."""
     b, length, d = qk.shape
     path, flat_qk, flat_v = _planned(qk, v, buckets, options, n_buckets, key_mask, attn_mask, training, dropout_seed)
-    plan = path.plan
-    qkv, norm = path.pack_qkv(flat_qk, flat_v)  # (b * lp, 2d + dv), (b * lp, 1)
-    all_probs = qkv.new_empty(plan.n_windows, plan.s, plan.width)
-    out, slot_weight = path.forward(qkv, all_probs)  # (b, lp, dv), (b * total,)
-    grad_out = F.pad(grad_out, (0, 0, 0, plan.lp - length))  # (b, lp, dv)
-    grad_qk, grad_v = _windows_grads(path, qkv, norm, out, all_probs, slot_weight.view(plan.rows, -1), grad_out)
-    return grad_qk.view(b, plan.lp, d)[:, :length], grad_v.view(b, plan.lp, -1)[:, :length].to(v.dtype)
+    lp = path.plan.lp
+    forward = _windows_forward(path, flat_qk, flat_v, keep_probs=True)
+    grad_qk, grad_v = _windows_grads(path, *forward, F.pad(grad_out, (0, 0, 0, lp - length)))  # (b * lp, .) each
+    return grad_qk.view(b, lp, d)[:, :length], grad_v.view(b, lp, -1)[:, :length].to(v.dtype)
 
 
 def _dense_attention(plan, probs: torch.Tensor, slot_weight: torch.Tensor, length: int) -> torch.Tensor:
