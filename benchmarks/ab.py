@@ -108,6 +108,24 @@ def timed(step: Callable[[], torch.Tensor], seed: int) -> tuple[float, torch.Ten
     return time.perf_counter() - start, out
 
 
+def alternate(step_a: Callable[[], torch.Tensor], step_b: Callable[[], torch.Tensor], rounds: int) -> dict:
+    """``rounds`` timed steps of each, A B B A ... (drift during a round hits both alike), each
+    from the same seed: their medians (ms) and the ratio B / A per round (median, range)."""
+    a, b = [], []
+    for r in range(rounds):
+        order = [(step_a, a), (step_b, b)] if r % 2 == 0 else [(step_b, b), (step_a, a)]
+        for step, times in order:
+            times.append(timed(step, r + 1)[0])
+    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    return {
+        "a_ms": 1000 * statistics.median(a),
+        "b_ms": 1000 * statistics.median(b),
+        "ratio": statistics.median(ratios),
+        "ratio_lo": ratios[0],
+        "ratio_hi": ratios[-1],
+    }
+
+
 def run_case(base: ModuleType, name: str, rounds: int) -> dict:
     kind, length = CASES[name]
     base_module, base_step = build(base, kind, length)
@@ -116,19 +134,12 @@ def run_case(base: ModuleType, name: str, rounds: int) -> dict:
     _, base_out = timed(base_step, 0)  # warm-up, and the outputs to compare
     _, our_out = timed(our_step, 0)
     diff = (base_out.float() - our_out.float()).abs().max().item()
-    a, b = [], []
-    for r in range(rounds):  # A B B A ...: drift during a round hits both alike
-        order = [(base_step, a), (our_step, b)] if r % 2 == 0 else [(our_step, b), (base_step, a)]
-        for step, times in order:
-            times.append(timed(step, r + 1)[0])
-    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    times = alternate(base_step, our_step, rounds)
     return {
         "case": name,
-        "base_ms": 1000 * statistics.median(a),
-        "ours_ms": 1000 * statistics.median(b),
-        "ratio": statistics.median(ratios),
-        "ratio_lo": ratios[0],
-        "ratio_hi": ratios[-1],
+        "base_ms": times.pop("a_ms"),
+        "ours_ms": times.pop("b_ms"),
+        **times,
         "same_weights": shared,
         "max_diff": diff,
     }

@@ -16,7 +16,6 @@ decode step does not compile yet (docs/python.md).
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,39 +23,25 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import CASES, TRAINING, build  # noqa: E402
+from ab import CASES, TRAINING, alternate, build, timed  # noqa: E402
 from common import keep_freed_memory, machine_line, markdown_table, print_and_write  # noqa: E402
 
 import reformer  # noqa: E402
-
-
-def timed(step, seed: int) -> tuple[float, torch.Tensor]:
-    torch.manual_seed(seed)  # the same rotations for both
-    start = time.perf_counter()
-    out = step()
-    return time.perf_counter() - start, out
 
 
 def run_case(name: str, rounds: int) -> dict:
     kind, length = CASES[name]
     _, eager_step = build(reformer, kind, length)
     _, compiled_step = build(reformer, kind, length, compiled=True)  # the same weights (seed 0)
-    eager_first, eager_out = timed(eager_step, 0)
-    compile_s, compiled_out = timed(compiled_step, 0)
-    a, b = [], []
-    for r in range(rounds):
-        order = [(eager_step, a), (compiled_step, b)] if r % 2 == 0 else [(compiled_step, b), (eager_step, a)]
-        for step, times in order:
-            times.append(timed(step, r + 1)[0])
-    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    _, eager_out = timed(eager_step, 0)  # warm-up, and the outputs to compare
+    first_s, compiled_out = timed(compiled_step, 0)  # the compile and one step
+    times = alternate(eager_step, compiled_step, rounds)
     return {
         "case": name,
-        "compile_s": compile_s - statistics.median(b),
-        "eager_ms": 1000 * statistics.median(a),
-        "compiled_ms": 1000 * statistics.median(b),
-        "ratio": statistics.median(ratios),
-        "ratio_lo": ratios[0],
-        "ratio_hi": ratios[-1],
+        "compile_s": first_s - times["b_ms"] / 1000,
+        "eager_ms": times.pop("a_ms"),
+        "compiled_ms": times.pop("b_ms"),
+        **times,
         "max_diff": (eager_out.float() - compiled_out.float()).abs().max().item(),
     }
 
