@@ -58,6 +58,17 @@ def _compiled_equals_eager(model: torch.nn.Module, *args, backend: str = "aot_ea
             torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
+def _graph_counter():
+    """A ``torch.compile`` backend that runs each graph as it is, and the list of graphs it got."""
+    graphs = []
+
+    def count_graphs(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    return graphs, count_graphs
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()  # no compiled code or guards carried between tests
@@ -97,12 +108,7 @@ def test_one_compile_serves_many_lengths():
     """``dynamic=True``: lengths that are and are not multiples of the bucket size, one graph."""
     torch.manual_seed(0)
     model = ReformerLM(**BASE).eval()
-    graphs = []
-
-    def count_graphs(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
+    graphs, count_graphs = _graph_counter()
     compiled = torch.compile(model, backend=count_graphs, dynamic=True, fullgraph=True)
     for length in (64, 45, 101, 128):
         tokens = _tokens(length)
@@ -113,12 +119,7 @@ def test_one_compile_serves_many_lengths():
 def test_the_default_compile_serves_new_lengths_in_training_after_one_recompile():
     torch.manual_seed(0)
     model = ReformerLM(**BASE, lsh_dropout=0.1).train()
-    graphs = []
-
-    def count_graphs(gm, example_inputs):
-        graphs.append(gm)
-        return gm
-
+    graphs, count_graphs = _graph_counter()
     compiled = torch.compile(model, backend=count_graphs, fullgraph=True)
     for length in (64, 80, 45, 128):
         compiled(_tokens(length)).square().mean().backward()
