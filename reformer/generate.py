@@ -119,6 +119,7 @@ def stream(
     eos_token: int | None = None,
     use_cache: bool = True,
     seed: int | None = None,
+    compile: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ``(b,)`` of every prompt row ``(b, n)``, one step at a time.
 
@@ -126,7 +127,9 @@ def stream(
     produced ``eos_token`` keeps producing it; the stream ends when every row has. ``seed``
     (an int) makes sampling reproducible. ``use_cache`` falls back to recomputing (with a
     warning) for models whose outputs a cache cannot reproduce exactly (not causal,
-    ``strict_causal=False``). The prompt may have any integer dtype; tokens are int64. An
+    ``strict_causal=False``). ``compile`` runs each cached decode step through
+    ``torch.compile`` (the first one compiles it, which can take a minute; one graph then
+    serves every position). The prompt may have any integer dtype; tokens are int64. An
     empty batch yields nothing.
     """
     _check_prompt(model, prompt)
@@ -141,18 +144,23 @@ def stream(
     seed = _check_seed(seed)
     if eos_token is not None and not 0 <= check_int("eos_token", eos_token, 0) < model.config.num_tokens:
         raise ValueError(f"eos_token must be in [0, num_tokens={model.config.num_tokens}), got {eos_token}")
+    if not isinstance(compile, bool):
+        raise ValueError(f"compile must be True or False, got {compile!r}")
+    if compile and not use_cache:
+        raise ValueError("compile compiles the cached decode step: it needs use_cache=True")
     if use_cache:
         reason = model.cache_unsupported_reason()
         if reason is not None:
-            warnings.warn(f"use_cache: recomputing every step instead, because {reason}", stacklevel=2)
-            use_cache = False
+            uncompiled = ", uncompiled," if compile else ""
+            warnings.warn(f"use_cache: recomputing every step{uncompiled} instead, because {reason}", stacklevel=2)
+            use_cache = compile = False
     if prompt.shape[0] == 0:
         max_new_tokens = 0
-    return _stream(model, prompt.long(), max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, seed)
+    return _stream(model, prompt.long(), max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, seed, compile)
 
 
 @torch.no_grad()
-def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, seed):
+def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token, use_cache, seed, compile):
     generator = torch.Generator(prompt.device).manual_seed(seed) if seed is not None else None
     max_len = model.config.max_seq_len
     was_training = model.training
@@ -167,7 +175,7 @@ def _stream(model, prompt, max_new_tokens, temperature, top_k, top_p, eos_token,
                 logits = model(tokens[:, start:])
             elif cache is None or start != cache_start:  # (re)fill the cache with the context
                 cache, cache_start = (
-                    DecodingCache(capacity=min(max_len, tokens.shape[1] - start + max_new_tokens)),
+                    DecodingCache(capacity=min(max_len, tokens.shape[1] - start + max_new_tokens), compile=compile),
                     start,
                 )
                 logits = model(tokens[:, start:], cache=cache)

@@ -6,8 +6,9 @@ fields of :class:`reformer.config.ReformerConfig`), or a ready ``config=``.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -248,9 +249,9 @@ class Reformer(PretrainedMixin, nn.Module):
                     f"at {seen + x.shape[1]} positions a layer stops attending densely (full_attn_thres): "
                     "run the prefill again on the whole sequence with an empty cache"
                 )
-            cache.begin()
-            x = self._run_blocks(self.blocks, x, reversible=False, **kwargs, cache=cache)
-            cache.seq_len += x.shape[1]
+            cache.reserve(seen + x.shape[1])
+            x = self.run_cached(x, cache, **kwargs)
+            cache.advance(x.shape[1], x.device)
             return x
         blocks = list(self.blocks)
         if self.training and cfg.layer_dropout > 0:
@@ -259,6 +260,13 @@ class Reformer(PretrainedMixin, nn.Module):
             blocks = [b for b, k in zip(blocks, keep.tolist(), strict=True) if k]
         reversible = torch.is_grad_enabled() and x.shape[1] >= cfg.reverse_thres
         return self._run_blocks(blocks, x, reversible=reversible, **kwargs)[:, :length]
+
+    def run_cached(self, x: torch.Tensor, cache: DecodingCache, **kwargs: Any) -> torch.Tensor:
+        """The blocks on ``x`` ``(b, n, dim)`` with a decoding cache (the prefill, or one more
+        position), without the checks and bookkeeping of :meth:`forward`: the decode step's
+        hot path, which reads only tensors and fixed shapes from the cache."""
+        cache.begin()
+        return self._run_blocks(self.blocks, x, reversible=False, **kwargs, cache=cache)
 
     def _run_blocks(
         self, blocks: list[ReversibleBlock], x: torch.Tensor, reversible: bool, **kwargs: Any
@@ -324,7 +332,7 @@ class TokenModel(PretrainedMixin, nn.Module):
         """Width of the final hidden states: ``dim``, or ``2 dim`` with ``reversible_output="concat"``."""
         return self.config.dim * (2 if self.config.reversible_output == "concat" else 1)
 
-    def embed(self, tokens: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """Token + position embeddings (positions from ``offset``) at the model width: ``(b, n, dim)``."""
         x = self.token_emb(tokens.long())  # (any integer dtype: uint8 and int16 ids too)
         if self.pos_emb is not None:
@@ -452,19 +460,25 @@ class ReformerLM(TokenModel):
                 cache.clear()
                 logits.append(self._forward_cached(history, cache, context, context_mask)[:, -1:])
                 continue
-            x = self.reformer(
-                self.embed(token, offset=cache.seq_len), context=context, context_mask=context_mask, cache=cache
-            )
+            cache.reserve(cache.seq_len + 1)
+            step = _compiled_decode_token(cache.compile) if cache.compile else type(self)._decode_token
+            logits.append(step(self, token, cache, context, context_mask))
+            cache.advance(1, token.device)
             cache.tokens = torch.cat([cache.tokens, token], dim=1)
-            logits.append(self._head(x))
         return torch.cat(logits, dim=1)
+
+    def _decode_token(self, token, cache, context, context_mask) -> torch.Tensor:
+        """Logits ``(b, 1, num_tokens)`` of one more token ``(b, 1)`` through a prefilled
+        ``cache``: the decode step, with no host decisions (what ``compile`` compiles)."""
+        kwargs = {k: v for k, v in (("context", context), ("context_mask", context_mask)) if v is not None}
+        return self._head(self.reformer.run_cached(self.embed(token, offset=cache.position), cache, **kwargs))
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **options: Any) -> torch.Tensor:
         """New tokens ``(b, <= max_new_tokens)`` after ``prompt`` ``(b, n)`` (rows of equal length).
 
         Options: ``temperature`` (0 = greedy), ``top_k``, ``top_p``, ``eos_token``,
-        ``use_cache`` (default True: prefill, then cached decoding), ``seed``; see
-        :func:`reformer.generate.stream`."""
+        ``use_cache`` (default True: prefill, then cached decoding), ``seed``, ``compile``
+        (the decode step through ``torch.compile``); see :func:`reformer.generate.stream`."""
         return generate(self, prompt, max_new_tokens, **options)
 
     def stream(self, prompt: torch.Tensor, max_new_tokens: int, **options: Any) -> Iterator[torch.Tensor]:
@@ -576,3 +590,10 @@ class ReformerEncDec(PretrainedMixin, nn.Module):
         finally:
             self.encoder.train(was_training)
         return self._wrapped_decoder().generate(seq_out_start, seq_len, **dec, **rest)
+
+
+@functools.cache
+def _compiled_decode_token(backend: bool | str | Callable) -> Callable:
+    """:meth:`ReformerLM._decode_token` compiled once per backend (``True``: Inductor); Dynamo's
+    guards tell models and cache layouts apart."""
+    return torch.compile(ReformerLM._decode_token, backend="inductor" if backend is True else backend, fullgraph=True)

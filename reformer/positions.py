@@ -36,11 +36,11 @@ class AxialPositionalEmbedding(nn.Module):
     def max_len(self) -> int:
         return math.prod(self.shape)
 
-    def forward(self, length: int, device: torch.device | None = None, offset: int = 0) -> torch.Tensor:
+    def forward(self, length: int, device: torch.device | None = None, offset: int | torch.Tensor = 0) -> torch.Tensor:
         """``(length, dim)`` embeddings of positions ``offset .. offset+length-1``."""
-        if offset + length > self.max_len:
+        if isinstance(offset, int) and offset + length > self.max_len:  # (a tensor offset: decoding, checked)
             raise ValueError(f"sequence length {offset + length} exceeds the axial shape's {self.max_len} positions")
-        pos = torch.arange(offset, offset + length, device=device or self.weights[0].device)
+        pos = torch.arange(length, device=device or self.weights[0].device) + offset
         parts = []
         stride = self.max_len
         for size, weight in zip(self.shape, self.weights, strict=True):
@@ -59,8 +59,8 @@ class FixedPositionalEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.dim = dim
 
-    def forward(self, length: int, device: torch.device | None = None, offset: int = 0) -> torch.Tensor:
-        pos = torch.arange(offset, offset + length, device=device or self.inv_freq.device).float()
+    def forward(self, length: int, device: torch.device | None = None, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        pos = (torch.arange(length, device=device or self.inv_freq.device) + offset).float()
         angles = pos[:, None] * self.inv_freq[None, :]  # (len, dim/2)
         return torch.cat([angles.sin(), angles.cos()], dim=-1)[:, : self.dim]
 
@@ -73,14 +73,14 @@ class AbsolutePositionalEmbedding(nn.Module):
         self.emb = nn.Embedding(max_seq_len, dim)
         nn.init.normal_(self.emb.weight, std=0.02)
 
-    def forward(self, length: int, device: torch.device | None = None, offset: int = 0) -> torch.Tensor:
-        return self.emb(torch.arange(offset, offset + length, device=device or self.emb.weight.device))
+    def forward(self, length: int, device: torch.device | None = None, offset: int | torch.Tensor = 0) -> torch.Tensor:
+        return self.emb(torch.arange(length, device=device or self.emb.weight.device) + offset)
 
 
-def rotary_angles(length: int, dim: int, device: torch.device, offset: int = 0) -> torch.Tensor:
+def rotary_angles(length: int, dim: int, device: torch.device, offset: int | torch.Tensor = 0) -> torch.Tensor:
     """``(length, dim/2)`` rotation angles of positions ``offset .. offset+length-1``."""
     inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device).float() / dim))
-    pos = torch.arange(offset, offset + length, device=device).float()
+    pos = (torch.arange(length, device=device) + offset).float()
     return pos[:, None] * inv_freq[None, :]
 
 

@@ -186,11 +186,11 @@ class TrainingWrapper(nn.Module):
         top ``(1 - filter_thres)`` fraction of the vocabulary, :func:`top_p` the smallest set of
         tokens with probability ``1 - filter_thres``. ``input_mask`` (all True: equal-length prompts),
         and arguments of the model's forward (``context=``, ``context_mask=``, ``keys=``) pass on;
-        ``use_cache``, ``seed`` as in :meth:`ReformerLM.generate`."""
+        ``use_cache``, ``seed``, ``compile`` as in :meth:`ReformerLM.generate`."""
         one_row = isinstance(start_tokens, torch.Tensor) and start_tokens.dim() == 1
         if one_row:
             start_tokens = start_tokens[None]
-        options = {k: kwargs.pop(k) for k in ("use_cache", "seed") if k in kwargs}
+        options = {k: kwargs.pop(k) for k in ("use_cache", "seed", "compile") if k in kwargs}
         input_mask = kwargs.pop("input_mask", None)
         if input_mask is not None and not bool(torch.as_tensor(input_mask).all()):
             raise ValueError("generate takes prompts without padding: input_mask must be all True")

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from reformer import Reformer, ReformerEncDec, ReformerLM
+from reformer.attention.decode import DecodingCache
 from reformer.attention.options import LSHOptions
 
 BASE = dict(num_tokens=64, dim=32, depth=2, heads=2, bucket_size=8, n_hashes=2, max_seq_len=128, causal=True)
@@ -163,3 +164,76 @@ def test_cli_trains_through_torch_compile_and_reports_the_compile_time(tmp_path,
     assert main(args) == 0
     err = capsys.readouterr().err
     assert "torch.compile: first step" in err and "(compiling), then" in err
+
+
+DECODE_CASES = {
+    "lsh-axial": {},
+    "local-heads-memory-rotary-no-duplicates": dict(
+        n_local_attn_heads=1, num_mem_kv=2, position_emb="rotary", allow_duplicate_attention=False
+    ),  # fmt: skip
+    "local-full-lsh-absolute-standard": dict(
+        attn_layers=("local", "full", "lsh"), depth=3, position_emb="absolute", residual="standard"
+    ),  # fmt: skip
+    "fixed-tied-chunked": dict(position_emb="fixed", weight_tie=True, ff_chunks=2),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_step_compiles_to_one_graph_for_every_position(case):
+    """40 positions through a compiled cache (storage sized up front, as ``generate`` does): one
+    graph, no recompile, and each step's logits those of eager decoding."""
+    torch.manual_seed(0)
+    model = ReformerLM(**{**BASE, **DECODE_CASES[case]}).eval()
+    tokens = _tokens(60)
+    graphs, count_graphs = _graph_counter()
+    eager, compiled = DecodingCache(capacity=60), DecodingCache(capacity=60, compile=count_graphs)
+    with torch.no_grad():
+        for cache in (eager, compiled):
+            model(tokens[:, :20], cache=cache)
+        for i in range(20, 60):
+            expected = model(tokens[:, i : i + 1], cache=eager)
+            torch.testing.assert_close(model(tokens[:, i : i + 1], cache=compiled), expected, atol=1e-5, rtol=0)
+    assert len(graphs) == 1
+
+
+def test_compiled_decoding_recompiles_once_when_the_storage_grows():
+    """Past the room a cache was given, its storage doubles: a new shape, so one more graph, and
+    the logits still those of a full forward."""
+    torch.manual_seed(0)
+    model = ReformerLM(**BASE).eval()
+    tokens = _tokens(48)
+    graphs, count_graphs = _graph_counter()
+    cache = DecodingCache(capacity=24, compile=count_graphs)
+    with torch.no_grad():
+        model(tokens[:, :16], cache=cache)
+        steps = torch.cat([model(tokens[:, i : i + 1], cache=cache) for i in range(16, 48)], dim=1)
+        torch.testing.assert_close(steps, model(tokens)[:, 16:], atol=1e-5, rtol=0)
+    assert len(graphs) == 2
+
+
+def test_generate_with_compile_needs_the_cache():
+    model = ReformerLM(**BASE).eval()
+    with pytest.raises(ValueError, match="compile compiles the cached decode step: it needs use_cache=True"):
+        model.generate(_tokens(8), 4, use_cache=False, compile=True)
+    with pytest.raises(ValueError, match="compile must be True or False"):
+        model.generate(_tokens(8), 4, compile="yes")
+
+
+@pytest.mark.slow  # Inductor compiles the decode step (about half a minute on 2 cores)
+def test_cli_generates_through_torch_compile_the_same_tokens(tmp_path, capsys):
+    """Greedy decoding through Inductor writes the text eager decoding writes, and reports the
+    compile time."""
+    from reformer.cli import main
+
+    run = str(tmp_path / "run")
+    assert main(["train", "--preset", "tiny", "--seq-len", "64", "--steps", "2", "--batch-size", "2",
+                 "--eval-every", "2", "--save-every", "2", "--out", run]) == 0  # fmt: skip
+    capsys.readouterr()
+    texts = []
+    for extra in ([], ["--compile"]):
+        args = ["generate", "--checkpoint", run, "--prompt", "The ", "--max-new-tokens", "30", "--temperature", "0"]
+        assert main(args + extra) == 0
+        captured = capsys.readouterr()
+        texts.append(captured.out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("The ")
+    assert "torch.compile: first decode step" in captured.err and "ms per token" in captured.err

@@ -144,10 +144,12 @@ def test_cached_decoding_after_a_non_finite_position_equals_the_full_forward():
         full = layer(dirty)
         cache = DecodingCache()
         steps = [layer(dirty[:, :10], cache=cache)]
-        cache.seq_len = 10  # (ReformerLM keeps the count; here the layer is called alone)
+        cache.advance(10, x.device)  # (the model's bookkeeping: here the layer is called alone)
         for i in range(10, 30):
+            cache.reserve(i + 1)
             cache.begin()
             steps.append(layer(dirty[:, i : i + 1], cache=cache))
+            cache.advance(1, x.device)
         cached = torch.cat(steps, dim=1)
         finite = full.isfinite()
         assert finite[:, :j].all() and finite[:, j + 1 :].any()  # some later positions do not see j

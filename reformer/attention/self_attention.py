@@ -163,15 +163,15 @@ class LSHSelfAttention(nn.Module):
         ``pos_emb`` ``(1, n, dim_head)``: see :meth:`LSHAttention.forward`; as there, it turns
         the LSH heads' vectors of the first ``n`` positions (not local heads, not dense attention).
 
-        ``cache``: incremental decoding (see :mod:`reformer.attention.decode`). While its
-        ``seq_len`` is 0 this is the prefill, which also stores this layer's keys; after that
+        ``cache``: incremental decoding (see :mod:`reformer.attention.decode`). Until it is
+        ``prefilled`` this is the prefill, which also stores this layer's keys; after that
         ``x`` is the next position ``(b, 1, dim)``."""
         check_features("x", x, self.dim)
         if cache is not None:
             extras = (keys, input_mask, input_attn_mask, context_mask, pos_emb)
             if any(extra is not None for extra in extras):
                 raise ValueError("cached decoding takes no keys, input_mask, input_attn_mask, context_mask or pos_emb")
-            if cache.seq_len > 0:  # this layer's state exists, so the prefill below accepted it
+            if cache.prefilled:  # this layer's state exists, so the prefill below accepted it
                 return self._decode_step(x, cache.next_layer())
             reason = self.cache_unsupported_reason()
             if reason is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import codecs
 import sys
+import time
 
 from .options import UsageError, add_checkpoint_arguments, device_type, float_in, int_at_least, seed_type
 
@@ -21,6 +22,11 @@ def add_parser(subparsers) -> None:
     g.add_argument("--seed", type=seed_type, default=None, help="random seed")
     g.add_argument("--no-cache", action="store_true", help="recompute the whole context for every token")
     g.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="run the decode step through torch.compile (the first step compiles it: up to a minute)",
+    )
     g.set_defaults(func=run)
 
 
@@ -42,11 +48,23 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stdout
     out.write(args.prompt)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
+    if args.compile and args.no_cache:
+        raise UsageError("--compile compiles the cached decode step: it cannot be combined with --no-cache")
+    if args.compile:
+        print("torch.compile: the first decode step compiles it (it can take a minute)", file=sys.stderr)
     tokens = stream(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache)  # fmt: skip
+                    top_p=args.top_p, seed=args.seed, use_cache=not args.no_cache, compile=args.compile)  # fmt: skip
+    seconds = []  # per token: the prefill, the first decode step, then the others
+    start = time.perf_counter()
     for token in tokens:
         t = int(token[0])
         out.write(decoder.decode(bytes([t])) if decoder else vocab.decode([t]))
         out.flush()
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
     out.write((decoder.decode(b"", final=True) if decoder else "") + "\n")
+    if args.compile and len(seconds) > 2:
+        rest = sum(seconds[2:]) / len(seconds[2:])
+        print(f"torch.compile: first decode step {seconds[1]:.1f} s (compiling), then {rest * 1000:.1f} ms per token",
+              file=sys.stderr)  # fmt: skip
     return 0
