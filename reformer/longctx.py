@@ -261,7 +261,7 @@ def evaluate_model(model: ReformerLM, cfg: LongCtxConfig, label: str, valid: Doc
 
 
 _PROBE = """
-import json, sys, torch
+import json, sys, time, torch
 from reformer import ReformerConfig, ReformerLM
 config, batch, device = json.loads(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 torch.manual_seed(0)
@@ -274,32 +274,44 @@ def step():  # as reformer.train runs it
 def status(field):  # kB
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 
+def timed_step():
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
 step()  # loads the kernels' code and workspaces, which are not the step's memory
 model.zero_grad(set_to_none=True)
 if device.startswith("cuda"):
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    step()
+    seconds = [timed_step()]
     peak = torch.cuda.max_memory_allocated() - before
 else:
     open("/proc/self/clear_refs", "w").write("5")  # resets the peak resident set (VmHWM)
     before = status("VmRSS")
-    step()
+    seconds = [timed_step()]
     peak = (status("VmHWM") - before) * 1024
-print(json.dumps({"peak_bytes": peak}))
+seconds += [timed_step() for _ in range(2)]
+print(json.dumps({"peak_bytes": peak, "seconds_per_step": sorted(seconds)[1]}))
 """
 
 
-def peak_step_memory(config: ReformerConfig, batch_size: int, device: str) -> int:
-    """Peak memory of a training step (forward + backward, after a first one) above the memory
-    before it, in a fresh process: resident set on CPU (glibc returning freed blocks, so it is
-    live memory; Linux), allocated memory on CUDA."""
+def step_probe(config: ReformerConfig, batch_size: int, device: str) -> dict:
+    """A training step (forward + backward, after a first one) in a fresh process: its peak
+    memory above the memory before it (resident set on CPU, glibc returning freed blocks, so it
+    is live memory; Linux; allocated memory on CUDA) and the median time of three steps, which,
+    unlike the training's own timing, can be taken on an idle machine."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "REFORMER_KEEP_FREED_MEMORY": "0"}
     args = [sys.executable, "-c", _PROBE, json.dumps(config.to_dict()), str(batch_size), device]
     done = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
-        raise ChildProcessError(f"the memory probe failed: {done.stderr.strip().splitlines()[-1:]}")
-    return int(json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"])
+        raise ChildProcessError(f"the step probe failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _cached_json(path: Path, key: dict, compute) -> dict:
@@ -346,8 +358,13 @@ def model_results(cfg: LongCtxConfig, label: str, model: ReformerLM, state: Trai
     return {
         **training_summary(state, cfg.train_config()),
         **evaluate_model(model, cfg, label, src.splits["valid"]),
-        "peak_step_bytes": peak_step_memory(cfg.model_config(label), cfg.batch_size, device),
+        **_probe_results(cfg, label, device),
     }
+
+
+def _probe_results(cfg: LongCtxConfig, label: str, device: str) -> dict:
+    probe = step_probe(cfg.model_config(label), cfg.batch_size, device)
+    return {"peak_step_bytes": probe["peak_bytes"], "probe_seconds_per_step": probe["seconds_per_step"]}
 
 
 def training_summary(state: TrainState, tcfg: TrainConfig) -> dict:
@@ -403,8 +420,10 @@ def longctx_table(results: dict) -> str:
         f"{cfg['depth']} layers of width {cfg['dim']}, {cfg['steps']:,} steps of {cfg['batch_size']} windows; "
         "validation bits per byte on windows inside one document, +- standard error (clustered by document)",
         "",
-        "| model | evaluated with | bits/byte | vs full (paired) | " + " | ".join(head) + " | s/step | peak MB |",
-        "|---" * (6 + len(head)) + "|",
+        "| model | evaluated with | bits/byte | vs full (paired) | "
+        + " | ".join(head)
+        + " | s/step (training) | s/step (alone) | peak MB |",
+        "|---" * (7 + len(head)) + "|",
     ]
     for label, m in models.items():
         for setting in [k for k in m if isinstance(m[k], dict) and "bpb" in m[k]]:
@@ -413,9 +432,10 @@ def longctx_table(results: dict) -> str:
             vs = "-" if diff is None or (label, setting) == ("full", "trained") else \
                 f"{diff[0]:+.3f} +- {diff[1]:.3f} ({verdict(*diff)})"  # fmt: skip
             cells = " | ".join(f"{x:.3f} +- {e:.3f}" for x, e in r["by_position"])
-            cost = " | "  # the training cost is the trained attention's
+            cost = " | | "  # the training cost is the trained attention's
             if setting == "trained":
-                cost = f"{m['seconds_per_step']:.2f} | {m['peak_step_bytes'] / 2**20:,.0f}"
+                alone = f"{m['probe_seconds_per_step']:.2f}" if "probe_seconds_per_step" in m else "-"
+                cost = f"{m['seconds_per_step']:.2f} | {alone} | {m['peak_step_bytes'] / 2**20:,.0f}"
             lines.append(f"| {label} | {setting} | {r['bpb']:.3f} +- {r['se']:.3f} | {vs} | {cells} | {cost} |")
     if models:
         first = next(iter(models.values()))

@@ -172,13 +172,16 @@ def test_config_builds_the_models_it_names_with_equal_sizes():
             LongCtxConfig(**{**TOY, **bad})
 
 
-def test_peak_step_memory_is_measured_in_a_fresh_process():
+def test_the_step_probe_measures_memory_and_time_in_a_fresh_process():
     cfg = LongCtxConfig(**TOY)
-    assert longctx.peak_step_memory(cfg.model_config("full"), 2, "cpu") > 64 * 64 * 4  # at least one score matrix
+    probe = longctx.step_probe(cfg.model_config("full"), 2, "cpu")
+    assert probe["peak_bytes"] > 64 * 64 * 4  # at least one score matrix
+    assert 0 < probe["seconds_per_step"] < 60
 
 
 def test_longctx_runs_subsets_resumes_and_reports_every_finished_model(stdlib, tmp_path, monkeypatch):
-    monkeypatch.setattr(longctx, "peak_step_memory", lambda config, batch, device: 1234)  # tested above
+    probe = {"peak_bytes": 1234, "seconds_per_step": 0.5}
+    monkeypatch.setattr(longctx, "step_probe", lambda config, batch, device: probe)  # tested above
     cfg, out = LongCtxConfig(**TOY), tmp_path / "study"
     first = run_longctx(cfg, out, only=("full",))
     assert list(first["models"]) == ["full"] and first["not_yet_run"] == ["transformer", "lsh-1", "local"]
@@ -195,8 +198,9 @@ def test_longctx_runs_subsets_resumes_and_reports_every_finished_model(stdlib, t
     assert (full_ckpt / "trainer.pt").stat().st_mtime_ns == mtime  # full was neither retrained nor re-saved
     lsh = results["models"]["lsh-1"]
     assert [p[0] for p in lsh["curve"]] == [1, 2]  # resumed at step 1: each step once
-    assert set(lsh) >= {"trained", "lsh-2", "full", "peak_step_bytes", "seconds_per_step"}
-    assert lsh["peak_step_bytes"] == 1234 and lsh["n_windows"] == len(lsh["trained"]["windows"]) <= 12
+    assert set(lsh) >= {"trained", "lsh-2", "full", "peak_step_bytes", "seconds_per_step", "probe_seconds_per_step"}
+    assert lsh["peak_step_bytes"] == 1234 and lsh["probe_seconds_per_step"] == 0.5
+    assert lsh["n_windows"] == len(lsh["trained"]["windows"]) <= 12
     assert len(lsh["trained"]["by_position"]) == 4
     assert results["models"]["full"] == first["models"]["full"]  # cached evaluation reused
     written = json.loads((out / "longctx.json").read_text())
@@ -212,7 +216,8 @@ def test_longctx_runs_subsets_resumes_and_reports_every_finished_model(stdlib, t
 
 
 def test_reproduce_longctx_cli_end_to_end(stdlib, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(longctx, "peak_step_memory", lambda config, batch, device: 1234)
+    probe = {"peak_bytes": 1234, "seconds_per_step": 0.5}
+    monkeypatch.setattr(longctx, "step_probe", lambda config, batch, device: probe)
     monkeypatch.setitem(longctx.LONGCTX_SCALES, "pilot", LongCtxConfig(**TOY))
     out, docs = tmp_path / "study", tmp_path / "docs"
     argv = ["reproduce", "longctx", "--scale", "pilot", "--models", "transformer", "--out", str(out),
