@@ -139,6 +139,20 @@ def test_compiled_triton_backend_is_one_graph_equal_to_eager(training):
         assert [node.target for node in graph.graph.nodes if node.target in kernels] == kernels
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_exported_triton_backend_keeps_the_operator_and_equals_eager():
+    """``torch.export`` keeps the forward operator whole (a ``triton_op`` too: an exported program
+    stays free of kernel source) and the exported program computes what eager computes."""
+    layer = LSHAttention(bucket_size=16, n_hashes=2, max_seq_len=64, backend="triton").eval()
+    gen = torch.Generator().manual_seed(0)
+    qk, v = (torch.randn(2, 40, 32, generator=gen).to(DEVICE) for _ in range(2))
+    with torch.no_grad():
+        program = torch.export.export(layer, (qk, v))
+        torch.testing.assert_close(program.module()(qk, v)[0], layer(qk, v)[0], atol=1e-6, rtol=0)
+    targets = [node.target for node in program.graph.nodes]
+    assert targets.count(torch.ops.reformer.lsh_triton_windows.default) == 1
+
+
 @pytest.mark.parametrize(
     "masked, causal, strict", [(True, True, True), (False, True, False)], ids=["strict-masked", "classic"]
 )
