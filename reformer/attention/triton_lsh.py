@@ -331,7 +331,9 @@ def _launch_args(
     b, total = slot_row.shape
     n = total // c
     has_mask = key_valid is not None
-    index = (slot_row, slot_bucket, key_valid.view(torch.uint8) if has_mask else slot_row)  # unread without a mask
+    slot_row, slot_bucket = slot_row.contiguous(), slot_bucket.contiguous()
+    valid = key_valid.contiguous().view(torch.uint8) if has_mask else slot_row  # without a mask: unread
+    index = (slot_row, slot_bucket, valid)
     sizes = (total, n, c, inv.shape[-1], self_logit(q.dtype, self_value))
     flags = dict(
         D=q.shape[-1],
