@@ -202,34 +202,39 @@ def load_labelled(spec: str, vocab: str | Vocab, seq_len: int, labels: tuple[str
 
 class ExampleSampler:
     """Batches of documents of a :class:`LabelledSet`: each epoch in a fresh random order (from
-    a seeded generator), or with ``shuffle=False`` in the stored order, wrapping around. Its
-    state (generator, order, position) travels with checkpoints."""
+    a seeded generator), or for ``evaluation`` in the stored order, wrapping around, where the
+    documents repeated to fill a batch get label -100 (ignored, so each is scored once). Its
+    state (generator, order, position, passes) travels with checkpoints."""
 
-    def __init__(self, data: LabelledSet, batch_size: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, data: LabelledSet, batch_size: int, seed: int = 0, evaluation: bool = False):
         if len(data) == 0:
             raise ValueError("no documents to draw batches from")
-        self.data, self.batch_size, self.shuffle = data, batch_size, shuffle
+        self.data, self.batch_size, self.evaluation = data, batch_size, evaluation
         self.generator = torch.Generator().manual_seed(seed)
-        self.order, self.position = self._new_order(), 0
+        self.order, self.position, self.passes = self._new_order(), 0, 0
 
     def _new_order(self) -> torch.Tensor:
         n = len(self.data)
-        return torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        return torch.arange(n) if self.evaluation else torch.randperm(n, generator=self.generator)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``ids`` ``(batch, seq_len)``, ``input_mask`` ``(batch, seq_len)`` and ``labels`` ``(batch,)``."""
-        picked, needed = [], self.batch_size
+        picked, repeated, needed = [], [], self.batch_size
         while needed:
             if self.position == len(self.order):
-                self.order, self.position = self._new_order(), 0
+                self.order, self.position, self.passes = self._new_order(), 0, self.passes + 1
             take = min(needed, len(self.order) - self.position)
             picked.append(self.order[self.position : self.position + take])
+            repeated.append(torch.full((take,), self.evaluation and self.passes > 0))
             self.position, needed = self.position + take, needed - take
-        return self.data.rows(torch.cat(picked))
+        ids, mask, labels = self.data.rows(torch.cat(picked))
+        return ids, mask, labels.masked_fill(torch.cat(repeated), -100)
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position}
+        return {"generator": self.generator.get_state(), "order": self.order, "position": self.position,
+                "passes": self.passes}  # fmt: skip
 
     def load_state_dict(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
         self.order, self.position = state["order"], state["position"]
+        self.passes = state.get("passes", 0)  # (training samplers saved before passes were counted)

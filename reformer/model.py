@@ -454,7 +454,7 @@ class ReformerLM(TokenModel):
             return self._head(x)
         logits = []
         for i in range(tokens.shape[1]):  # one position at a time
-            token = tokens[:, i : i + 1]
+            token = tokens[:, i : i + 1].contiguous()  # (strides of a growing history would recompile a compiled step)
             if cache.stale_at(cache.seq_len + 1):  # a layer stops attending densely: start again
                 history = torch.cat([cache.tokens, token], dim=1)
                 cache.clear()

@@ -188,8 +188,8 @@ class CausalLM:
         return lm_loss(model, batch[0], precision, batch[1] if len(batch) > 1 else None)
 
     def metrics(self, model: torch.nn.Module, batch: Batch, precision: str) -> dict[str, float]:
-        loss = self.loss(model, batch, precision).item()
-        return {"eval_loss": loss, "eval_bpc": loss / math.log(2)}
+        loss = self.loss(model, batch, precision).item()  # (batches of equal size: each counts 1)
+        return {"eval_loss": loss, "eval_bpc": loss / math.log(2), "count": 1.0}
 
 
 class MaskingSampler:
@@ -252,7 +252,7 @@ class Classification:
     def sampler(self, data: Data, cfg: TrainConfig, seed: int, evaluation: bool = False) -> ExampleSampler:
         if not isinstance(data, LabelledSet):
             raise ValueError("classification reads labelled documents, not a token stream")
-        return ExampleSampler(data, cfg.batch_size * distributed.world_size(), seed=seed, shuffle=not evaluation)
+        return ExampleSampler(data, cfg.batch_size * distributed.world_size(), seed=seed, evaluation=evaluation)
 
     def loss(self, model: torch.nn.Module, batch: Batch, precision: str) -> torch.Tensor:
         ids, mask, labels = batch
@@ -267,9 +267,12 @@ class Classification:
 
 
 def _scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Mean cross-entropy (nats) and accuracy of ``logits`` ``(m, classes)`` against ``labels`` ``(m,)``."""
-    return {"eval_loss": torch.nn.functional.cross_entropy(logits.float(), labels).item(),
-            "eval_accuracy": (logits.argmax(dim=-1) == labels).float().mean().item()}  # fmt: skip
+    """Summed cross-entropy (nats) and correct predictions of ``logits`` ``(m, classes)`` against
+    ``labels`` ``(m,)``, and the ``count`` of labels scored (-100: none)."""
+    scored = labels != -100
+    return {"eval_loss": torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item(),
+            "eval_accuracy": ((logits.argmax(dim=-1) == labels) & scored).sum().item(),
+            "count": scored.sum().item()}  # fmt: skip
 
 
 Objective = CausalLM | MaskedLM | Classification
@@ -298,7 +301,9 @@ def next_batch(source, device: torch.device) -> Batch:
 def evaluate(model: TokenModel, data: Data, cfg: TrainConfig) -> dict:
     """The objective's validation metrics (loss in nats; bits per token for ``causal``, accuracy
     for ``mlm`` and ``classify``), on the same ``cfg.eval_batches`` batches every time, so
-    evaluations are comparable (averaged over batches and processes, each scoring its rows)."""
+    evaluations are comparable. Each batch's metrics are sums over what it scored and their
+    ``count``: the result is the mean over every item scored, in all batches and processes
+    (each process scores its rows; NaN if nothing was scored)."""
     objective = objective_for(cfg, model.config)
     source = objective.sampler(data, cfg, seed=cfg.seed + 1, evaluation=True)
     device = next(model.parameters()).device
@@ -309,7 +314,8 @@ def evaluate(model: TokenModel, data: Data, cfg: TrainConfig) -> dict:
         for name, value in objective.metrics(model, next_batch(source, device), cfg.precision).items():
             totals[name] = totals.get(name, 0.0) + value
     model.train(was_training)
-    return {name: distributed.mean(total / cfg.eval_batches) for name, total in totals.items()}
+    count = distributed.mean(totals.pop("count"))  # (means over processes: their ratio is that of the sums)
+    return {name: distributed.mean(total) / count if count else math.nan for name, total in totals.items()}
 
 
 def tokens_per_step(cfg: TrainConfig) -> int:

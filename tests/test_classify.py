@@ -14,7 +14,7 @@ from reformer.cli import main
 from reformer.data import WindowSampler
 from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
 from reformer.labelled import ExampleSampler, load_labelled, read_label_folders, read_tsv
-from reformer.train import MaskedLM, TrainConfig, objective_for, train
+from reformer.train import MaskedLM, TrainConfig, evaluate, objective_for, train
 
 SMALL = dict(dim=32, depth=1, heads=2, bucket_size=8, n_hashes=1, max_seq_len=16, causal=False, pooling="mean")
 
@@ -82,7 +82,7 @@ def test_long_documents_are_truncated_and_padding_is_masked(tmp_path):
     path.write_text("".join(f"{'x' if i % 2 else 'y'}\t{'z' * (i + 1)}\n" for i in range(60)))
     data = load_labelled(str(path), "byte", 8).train
     assert data.ids.shape[1] == 8 and data.lengths.max() == 8 and data.lengths.min() < 8
-    ids, mask, _ = ExampleSampler(data, 5, shuffle=False).next_batch()
+    ids, mask, _ = ExampleSampler(data, 5, evaluation=True).next_batch()
     assert torch.equal(mask.sum(1), data.lengths[:5]) and torch.all(ids[~mask] == 0)
 
 
@@ -122,6 +122,24 @@ def test_a_resumed_classify_run_equals_an_uninterrupted_one(tmp_path):
     resumed = train(_classifier(), data.train, data.valid, cfg, tmp_path / "b", resume=True)
     assert [r["loss"] for r in resumed.history] == [r["loss"] for r in straight.history]
     assert resumed.history[-1]["eval_accuracy"] == straight.history[-1]["eval_accuracy"]
+
+
+def test_evaluation_scores_each_validation_document_once(tmp_path):
+    """7 documents in batches of 3: the third batch repeats two to fill it, unscored, so the
+    accuracy and loss are those of the 7 documents, not of 9."""
+    data = load_labelled(str(write_tsv(tmp_path / "d.tsv")), "byte", 16).train
+    valid = type(data)(data.ids[:7], data.lengths[:7], data.labels[:7])
+    sampler = ExampleSampler(valid, 3, evaluation=True)
+    labels = torch.cat([sampler.next_batch()[2] for _ in range(3)])
+    assert torch.equal(labels, torch.cat([valid.labels, torch.tensor([-100, -100])]))
+    model = _classifier().eval()
+    with torch.no_grad():
+        logits = model(*valid.rows(torch.arange(7))[:2])  # (7, 2) every document once
+    expected_accuracy = (logits.argmax(-1) == valid.labels).float().mean().item()
+    expected_loss = F.cross_entropy(logits, valid.labels).item()
+    scores = evaluate(model, valid, _cfg(batch_size=3, eval_batches=3))
+    assert scores["eval_accuracy"] == pytest.approx(expected_accuracy, abs=1e-6)
+    assert scores["eval_loss"] == pytest.approx(expected_loss, abs=1e-5)
 
 
 def test_the_masked_lm_loss_counts_the_masked_positions_only():

@@ -379,3 +379,18 @@ def test_loading_a_state_dict_brings_its_hash_seed_into_eval_hashing():
     assert not torch.equal(saved(qk, v)[2], fresh(qk, v)[2])
     fresh.load_state_dict(saved.state_dict())
     assert torch.equal(saved(qk, v)[2], fresh(qk, v)[2])  # the buckets
+
+
+def test_writing_the_hash_seed_buffer_in_place_changes_eval_hashing():
+    """A write into the buffer (as DDP's broadcast from rank 0 makes, or ``fill_``), or a new
+    buffer, takes effect at the next eager forward."""
+    qk, v = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
+    seven = LSHAttention(bucket_size=8, n_hashes=2, hash_seed=7).eval()
+    layer = LSHAttention(bucket_size=8, n_hashes=2, hash_seed=2).eval()
+    layer(qk, v)  # eval rotations drawn (and cached) for seed 2
+    with torch.no_grad():
+        layer.hash_seed.fill_(7)
+    assert torch.equal(layer(qk, v)[2], seven(qk, v)[2])
+    layer.hash_seed = torch.tensor(2)
+    assert torch.equal(layer(qk, v)[2], LSHAttention(bucket_size=8, n_hashes=2, hash_seed=2).eval()(qk, v)[2])
+    assert not torch.equal(layer(qk, v)[2], seven(qk, v)[2])

@@ -113,10 +113,23 @@ class LSHAttention(nn.Module):
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, (), device="cpu").item())  # also under a meta device
         self.register_buffer("hash_seed", torch.tensor(int(seed), dtype=torch.int64))
-        # The buffer's value, kept where it is set (here and on loading): reading the buffer at
-        # each forward would wait for a GPU and break torch.compile's graph.
+        # The buffer's value as an int: reading the buffer at each forward would wait for a GPU
+        # and break torch.compile's graph. Eager forwards re-read it after any write (its version
+        # counter moves: load_state_dict, DDP's broadcast, fill_); a compiled one uses the int,
+        # which loading also refreshes.
         self._seed = int(seed)
+        self._seed_stamp = self._buffer_stamp()
         self._eval_rotations: tuple[tuple, torch.Tensor] | None = None
+
+    def _buffer_stamp(self) -> tuple[int, int]:
+        seed = self.hash_seed  # (an inference-mode tensor has no version counter: loading still refreshes)
+        return id(seed), -1 if seed.is_inference() else seed._version
+
+    def _current_seed(self) -> int:
+        """The ``hash_seed`` buffer's value (read from it only when it was written or replaced)."""
+        if not torch.compiler.is_compiling() and self._buffer_stamp() != self._seed_stamp:
+            self._seed, self._seed_stamp = int(self.hash_seed), self._buffer_stamp()
+        return self._seed
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -147,7 +160,7 @@ class LSHAttention(nn.Module):
             rotations = draw_rotations(d, rounds, n_buckets, n_sets, seed=self._seed, device=qk.device, dtype=qk.dtype)
         else:  # the same rotations every time: drawn once per seed and shape (decoding hashes per token);
             # n_hashes is part of the shape: it may be changed after training (reformer.switch)
-            key = (self._seed, d, rounds, n_buckets, n_sets, qk.device, qk.dtype)
+            key = (self._current_seed(), d, rounds, n_buckets, n_sets, qk.device, qk.dtype)
             if self._eval_rotations is None or self._eval_rotations[0] != key:
                 drawn = draw_rotations(d, rounds, n_buckets, n_sets, seed=key[0], device=qk.device, dtype=qk.dtype)
                 self._eval_rotations = (key, drawn)

@@ -256,8 +256,9 @@ def new_model_config(config, corpus, args: argparse.Namespace) -> None:
 
 
 def default_eval_batches(corpus, args: argparse.Namespace) -> int:
-    """A classifier's evaluation covers its validation split (the last batch wraps round to its
-    first documents); a language model's scores 4 batches of random windows."""
+    """A classifier's evaluation scores each document of its validation split once (the last
+    batch is filled with repeats, which are not scored); a language model's scores 4 batches of
+    random windows."""
     from .. import distributed
 
     if args.objective != "classify":
