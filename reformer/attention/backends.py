@@ -126,6 +126,8 @@ def _flex_kernel() -> WindowKernel:
 def _triton_limits(qk: torch.Tensor, v: torch.Tensor, bucket_size: int) -> str | None:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install 'reformer-torch[gpu]')"
+    if not hasattr(torch.library, "triton_op"):  # the kernel is an operator pair defined with it
+        return f"torch {torch.__version__} has no torch.library.triton_op (torch >= 2.6 has)"
     if qk.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"device {qk.device} (needs CUDA, or TRITON_INTERPRET=1 on CPU)"
     return None

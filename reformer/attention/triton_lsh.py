@@ -15,6 +15,13 @@ one program per key chunk accumulates ``dk``/``dv`` over the two query chunks th
 Gradients are written per slot in fp32 and summed over rounds by a gather, so the result
 is deterministic (no atomics).
 
+The launches are two PyTorch operators, so that ``torch.compile`` and ``torch.export`` see them:
+``reformer::lsh_triton_windows`` (per-slot ``out``, ``lse`` and the row max and sum the backward
+needs) and ``reformer::lsh_triton_windows_backward``, registered as its gradient. They take
+tensors and plain values only (the layout's index tensors and chunk size, the rules' flags).
+With compiled kernels they are ``torch.library.triton_op``s launching through ``wrap_triton``;
+under the interpreter, opaque custom operators (see ``_define_operator``).
+
 Supported subset (the rest runs on the chunked path; see :mod:`reformer.attention.backends`):
 no dropout, no ``return_attn``, ``allow_duplicate_attention=True``, ``exp_lse=False``.
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (how the tests check it without a GPU).
@@ -25,6 +32,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from .common import self_logit
 from .slots import SlotInputs, SlotLayout, WindowRules
@@ -305,74 +314,169 @@ def _backward_dkv_kernel(
     tl.store(dv_ptr + slot[:, None] * DV + tl.arange(0, DV)[None, :], dv, mask=k_live[:, None])
 
 
-def _kernel_args(inputs: SlotInputs, layout: SlotLayout, rules: WindowRules) -> tuple[tuple, dict]:
-    """Index tensors, sizes and compile-time flags shared by the three kernels."""
-    slot_row = layout.slot_row.to(torch.int32).contiguous()  # rows < 2**31: b * len up to 2G positions
-    slot_bucket = layout.slot_bucket.to(torch.int32).contiguous()
-    has_mask = layout.key_valid is not None
-    key_valid = layout.key_valid.view(torch.uint8) if has_mask else slot_row  # unread without a mask
-    tensors = (slot_row, slot_bucket, key_valid)
-    sizes = (layout.total, layout.n, layout.c, layout.lp, self_logit(inputs.q.dtype, rules.self_value))
+def _launch_args(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    slot_row: torch.Tensor,
+    slot_bucket: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    inv: torch.Tensor,
+    c: int,
+    causal: bool,
+    strict: bool,
+    attend_across_buckets: bool,
+    self_value: float,
+) -> tuple[tuple, tuple, dict]:
+    """Grid, index tensors and sizes, and compile-time flags shared by the three kernels."""
+    b, total = slot_row.shape
+    n = total // c
+    has_mask = key_valid is not None
+    slot_row, slot_bucket = slot_row.contiguous(), slot_bucket.contiguous()
+    valid = key_valid.contiguous().view(torch.uint8) if has_mask else slot_row  # without a mask: unread
+    index = (slot_row, slot_bucket, valid)
+    sizes = (total, n, c, inv.shape[-1], self_logit(q.dtype, self_value))
     flags = dict(
-        D=inputs.q.shape[-1],
-        DV=inputs.v.shape[-1],
-        BLOCK=max(16, triton.next_power_of_2(layout.c)),  # tl.dot needs >= 16 lanes
-        CAUSAL=rules.causal,
-        STRICT=rules.strict,
-        ACROSS=rules.attend_across_buckets,
+        D=q.shape[-1],
+        DV=v.shape[-1],
+        BLOCK=max(16, triton.next_power_of_2(c)),  # tl.dot needs >= 16 lanes
+        CAUSAL=causal,
+        STRICT=strict,
+        ACROSS=attend_across_buckets,
         HAS_MASK=has_mask,
-        PRECISION="ieee" if inputs.q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",  # fp32 stays fp32 (no TF32)
     )
-    return tensors + sizes, flags
+    return (n, b), index + sizes, flags
 
 
-def _sum_rounds(per_slot: torch.Tensor, layout: SlotLayout) -> torch.Tensor:
-    """``(b, h * lp, e)`` per-slot gradients -> ``(b * lp, e)`` per position, summed over rounds."""
-    b, h, lp = layout.inv.shape
+def _sum_rounds(per_slot: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``(b, h * lp, e)`` per-slot gradients -> ``(b * lp, e)`` per position, summed over rounds
+    (``inv`` ``(b, h, lp)``: the slot of each position in a round)."""
+    b, h, lp = inv.shape
     e = per_slot.shape[-1]
-    per_round = per_slot.view(b, h, lp, e).gather(2, layout.inv[..., None].expand(-1, -1, -1, e))  # (b, h, lp, e)
+    per_round = per_slot.view(b, h, lp, e).gather(2, inv[..., None].expand(-1, -1, -1, e))  # (b, h, lp, e)
     return per_round.sum(1).view(b * lp, e)
 
 
-class _TritonWindows(torch.autograd.Function):
-    """``(q, k, v)`` flattened ``(b * lp, .)`` -> per-slot ``out`` ``(b, h * lp, dv)`` and fp32
-    ``lse`` ``(b, h * lp)``; both differentiable."""
+#: With compiled kernels, ``triton_op``: AOTAutograd traces the operators into their kernel launches,
+#: which Inductor compiles with the rest of the graph. Under ``TRITON_INTERPRET=1`` (the CPU tests)
+#: ``triton.jit`` makes interpreted kernels, which ``wrap_triton`` cannot put in a graph: there the
+#: operators are opaque custom operators, which a compiled graph calls as a whole.
+_define_operator = (
+    torch.library.custom_op if isinstance(_forward_kernel, InterpretedFunction) else torch.library.triton_op
+)
 
-    @staticmethod
-    def forward(ctx, q, k, v, layout: SlotLayout, rules: WindowRules):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        b, total = layout.slot_row.shape
-        args, flags = _kernel_args(SlotInputs(q, k, v), layout, rules)
-        out = v.new_empty(b, total, v.shape[-1])
-        lse = torch.empty(b, total, dtype=torch.float32, device=q.device)
-        stats = torch.empty(b, total, 2, dtype=torch.float32, device=q.device)  # row max, row sum
-        _forward_kernel[(layout.n, b)](q, k, v, *args[:3], out, lse, stats, *args[3:], **flags)
-        ctx.save_for_backward(q, k, v, out, stats)
-        ctx.layout, ctx.args, ctx.flags = layout, args, flags
-        return out, lse
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, stats = ctx.saved_tensors
-        layout, args, flags = ctx.layout, ctx.args, ctx.flags
-        b, total = layout.slot_row.shape
-        # softmax backward: sum_j p_ij dp_ij == do_i . o_i; an lse gradient shifts it
-        delta = (grad_out.float() * out.float()).sum(-1)  # (b, total)
-        if grad_lse is not None:
-            delta = delta - grad_lse.float()
-        do = grad_out.to(v.dtype).contiguous()
-        dq = torch.empty(b, total, q.shape[-1], dtype=torch.float32, device=q.device)
-        dk, dv = torch.empty_like(dq), torch.empty(b, total, v.shape[-1], dtype=torch.float32, device=q.device)
-        grid = (layout.n, b)
-        _backward_dq_kernel[grid](q, k, v, do, stats, delta, *args[:3], dq, *args[3:], **flags)
-        _backward_dkv_kernel[grid](q, k, v, do, stats, delta, *args[:3], dk, dv, *args[3:], **flags)
-        grads = (_sum_rounds(g, layout).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
-        return *grads, None, None
+@_define_operator("reformer::lsh_triton_windows", mutates_args=())
+def _windows(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_row: torch.Tensor,
+    slot_bucket: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    inv: torch.Tensor,
+    c: int,
+    causal: bool,
+    strict: bool,
+    attend_across_buckets: bool,
+    self_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-slot ``out`` ``(b, h * lp, dv)``, and fp32 ``lse`` ``(b, h * lp)`` and ``stats``
+    ``(b, h * lp, 2)`` (row max, row sum: what the backward recomputes probabilities from).
+
+    ``q``, ``k``, ``v`` ``(b * lp, .)``; the layout's int32 ``slot_row`` and ``slot_bucket``
+    ``(b, h * lp)``, bool ``key_valid`` ``(b * lp,)`` or None, ``inv`` ``(b, h, lp)`` (its shape
+    gives ``lp``; the gradient sums the rounds with it) and chunk size ``c``; the rules' flags."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, total = slot_row.shape
+    grid, args, flags = _launch_args(
+        q, v, slot_row, slot_bucket, key_valid, inv, c, causal, strict, attend_across_buckets, self_value
+    )
+    out = v.new_empty(b, total, v.shape[-1])
+    lse = torch.empty(b, total, dtype=torch.float32, device=q.device)
+    stats = torch.empty(b, total, 2, dtype=torch.float32, device=q.device)
+    wrap_triton(_forward_kernel)[grid](q, k, v, *args[:3], out, lse, stats, *args[3:], **flags)
+    return out, lse, stats
+
+
+@_windows.register_fake  # (the opaque operators need it; a triton_op's traced function gives the same)
+def _(q, k, v, slot_row, slot_bucket, key_valid, inv, c, causal, strict, attend_across_buckets, self_value):
+    b, total = slot_row.shape
+    lse = torch.empty(b, total, dtype=torch.float32, device=q.device)
+    return v.new_empty(b, total, v.shape[-1]), lse, lse.new_empty(b, total, 2)
+
+
+@_define_operator("reformer::lsh_triton_windows_backward", mutates_args=())
+def _windows_backward(
+    grad_out: torch.Tensor,
+    grad_lse: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slot_row: torch.Tensor,
+    slot_bucket: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    inv: torch.Tensor,
+    c: int,
+    causal: bool,
+    strict: bool,
+    attend_across_buckets: bool,
+    self_value: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``q``, ``k``, ``v`` for ``grad_out`` and ``grad_lse`` of ``out`` and
+    ``lse`` of :func:`_windows` (with its ``stats``, and its inputs after these)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    b, total = slot_row.shape
+    grid, args, flags = _launch_args(
+        q, v, slot_row, slot_bucket, key_valid, inv, c, causal, strict, attend_across_buckets, self_value
+    )
+    # softmax backward: sum_j p_ij dp_ij == do_i . o_i; an lse gradient shifts it
+    delta = (grad_out.float() * out.float()).sum(-1) - grad_lse.float()  # (b, total)
+    do = grad_out.to(v.dtype).contiguous()
+    dq = torch.empty(b, total, q.shape[-1], dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(dq), torch.empty(b, total, v.shape[-1], dtype=torch.float32, device=q.device)
+    wrap_triton(_backward_dq_kernel)[grid](q, k, v, do, stats, delta, *args[:3], dq, *args[3:], **flags)
+    wrap_triton(_backward_dkv_kernel)[grid](q, k, v, do, stats, delta, *args[:3], dk, dv, *args[3:], **flags)
+    return tuple(_sum_rounds(g, inv).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v)))
+
+
+@_windows_backward.register_fake
+def _(grad_out, grad_lse, out, stats, q, k, v, slot_row, slot_bucket, key_valid, inv, c, causal, strict,
+      attend_across_buckets, self_value):  # fmt: skip
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    tensors, window = inputs[:7], inputs[7:]  # q, k, v and the layout's tensors; c and the rules
+    out, _, stats = output
+    ctx.save_for_backward(out, stats, *tensors)
+    ctx.window = window
+
+
+def _gradient(ctx, grad_out, grad_lse, _grad_stats):
+    grads = torch.ops.reformer.lsh_triton_windows_backward(grad_out, grad_lse, *ctx.saved_tensors, *ctx.window)
+    return *grads, *[None] * 9  # none for the layout and the rules
+
+
+_windows.register_autograd(_gradient, setup_context=_setup_context)
+
+
+def operator_args(inputs: SlotInputs, layout: SlotLayout, rules: WindowRules) -> tuple:
+    """The arguments of ``reformer::lsh_triton_windows`` for ``inputs`` in ``layout`` under ``rules``."""
+    index = (
+        layout.slot_row.to(torch.int32),  # rows < 2**31: b * len up to 2G positions
+        layout.slot_bucket.to(torch.int32),
+        layout.key_valid,
+        layout.inv,
+    )
+    return *inputs, *index, layout.c, rules.causal, rules.strict, rules.attend_across_buckets, rules.self_value
 
 
 def triton_window_attention(
     inputs: SlotInputs, layout: SlotLayout, rules: WindowRules
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slot ``out`` ``(b, h * lp, dv)`` and ``lse`` ``(b, h * lp)`` of every window."""
-    return _TritonWindows.apply(inputs.q, inputs.k, inputs.v, layout, rules)
+    out, lse, _ = torch.ops.reformer.lsh_triton_windows(*operator_args(inputs, layout, rules))
+    return out, lse
