@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_features, check_int, check_mask, check_prob, resolve_dim_head
-from .common import masked_softmax, masked_value, normalize_keys, position_dropout, quarantine_non_finite
+from .common import (
+    masked_softmax,
+    masked_value,
+    normalize_keys,
+    position_dropout,
+    quarantine_non_finite,
+    self_logit,
+)
 from .slots import padded_length
 
 
@@ -41,15 +48,24 @@ def local_attention_chunked(
     dropout: float = 0.0,
     training: bool = False,
 ) -> torch.Tensor:
-    """``qk``/``v`` ``(b, len, d)`` -> ``(b, len, dv)``."""
+    """``qk``/``v`` ``(b, len, d)`` -> ``(b, len, dv)``.
+
+    Without attention dropout in training the blocks go through ``scaled_dot_product_attention``
+    (its fused kernels keep no ``(w, kw)`` weights for the backward) with the masks as an additive
+    bias, as :func:`reformer.attention.full.full_qk_attention_sdpa` does: hidden keys the dtype's
+    most negative value, the own key ``self_logit`` (weight 0 next to any visible key, 1 when
+    nothing else is visible). NaN + bias is NaN, so non-finite keys and values are zeroed there
+    and the outputs that see them set to NaN afterwards."""
     if look_forward not in (0, 1):
         raise ValueError(f"look_forward must be 0 or 1, got {look_forward!r}")
     b, length, d = qk.shape
     w = window_size
-    qk, v, bad = quarantine_non_finite(qk, v)
+    explicit = dropout > 0 and training
+    qk, v, bad = quarantine_non_finite(qk, v, key_fill=torch.nan if explicit else 0.0)
     lp = padded_length(length, w)
     pad = lp - length
-    valid = torch.ones(b, length, dtype=torch.bool, device=qk.device) if key_mask is None else key_mask
+    # (one row of key validity serves every batch row unless there is a mask)
+    valid = torch.ones(1, length, dtype=torch.bool, device=qk.device) if key_mask is None else key_mask
     if pad:
         qk = F.pad(qk, (0, 0, 0, pad))
         v = F.pad(v, (0, 0, 0, pad))
@@ -58,21 +74,37 @@ def local_attention_chunked(
     q = qk.view(b, n, w, d)
     k = _neighbours(normalize_keys(qk).view(b, n, w, d), look_forward, 0.0)  # (b, n, kw, d)
     vv = _neighbours(v.view(b, n, w, -1), look_forward, 0.0)
-    dots = torch.matmul(q, k.transpose(-1, -2)) * d**-0.5  # (b, n, w, kw)
 
     q_pos = torch.arange(lp, device=qk.device).view(1, n, w)
     k_pos = _neighbours(q_pos[..., None], look_forward, -1)[..., 0]  # (1, n, kw)
-    k_valid = _neighbours(valid.view(b, n, w, 1), look_forward, False)[..., 0]  # (b, n, kw)
-    hidden = ~k_valid[:, :, None, :]
+    k_valid = _neighbours(valid.view(valid.shape[0], n, w, 1), look_forward, False)[..., 0]  # (b or 1, n, kw)
+    hidden = ~k_valid[:, :, None, :]  # (b or 1, n, 1, kw)
     if causal:
-        hidden = hidden | (k_pos[..., None, :] > q_pos[..., :, None])
-    is_self = k_pos[..., None, :] == q_pos[..., :, None]
-    probs = masked_softmax(dots, hidden, is_self)
-    if dropout > 0 and training:
+        hidden = hidden | (k_pos[..., None, :] > q_pos[..., :, None])  # (b or 1, n, w, kw)
+    is_self = k_pos[..., None, :] == q_pos[..., :, None]  # (1, n, w, kw)
+    if explicit:
+        probs = masked_softmax(torch.matmul(q, k.transpose(-1, -2)) * d**-0.5, hidden, is_self)  # (b, n, w, kw)
         rows = torch.arange(b, device=qk.device)[:, None, None, None]
         probs = position_dropout(probs, dropout, rows, q_pos[..., :, None], k_pos[..., None, :])
-    out = torch.matmul(probs, vv).view(b, lp, -1)
-    return out[:, :length].masked_fill(bad, torch.nan)
+        out = torch.matmul(probs, vv).view(b, lp, -1)
+        return out[:, :length].masked_fill(bad, torch.nan)
+    hidden = hidden.expand(-1, -1, w, -1)
+    bias = torch.zeros(hidden.shape, dtype=qk.dtype, device=qk.device)
+    bias.masked_fill_(hidden, masked_value(qk.dtype)).masked_fill_(is_self, self_logit(qk.dtype))
+    out = F.scaled_dot_product_attention(q, k, vv, attn_mask=bias, scale=d**-0.5).view(b, lp, -1)
+    bad_keys = _neighbours(F.pad(bad, (0, 0, 0, pad)).view(b, n, w, 1), look_forward, False)[..., 0]  # (b, n, kw)
+    sees_bad = _sees_bad(bad_keys & k_valid, w, causal).view(b, lp, 1)
+    return out[:, :length].masked_fill(sees_bad[:, :length] | bad, torch.nan)
+
+
+def _sees_bad(bad_keys: torch.Tensor, w: int, causal: bool) -> torch.Tensor:
+    """``(b, n, w)``: whether each query of a block sees one of the (visible) ``bad_keys``
+    ``(b, n, kw)`` of its window (previous block, own block, [next block]), its own key aside:
+    counted per window, not per (query, key) pair."""
+    if causal:  # query i of a block sees window slots 0 .. w + i - 1
+        return bad_keys.cumsum(dim=-1)[..., w - 1 : 2 * w - 1] > 0
+    total = bad_keys.sum(dim=-1, keepdim=True)  # (b, n, 1)
+    return total - bad_keys[..., w : 2 * w].long() > 0
 
 
 class BlockLocalAttention(nn.Module):
