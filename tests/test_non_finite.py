@@ -157,6 +157,30 @@ def test_cached_decoding_after_a_non_finite_position_equals_the_full_forward():
         torch.testing.assert_close(cached[finite], full[finite], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("look_forward", [0, 1])
+@pytest.mark.parametrize("masked", [False, True], ids=["", "masked"])
+@torch.no_grad()
+def test_bidirectional_local_attention_marks_exactly_the_queries_that_see_a_non_finite_key(look_forward, masked):
+    """The fused local path zeroes a bad key and marks, per window, the queries that see it: the
+    same queries whose outputs a change of that position's value moves (earlier ones too)."""
+    gen = torch.Generator().manual_seed(0)
+    qk, v = torch.randn(2, 30, 16, generator=gen), torch.randn(2, 30, 16, generator=gen)
+    mask = _half_masked(30) if masked else None
+    attend = partial(local_attention_chunked, window_size=4, look_forward=look_forward, key_mask=mask)
+    clean = attend(qk, v)
+    for j in (1, 13, 29):
+        moved = v.clone()
+        moved[:, j] += 10
+        sees = (attend(qk, moved) != clean).any(-1)
+        sees[:, j] = True
+        dirty = qk.clone()
+        dirty[:, j, 3] = float("nan")
+        out = attend(dirty, v)
+        assert torch.equal(~out.isfinite().all(-1), sees), j
+        assert torch.equal(out[~sees], clean[~sees]), j
+        assert sees[:, :j].any() or masked  # earlier queries see it (unless it is masked out)
+
+
 PADDED = {
     "lsh": lambda: LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_hashes=2, n_buckets=8),
     "lsh-local-heads": lambda: LSHSelfAttention(dim=16, heads=2, bucket_size=4, n_buckets=8, n_local_attn_heads=1),
