@@ -305,7 +305,9 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
 
     ``byte_vocab``: the checkpoint's tokens are bytes shifted by two special ids (as in
     ``google/reformer-enwik8``: id = byte + 2, vocab 258); keep only the 256 byte rows so that
-    token id == byte value, as in our byte-level models (the two special logits are dropped).
+    token id == byte value, as in our byte-level models (the two special logits are dropped);
+    the model's ``vocab`` (its ``vocab.json`` once saved) then says so, with a classifier's label
+    names from ``id2label``.
     """
     tf = _transformers()
     hf = model_or_dir
@@ -332,13 +334,18 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
         state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS if k in state})
     model = ours(config=cfg)
     _copy(state, model, [(theirs, mine) for mine, theirs in _names_for(model, cfg)])
+    if byte_vocab:  # (our byte vocabulary, so the command line can read it; a classifier's label names too)
+        model.vocab = {"kind": "byte"}
+        if ours is ReformerForSequenceClassification:
+            model.vocab["labels"] = [hf.config.id2label[i] for i in range(cfg.num_labels)]
     return model.to(hf.dtype).eval()
 
 
 def to_transformers(model: ReformerLM | ReformerForSequenceClassification) -> Any:
     """The ``transformers`` model (eval mode) computing what ``model`` computes:
     ``ReformerModelWithLMHead`` for a causal ``ReformerLM``, else ``ReformerForMaskedLM``;
-    ``ReformerForSequenceClassification`` for ours (whose pooling must be ``"first"``)."""
+    ``ReformerForSequenceClassification`` for ours (whose pooling must be ``"first"``; the label
+    names of its ``vocab``, if any, become ``id2label``)."""
     tf = _transformers()
     if not isinstance(model, (ReformerLM, ReformerForSequenceClassification)):
         raise TypeError(f"expected a ReformerLM or ReformerForSequenceClassification, got {type(model).__name__}")
@@ -347,6 +354,10 @@ def to_transformers(model: ReformerLM | ReformerForSequenceClassification) -> An
         if model.config.pooling != "first":
             raise _unsupported("pooling", model.config.pooling, "'first' (Hugging Face classifies the first position)")
         hf_config.num_labels, hf_config.classifier_dropout = model.config.num_labels, model.config.classifier_dropout
+        labels = (model.vocab or {}).get("labels")
+        if labels is not None:  # the label names, as transformers keeps them
+            hf_config.id2label = dict(enumerate(labels))
+            hf_config.label2id = {name: i for i, name in enumerate(labels)}
         hf = tf.ReformerForSequenceClassification(hf_config)
         pairs = _names_for(model, model.config)
     else:

@@ -146,3 +146,22 @@ def test_logits_equal_transformers_and_round_trip(kind, tmp_path):
         ours.config.pooling = "mean"
         with pytest.raises(ValueError, match="pooling"):
             to_transformers(ours)
+
+
+def test_label_names_travel_both_ways_with_a_byte_vocabulary(tmp_path, capsys):
+    """A byte-level Hugging Face classifier converts with its ``id2label`` as our vocab.json's
+    labels (so ``reformer eval`` can name them), and our label names become ``id2label``."""
+    from reformer.cli import main
+    from reformer.cli.loading import read_labels
+    from reformer.convert import from_transformers, to_transformers
+
+    names = {0: "neg", 1: "neutral", 2: "pos"}
+    config = transformers.ReformerConfig(**{**HF, "vocab_size": 258}, num_labels=3, id2label=names)
+    hf = perturbed(transformers.ReformerForSequenceClassification(config))
+    ours = from_transformers(hf, byte_vocab=True)
+    assert ours.vocab == {"kind": "byte", "labels": ["neg", "neutral", "pos"]}
+    assert to_transformers(ours).config.id2label == names
+    hf.save_pretrained(tmp_path / "hf")
+    out = tmp_path / "ours"
+    assert main(["convert", "--from-transformers", str(tmp_path / "hf"), "--out", str(out), "--byte-vocab"]) == 0
+    assert read_labels(out, ours.config) == ("neg", "neutral", "pos")
