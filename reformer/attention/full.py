@@ -6,13 +6,12 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
+    fill_masked_,
     masked_softmax,
-    masked_value,
     normalize_keys,
     position_dropout,
     quarantine_non_finite,
     reach_of,
-    self_logit,
 )
 
 
@@ -108,6 +107,5 @@ def _full_sdpa(qk: torch.Tensor, v: torch.Tensor, causal: bool, key_mask: torch.
                                                                        device=qk.device)  # fmt: skip
     if key_mask is not None:
         hidden = hidden[None] | ~key_mask[:, None, :]  # (b, len, len)
-    bias = torch.zeros(hidden.shape, dtype=qk.dtype, device=qk.device)
-    bias.masked_fill_(hidden, masked_value(qk.dtype)).masked_fill_(pos[:, None] == pos[None, :], self_logit(qk.dtype))
+    bias = fill_masked_(qk.new_zeros(hidden.shape), hidden, pos[:, None] == pos[None, :])
     return F.scaled_dot_product_attention(qk[None], keys[None], v[None], attn_mask=bias[None], scale=scale)[0]

@@ -17,12 +17,12 @@ from torch import nn
 
 from ..checks import check_features, check_int, check_mask, check_prob, resolve_dim_head
 from .common import (
+    fill_masked_,
     masked_softmax,
     masked_value,
     normalize_keys,
     position_dropout,
     quarantine_non_finite,
-    self_logit,
 )
 from .slots import padded_length
 
@@ -89,8 +89,7 @@ def local_attention_chunked(
         out = torch.matmul(probs, vv).view(b, lp, -1)
         return out[:, :length].masked_fill(bad, torch.nan)
     hidden = hidden.expand(-1, -1, w, -1)
-    bias = torch.zeros(hidden.shape, dtype=qk.dtype, device=qk.device)
-    bias.masked_fill_(hidden, masked_value(qk.dtype)).masked_fill_(is_self, self_logit(qk.dtype))
+    bias = fill_masked_(qk.new_zeros(hidden.shape), hidden, is_self)
     out = F.scaled_dot_product_attention(q, k, vv, attn_mask=bias, scale=d**-0.5).view(b, lp, -1)
     bad_keys = _neighbours(F.pad(bad, (0, 0, 0, pad)).view(b, n, w, 1), look_forward, False)[..., 0]  # (b, n, kw)
     sees_bad = _sees_bad(bad_keys & k_valid, w, causal).view(b, lp, 1)
