@@ -111,11 +111,16 @@ def timed(step: Callable[[], torch.Tensor], seed: int) -> tuple[float, torch.Ten
 def alternate(step_a: Callable[[], torch.Tensor], step_b: Callable[[], torch.Tensor], rounds: int) -> dict:
     """``rounds`` timed steps of each, A B B A ... (drift during a round hits both alike), each
     from the same seed: their medians (ms) and the ratio B / A per round (median, range)."""
+    return alternate_seconds(lambda r: timed(step_a, r + 1)[0], lambda r: timed(step_b, r + 1)[0], rounds)
+
+
+def alternate_seconds(seconds_a: Callable[[int], float], seconds_b: Callable[[int], float], rounds: int) -> dict:
+    """:func:`alternate` of two measurements, each giving the seconds of round ``r``."""
     a, b = [], []
     for r in range(rounds):
-        order = [(step_a, a), (step_b, b)] if r % 2 == 0 else [(step_b, b), (step_a, a)]
-        for step, times in order:
-            times.append(timed(step, r + 1)[0])
+        order = [(seconds_a, a), (seconds_b, b)] if r % 2 == 0 else [(seconds_b, b), (seconds_a, a)]
+        for measure, times in order:
+            times.append(measure(r))
     ratios = sorted(y / x for x, y in zip(a, b, strict=True))
     return {
         "a_ms": 1000 * statistics.median(a),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ab import CASES, TRAINING, alternate, build, timed  # noqa: E402
+from ab import CASES, TRAINING, alternate, alternate_seconds, build, timed  # noqa: E402
 from common import keep_freed_memory, machine_line, markdown_table, print_and_write  # noqa: E402
 
 import reformer  # noqa: E402
@@ -68,19 +68,15 @@ def decode_case(prompt_len: int, new_tokens: int, rounds: int) -> dict:
 
     eager_tokens = per_token(False)[1]  # warm-up
     first, compiled_tokens = per_token(True)  # the compile
-    a, b = [], []
-    for r in range(rounds):
-        for compile in (False, True) if r % 2 == 0 else (True, False):
-            (b if compile else a).append(1000 * statistics.median(per_token(compile)[0]))
-    ratios = sorted(y / x for x, y in zip(a, b, strict=True))
+    times = alternate_seconds(lambda r: statistics.median(per_token(False)[0]),
+                              lambda r: statistics.median(per_token(True)[0]), rounds)  # fmt: skip
+    compiled_ms = times.pop("b_ms")
     return {
         "prompt": prompt_len,
-        "eager_ms": statistics.median(a),
-        "compiled_ms": statistics.median(b),
-        "ratio": statistics.median(ratios),
-        "ratio_lo": ratios[0],
-        "ratio_hi": ratios[-1],
-        "compile_s": first[0] - statistics.median(b) / 1000,
+        "eager_ms": times.pop("a_ms"),
+        "compiled_ms": compiled_ms,
+        **times,
+        "compile_s": first[0] - compiled_ms / 1000,
         "same_tokens": torch.equal(eager_tokens, compiled_tokens),
     }
 
