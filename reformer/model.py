@@ -452,6 +452,7 @@ class ReformerLM(TokenModel):
             x = self.reformer(self.embed(tokens), context=context, context_mask=context_mask, cache=cache)
             cache.tokens = tokens
             return self._head(x)
+        step = _compiled_decode_token(cache.compile) if cache.compile else type(self)._decode_token
         logits = []
         for i in range(tokens.shape[1]):  # one position at a time
             token = tokens[:, i : i + 1].contiguous()  # (strides of a growing history would recompile a compiled step)
@@ -461,7 +462,6 @@ class ReformerLM(TokenModel):
                 logits.append(self._forward_cached(history, cache, context, context_mask)[:, -1:])
                 continue
             cache.reserve(cache.seq_len + 1)
-            step = _compiled_decode_token(cache.compile) if cache.compile else type(self)._decode_token
             logits.append(step(self, token, cache, context, context_mask))
             cache.advance(1, token.device)
             cache.tokens = torch.cat([cache.tokens, token], dim=1)
