@@ -117,9 +117,10 @@ LISTOPS_SCALES = {
 
 
 def run_listops(cfg: ListOpsConfig, out: Path, device: str = "cpu", only: tuple[str, ...] | None = None,
-                progress: Progress | None = None) -> dict:  # fmt: skip
+                progress: Progress | None = None, command: str | None = None) -> dict:  # fmt: skip
     """Train (or resume) the models of ``only`` (default: all of ``cfg.models``) in ``out`` and
-    write the results of every model of the study finished so far."""
+    write the results of every model of the study finished so far, with ``command`` (the command
+    line that reproduces the study, when it ran from one)."""
     only = cfg.models if only is None else tuple(only)
     unknown = [m for m in only if m not in cfg.models]
     if unknown:
@@ -129,7 +130,7 @@ def run_listops(cfg: ListOpsConfig, out: Path, device: str = "cpu", only: tuple[
     for label in only:
         train_setting(cfg.model_config(label), corpus.train, corpus.valid, cfg.train_config(), out / f"train-{label}",
                       device, progress)  # fmt: skip
-    results = collect_results(cfg, out, device, majority_share(corpus.valid.labels))
+    results = {**collect_results(cfg, out, device, majority_share(corpus.valid.labels)), "command": command}
     _write_text(out / "listops.json", json.dumps(results, indent=1) + "\n")
     _write_text(out / "listops.md", listops_table(results))
     plot_listops(results, out)
@@ -189,6 +190,8 @@ def listops_table(results: dict) -> str:
                          f"{m['parameters']:,} |")  # fmt: skip
     lines.append(f"| most common label | {results['majority_class']:.2f} | | | |")
     lines.append(f"| chance | 10.00 | {LRA_TABLE1['chance']} | | |")
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
     return "\n".join(lines) + "\n"
 
 

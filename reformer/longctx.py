@@ -326,9 +326,10 @@ def _cached_json(path: Path, key: dict, compute) -> dict:
 
 
 def run_longctx(cfg: LongCtxConfig, out: Path, device: str = "cpu", only: tuple[str, ...] | None = None,
-                progress: Progress | None = None) -> dict:  # fmt: skip
+                progress: Progress | None = None, command: str | None = None) -> dict:  # fmt: skip
     """Train (or resume) the models of ``only`` (default: all of ``cfg.models``) in ``out``,
-    evaluate them, and write the results of every model of the study finished so far."""
+    evaluate them, and write the results of every model of the study finished so far, with
+    ``command`` (the command line that reproduces the study, when it ran from one)."""
     only = cfg.models if only is None else tuple(only)
     unknown = [m for m in only if m not in cfg.models]
     if unknown:
@@ -345,7 +346,7 @@ def run_longctx(cfg: LongCtxConfig, out: Path, device: str = "cpu", only: tuple[
         _cached_json(run_dir / RESULT_FILE, key, partial(model_results, cfg, label, model, state, src, device))
         if progress is not None:
             progress(f"{label}: trained and evaluated")
-    results = collect_results(cfg, out, src.metadata(), device)
+    results = {**collect_results(cfg, out, src.metadata(), device), "command": command}
     _write_text(out / "longctx.json", json.dumps(results, indent=1) + "\n")
     _write_text(out / "longctx.md", longctx_table(results))
     plot_longctx(results, out)
@@ -445,6 +446,8 @@ def longctx_table(results: dict) -> str:
         lines += ["", "No model finished yet.", ""]
     if results["not_yet_run"]:
         lines += [f"Not yet run: {', '.join(results['not_yet_run'])}.", ""]
+    if results.get("command"):
+        lines += [f"Command: `{results['command']}`", ""]
     lines += targets(results)
     return "\n".join(lines) + "\n"
 

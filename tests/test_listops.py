@@ -115,3 +115,21 @@ def test_the_listops_study_publishes_resumable_results(tmp_path):
     assert (tmp_path / "docs" / "listops-curves.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="another configuration"):
         run_listops(ListOpsConfig(**{**cfg.__dict__, "steps": 3}), out)
+
+
+def test_reproduce_listops_cli_records_the_command_that_reproduces_the_study(tmp_path, monkeypatch, capsys):
+    from reformer import listops
+    from reformer.cli import main
+
+    tiny = listops.ListOpsConfig(seq_len=32, n_train=40, steps=2, warmup_steps=1, eval_every=1, batch_size=4, dim=16,
+                                 depth=1, heads=2, bucket_size=8, n_hashes=1)  # fmt: skip
+    monkeypatch.setitem(listops.LISTOPS_SCALES, "pilot", tiny)
+    out, docs = tmp_path / "study", tmp_path / "docs"
+    argv = ["reproduce", "listops", "--scale", "pilot", "--models", "local", "--seed", "3", "--out", str(out),
+            "--publish", str(docs)]  # fmt: skip
+    assert main(argv) == 0
+    assert "| local |" in capsys.readouterr().out
+    stored = json.loads((docs / "listops.json").read_text())
+    command = f"reformer reproduce listops --scale pilot --seed 3 --out {out} --publish {docs}"
+    assert stored["command"] == command and stored["config"]["seed"] == 3 and list(stored["models"]) == ["local"]
+    assert f"Command: `{command}`" in (docs / "listops.md").read_text()

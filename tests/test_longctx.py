@@ -227,6 +227,9 @@ def test_reproduce_longctx_cli_end_to_end(stdlib, tmp_path, monkeypatch, capsys)
     assert "| transformer | trained |" in printed
     stored = json.loads((docs / "longctx.json").read_text())
     assert stored["config"]["eval_windows"] == 4 and list(stored["models"]) == ["transformer"]
+    # the command that reproduces the whole study: every option but --models
+    command = f"reformer reproduce longctx --scale pilot --eval-windows 4 --out {out} --publish {docs}"
+    assert stored["command"] == command and f"Command: `{command}`" in (docs / "longctx.md").read_text()
     assert main(["reproduce", "longctx", "--long", "--seq-len", "64", "--out", str(tmp_path / "x")]) == 2
     assert "exclude each other" in capsys.readouterr().err
 

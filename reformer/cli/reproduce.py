@@ -4,6 +4,7 @@ far-context study and ListOps (see docs/reproduction.md, docs/long-context.md, d
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -99,12 +100,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_command(args: argparse.Namespace) -> str:
+    """The command that reproduces a whole study as ``args`` ran it: its scale and overrides,
+    without ``--models`` (the results cover every finished model), recorded in the results."""
+    words = ["reformer", "reproduce", args.experiment, "--scale", args.scale]
+    if getattr(args, "long", False):
+        words.append("--long")
+    for option in ("seq_len", "steps", "batch_size", "seed", "eval_windows", "out", "publish"):
+        value = getattr(args, option, None)
+        if value is not None:
+            words += ["--" + option.replace("_", "-"), str(value)]
+    if args.device != "cpu":
+        words += ["--device", args.device]
+    return shlex.join(words)
+
+
 def _reproduce_listops(args: argparse.Namespace, out: Path) -> int:
     from .. import listops
 
     cfg = listops.with_overrides(listops.LISTOPS_SCALES[args.scale], seq_len=args.seq_len, steps=args.steps,
                                  batch_size=args.batch_size, seed=args.seed)  # fmt: skip
-    results = listops.run_listops(cfg, out, args.device, only=args.models, progress=_progress)
+    results = listops.run_listops(cfg, out, args.device, only=args.models, progress=_progress,
+                                  command=study_command(args))  # fmt: skip
     if args.publish is not None:
         listops.publish(out, Path(args.publish))
     print(listops.listops_table(results), end="")
@@ -121,7 +138,8 @@ def _reproduce_longctx(args: argparse.Namespace, out: Path) -> int:
         scale = longctx.with_overrides(scale, seq_len=16_384, position_edges=longctx.LONG_POSITION_EDGES)
     cfg = longctx.with_overrides(scale, seq_len=args.seq_len, steps=args.steps, batch_size=args.batch_size,
                                  seed=args.seed, eval_windows=args.eval_windows)  # fmt: skip
-    results = longctx.run_longctx(cfg, out, args.device, only=args.models, progress=_progress)
+    results = longctx.run_longctx(cfg, out, args.device, only=args.models, progress=_progress,
+                                  command=study_command(args))  # fmt: skip
     if args.publish is not None:
         longctx.publish(out, Path(args.publish))
     print(longctx.longctx_table(results), end="")
