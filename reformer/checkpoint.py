@@ -49,9 +49,12 @@ def write_manifest(directory: Path) -> None:
     atomic_write(directory / MANIFEST_NAME, lambda tmp: Path(tmp).write_text(text))
 
 
-def verify_manifest(directory: Path) -> None:
+def verify_manifest(directory: Path, needed: tuple[str, ...] | None = None) -> None:
     """Raise a ValueError naming the file if one listed in ``manifest.json`` is missing,
-    truncated or altered. Directories without a manifest (older checkpoints) pass."""
+    truncated or altered. Directories without a manifest (older checkpoints) pass. ``needed``:
+    the listed files that must be present (default all); another listed file may be absent (a
+    Hub download fetches the model's files, not a training checkpoint's ``trainer.pt``), and
+    is checked when present."""
     path = directory / MANIFEST_NAME
     if not path.is_file():
         return
@@ -67,6 +70,8 @@ def verify_manifest(directory: Path) -> None:
         raise ValueError(f"corrupt checkpoint {directory}: {MANIFEST_NAME} does not list files with bytes and sha256")
     for name, entry in entries.items():
         file = directory / name
+        if not file.is_file() and needed is not None and name not in needed:
+            continue
         if not file.is_file():
             raise ValueError(f"corrupt checkpoint {directory}: {name} is missing")
         if file.stat().st_size != entry["bytes"]:
@@ -134,7 +139,7 @@ class PretrainedMixin:
         arch, saved = read_meta(directory)
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        verify_manifest(directory)
+        verify_manifest(directory, needed=(WEIGHTS_NAME,))
         kinds = {kind.__name__: kind for kind in (cls, *_subclasses(cls))}
         if arch not in kinds:  # (a subclass is one: ReformerLM.from_pretrained gives a ReformerForMaskedLM)
             raise ValueError(f"{directory} holds a {arch}, not a {cls.__name__}")

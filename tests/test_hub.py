@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from reformer import ReformerEncDec, ReformerLM, hub
-from reformer.checkpoint import MANIFEST_NAME
+from reformer.checkpoint import MANIFEST_NAME, write_manifest
 
 pytest.importorskip("huggingface_hub")
 from fake_hub import FakeHub, commit_of  # noqa: E402
@@ -94,6 +94,24 @@ def test_hub_download_then_offline_cache_then_tampering(saved, tmp_path):
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
     assert "does not match its checksum" in load(home, "org/tiny")
+
+
+def test_a_training_checkpoint_uploaded_as_it_is_loads_without_its_trainer_state(saved, tmp_path):
+    """A run's ``checkpoints/step-N`` pushed with the Hub's own tools lists ``trainer.pt`` in its
+    manifest; the download leaves that file out, and the model loads all the same."""
+    model, ckpt = saved
+    (ckpt / "trainer.pt").write_bytes(b"optimizer state")
+    write_manifest(ckpt)
+    fake = FakeHub({"org/run": {p.name: p.read_bytes() for p in ckpt.iterdir()}})
+    home = tmp_path / "hf_home"
+    try:
+        assert load(home, "org/run", endpoint=fake.endpoint) == weight_sum(model)
+    finally:
+        fake.close()
+    assert not any((home / "hub").glob("models--org--run/snapshots/*/trainer.pt"))
+    (ckpt / "trainer.pt").write_bytes(b"optimizer STATE")  # present, it is still checked
+    with pytest.raises(ValueError, match="trainer.pt does not match its checksum"):
+        ReformerLM.from_pretrained(ckpt)
 
 
 def test_the_vocabulary_travels_through_from_pretrained_and_save_pretrained(saved, tmp_path):
