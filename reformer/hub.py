@@ -54,17 +54,22 @@ def resolve(
         if revision is not None:
             raise ValueError(f"revision={revision!r} applies to a Hub repo id, and {name} is a local path")
         return Path(name)
-    hub = _hub()
+    # (a mistyped local path such as runs/name gets here too: the errors say that no directory has that name)
+    try:
+        hub = _hub()
+    except ImportError:
+        raise FileNotFoundError(f"no directory {name}; as a Hugging Face Hub repo id it needs huggingface_hub: "
+                                "pip install 'reformer-torch[hub]'") from None  # fmt: skip
     try:
         path = hub.snapshot_download(name, revision=revision, allow_patterns=list(files), token=token)
     except hub.errors.LocalEntryNotFoundError:
         raise FileNotFoundError(
             f"{name}{'@' + revision if revision else ''} is not in the Hugging Face cache and the Hub cannot be "
-            "reached (HF_HUB_OFFLINE is set, or no network)"
+            "reached (HF_HUB_OFFLINE is set, or no network); nor is it a local directory"
         ) from None
     except hub.errors.RepositoryNotFoundError:
         raise FileNotFoundError(
-            f"no Hugging Face Hub repository {name} (or it is private: log in or pass token=)"
+            f"no Hugging Face Hub repository {name} (or it is private: log in or pass token=), nor a local directory"
         ) from None
     except hub.errors.RevisionNotFoundError:
         raise FileNotFoundError(f"{name} has no revision {revision!r}") from None

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 import torch
@@ -55,3 +56,19 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"):
         ReformerLM.from_pretrained(tmp_path)
+
+
+def test_a_missing_directory_named_like_a_repo_id_is_one_clear_error_without_the_hub_extra(
+    tmp_path, monkeypatch, capsys
+):
+    """``runs/name`` with a typo looks like a Hub repo id: without huggingface_hub it is a
+    FileNotFoundError (one line from the CLI) that says no such directory exists."""
+    from reformer.cli import main
+
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails, as when it is not installed
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no directory runs/typo; as a Hugging Face Hub repo id it needs"):
+        ReformerLM.from_pretrained("runs/typo")
+    assert main(["eval", "--checkpoint", "runs/typo"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("reformer eval: error: no directory runs/typo;") and err.count("\n") == 1
