@@ -19,6 +19,7 @@ right with token 0 and an input mask keeps the padding out of attention and pool
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,9 +76,10 @@ class LabelledCorpus:
 
 
 def read_tsv(path: Path) -> list[tuple[str, str]]:
-    """``(label, text)`` of each non-blank line of a ``label<TAB>text`` file."""
+    """``(label, text)`` of each non-blank line of a ``label<TAB>text`` file (a UTF-8 byte-order
+    mark at its start, which some editors write, is not part of the first label)."""
     docs = []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(path.read_bytes().removeprefix(codecs.BOM_UTF8).split(b"\n"), start=1):
         raw = raw.removesuffix(b"\r")
         if not raw.strip():
             continue
@@ -97,7 +99,8 @@ def read_tsv(path: Path) -> list[tuple[str, str]]:
 
 
 def read_label_folders(root: Path) -> list[tuple[str, str]]:
-    """``(label, text)`` of each file under ``root/<label>/`` (hidden names skipped)."""
+    """``(label, text)`` of each file under ``root/<label>/`` (hidden names skipped); every
+    label folder must hold a document."""
     docs = []
     for file in sorted(root.rglob("*")):
         relative = file.relative_to(root)
@@ -114,6 +117,10 @@ def read_label_folders(root: Path) -> list[tuple[str, str]]:
         if not text:
             raise ValueError(f"{file}: empty document")
         docs.append((relative.parts[0], text))
+    found = {label for label, _ in docs}
+    for folder in sorted(root.iterdir()):  # a class without documents would silently vanish from the model
+        if folder.is_dir() and not folder.name.startswith(".") and folder.name not in found:
+            raise ValueError(f"{folder}: a label folder without documents")
     return docs
 
 

@@ -35,6 +35,8 @@ def test_tsv_lines_parse_and_a_bad_line_is_named_with_its_file_and_line(tmp_path
     good = tmp_path / "good.tsv"
     good.write_bytes(b"spam\tbuy now\tcheap\r\n\n ham \thello there\n")
     assert read_tsv(good) == [("spam", "buy now\tcheap"), ("ham", "hello there")]  # the text keeps later tabs
+    good.write_bytes(b"\xef\xbb\xbfspam\tx\nspam\ty\n")  # a byte-order mark (Windows editors) is not in the label
+    assert read_tsv(good) == [("spam", "x"), ("spam", "y")]
     for content, problem in [(b"a\tx\n\nno tab here\n", "3: expected 'label<TAB>text', found no tab"),
                              (b"a\tx\n\tno label\n", "2: empty label"), (b"a\t\n", "1: empty text"),
                              (b"a\tx\nb\t\xff\n", "2: not UTF-8")]:  # fmt: skip
@@ -57,6 +59,10 @@ def test_a_folder_per_label_parses_and_misplaced_or_empty_files_are_named(tmp_pa
     (root / "stray.txt").unlink()
     (root / "art" / "empty.txt").write_bytes(b"")
     with pytest.raises(ValueError, match="empty.txt: empty document"):
+        read_label_folders(root)
+    (root / "art" / "empty.txt").unlink()
+    (root / "music").mkdir()  # a label folder without documents: refused, not a class left out
+    with pytest.raises(ValueError, match="music: a label folder without documents"):
         read_label_folders(root)
 
 
