@@ -221,5 +221,9 @@ def test_cli_masked_lm_trains_and_eval_reports_masked_token_accuracy(tmp_path, c
     assert config["architecture"] == "ReformerForMaskedLM" and config["num_tokens"] == 257 and not config["causal"]
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run))
     assert code == 0 and "validation masked-token accuracy" in out
+    # resumed as a classifier: another run, said before what a classifier's checkpoint would hold
+    code, _, err = _run(capsys, "train", "--task", "classify", "--data", str(write_tsv(tmp_path / "d.tsv")), *FAST,
+                        "--batch-size", "2", "--steps", "2", "--out", str(run), "--resume")  # fmt: skip
+    assert code == 2 and "is another run: " in err and "--task/--objective classify (run: mlm)" in err, err
     code, _, err = _run(capsys, "generate", "--checkpoint", str(run), "--prompt", "a")
     assert code == 2 and "does not generate" in err

@@ -115,14 +115,14 @@ def check_same_run(run: Path, step: int, stored: dict, settings: dict, allow_cha
     """Refuse a ``--resume`` that would not continue the stored run, listing the differences."""
     from ..runs import setting_differences
 
-    if settings["steps"] <= step:
-        raise UsageError(f"--steps {settings['steps']}: the run in {run} is already at step {step}; "
-                         "pass a larger --steps (with --allow-change) to train further")  # fmt: skip
     flags = {**RUN_IDENTITY, **RUN_SCHEDULE}
     fixed = setting_differences(stored, {k: settings[k] for k in RUN_IDENTITY}, flags)
     changed = setting_differences(stored, {k: settings[k] for k in RUN_SCHEDULE}, flags)
     if fixed:
         raise UsageError(f"--resume: {run} is another run: {'; '.join(fixed + changed)}")
+    if settings["steps"] <= step:
+        raise UsageError(f"--steps {settings['steps']}: the run in {run} is already at step {step}; "
+                         "pass a larger --steps (with --allow-change) to train further")  # fmt: skip
     if changed and not allow_change:
         raise UsageError(f"--resume: {run} was trained with other settings: {'; '.join(changed)}; "
                          "pass --allow-change to continue it with these")  # fmt: skip
@@ -202,8 +202,8 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         trainer, vocab = load_trainer_state(latest), read_vocab(latest)
         architecture, config = read_config(latest)
         check_vocab(latest, vocab, config, objective_of(architecture))
-        labels = read_labels(latest, config) if args.objective == "classify" else None
         check_same_run(run, trainer["step"], stored_settings(run, trainer, vocab.kind), settings, args.allow_change)
+        labels = read_labels(latest, config) if args.objective == "classify" else None
         resume_step = trainer["step"]
     else:
         if args.preset not in PRESETS:
