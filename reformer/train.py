@@ -92,6 +92,8 @@ class TrainConfig:
     first of a new shape, take the compile time). Evaluation stays eager."""
     objective: str = "causal"
     """``causal`` (next token), ``mlm`` (masked tokens) or ``classify`` (labelled documents)."""
+    data_name: str | None = None
+    """The training data as the model card names it (a corpus or file name, not a local path); None: unsaid."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches", "save_every",
@@ -324,10 +326,12 @@ def tokens_per_step(cfg: TrainConfig) -> int:
 
 
 def card_training(state: TrainState, cfg: TrainConfig) -> dict[str, str]:
-    """What a checkpoint's model card says of its training: steps, tokens, context, and the
-    latest validation loss."""
+    """What a checkpoint's model card says of its training: the data (when named), steps, tokens,
+    context, and the latest validation loss."""
     tokens = state.step * tokens_per_step(cfg)
-    facts = {"steps": f"{state.step:,} of {cfg.steps:,}", "tokens seen": f"{tokens:,}", "context": f"{cfg.seq_len:,}"}
+    facts = {"data": cfg.data_name} if cfg.data_name else {}
+    facts.update({"steps": f"{state.step:,} of {cfg.steps:,}", "tokens seen": f"{tokens:,}",
+                  "context": f"{cfg.seq_len:,}"})  # fmt: skip
     evaluated = [r for r in state.history if "eval_loss" in r]
     if evaluated:
         last = evaluated[-1]

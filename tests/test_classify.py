@@ -190,6 +190,7 @@ def test_cli_classify_saves_its_labels_and_eval_reports_accuracy(tmp_path, capsy
     ckpt = run / "checkpoints" / "step-0000005"
     assert json.loads((ckpt / "vocab.json").read_text()) == {"kind": "byte", "labels": ["neg", "pos"]}
     assert json.loads((ckpt / "config.json").read_text())["architecture"] == "ReformerForSequenceClassification"
+    assert "\n- data: d.tsv\n" in (ckpt / "README.md").read_text()  # the model card names the training data
     with open(run / "log.csv") as f:
         logged = [row for row in csv.DictReader(f) if row["eval_accuracy"]][-1]
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run))

@@ -221,6 +221,7 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         warmup_steps=args.warmup, schedule=args.schedule, precision=args.precision, eval_every=args.eval_every,
         save_every=args.save_every, keep_last=args.keep_last, seed=args.seed, fsdp=args.fsdp, objective=args.objective,
         eval_batches=args.eval_batches or default_eval_batches(corpus, args), compile=args.compile,
+        data_name=corpus.name,
     )  # fmt: skip
     objective = objective_for(cfg, config)
     for split, data in (("training", corpus.train), ("validation", corpus.valid)):  # fail before writing
