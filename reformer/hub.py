@@ -157,13 +157,15 @@ def push_to_hub(
     api: Any = None,
 ) -> Any:
     """Save ``model`` (weights, config, manifest, model card) and upload it to ``repo_id`` as one
-    commit, creating the repository if needed. Returns the Hub's commit info. ``api``: an
+    commit, creating the repository and the branch ``revision`` if needed. Returns the Hub's commit info. ``api``: an
     ``HfApi`` (default: a new one with ``token``)."""
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"repo_id must be 'owner/name', got {repo_id!r}")
     hub = _hub()
     api = api if api is not None else hub.HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
+    if revision is not None and not revision.startswith("refs/pr/"):  # a commit goes onto an existing branch only
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="reformer-push-") as tmp:
         model.save_pretrained(tmp, training=training)
         operations = [

@@ -134,6 +134,9 @@ class RecordingApi:
     def create_repo(self, repo_id, **kw):
         self.calls.append(("create_repo", repo_id, kw))
 
+    def create_branch(self, repo_id, **kw):
+        self.calls.append(("create_branch", repo_id, kw))
+
     def create_commit(self, repo_id, operations, **kw):
         files = {op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations}
         self.calls.append(("create_commit", repo_id, kw, files))
@@ -147,8 +150,10 @@ def test_push_to_hub_uploads_the_checkpoint_as_one_commit(saved):
         "me/tiny", api=api, private=True, revision="dev", training={"data": "builtin", "steps": 10}
     )
     assert info == "commit-info"
-    (_, repo, create), (_, repo2, commit, files) = api.calls
+    (_, repo, create), branch, (_, repo2, commit, files) = api.calls
     assert repo == repo2 == "me/tiny" and create == {"private": True, "exist_ok": True}
+    # the Hub commits onto a branch that exists: "dev" is created first (as transformers does)
+    assert branch == ("create_branch", "me/tiny", {"branch": "dev", "exist_ok": True})
     assert commit == {"commit_message": "Upload ReformerLM", "revision": "dev"}
     assert set(files) == set(hub.CHECKPOINT_FILES)
     # the same bytes save_pretrained writes (weights, card; the config and manifest too)
