@@ -4,6 +4,7 @@ a classifier that learns and resumes exactly, masked-token training, and the CLI
 
 import csv
 import json
+import shutil
 
 import pytest
 import torch
@@ -196,6 +197,13 @@ def test_cli_classify_saves_its_labels_and_eval_reports_accuracy(tmp_path, capsy
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run))
     assert code == 0 and f"validation accuracy {float(logged['eval_accuracy']):.2%}" in out, out
     assert "not comparable" not in out
+    # without the run's state (as downloaded from the Hub), at another batch size: still each validation document once
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt, bare, ignore=shutil.ignore_patterns("trainer.pt"))
+    n_valid = len(load_labelled(str(data), "byte", 32).valid)
+    code, out, _ = _run(capsys, "eval", "--checkpoint", str(bare), "--data", str(data), "--batch-size", "2")
+    assert code == 0 and f"accuracy {float(logged['eval_accuracy']):.2%}" in out, out
+    assert f"({-(-n_valid // 2)} x 2 documents" in out, out
     # a resume with another task is another run; --objective belongs to --task lm
     code, _, err = _run(capsys, "train", "--data", str(data), *FAST, "--steps", "9", "--out", str(run), "--resume")
     assert code == 2 and "--task/--objective causal (run: classify)" in err

@@ -241,6 +241,8 @@ def test_the_cli_takes_repo_ids(saved, tmp_path):
         assert torch.allclose(ReformerLM.from_pretrained(tmp_path / "c").eval()(ids), theirs(ids).logits, atol=1e-5)
     offline = cli(home, "generate", "--checkpoint", "org/tiny", "--prompt", "a", "--max-new-tokens", "2", "--seed", "1")
     assert offline.returncode == 0, offline.stderr  # from the cache
+    evaluated = cli(home, "eval", "--checkpoint", "org/tiny", "--data", "builtin", "--seq-len", "16", "--batches", "1")
+    assert evaluated.returncode == 0 and "bits/token" in evaluated.stdout, evaluated.stderr
     missing = cli(home, "generate", "--checkpoint", "org/nothing", "--prompt", "a", "--max-new-tokens", "2")
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1
     assert "org/nothing is not in the Hugging Face cache" in missing.stderr

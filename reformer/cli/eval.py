@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     e.add_argument("--batch-size", type=int_at_least(1), default=None,
                    help="windows per batch (default: the run's --batch-size, else 2)")  # fmt: skip
     e.add_argument("--batches", type=int_at_least(1), default=None,
-                   help="batches to average (default: those of the run's validation, else 4)")  # fmt: skip
+                   help="batches to average (default: a classifier's whole validation split; else those of "
+                        "the run's validation, else 4)")  # fmt: skip
     e.add_argument("--device", type=device_type, default="cpu", help="cpu or cuda")
     e.add_argument("--n-hashes", type=int_at_least(1), default=None,
                    help="evaluate with LSH attention of this many hashing rounds (also a model trained "
@@ -55,11 +56,13 @@ def run(args: argparse.Namespace) -> int:
     data = args.data or run_data or "builtin"
     seq_len = min(args.seq_len or trained.get("seq_len") or model.config.max_seq_len, model.config.max_seq_len)
     batch_size = args.batch_size or trained.get("batch_size", 2)
-    batches = args.batches or trained.get("eval_batches", 4)
+    labels = read_labels(ckpt, model.config) if objective == "classify" else None
+    corpus = load_training_data(data, vocab, seq_len, batch_size, 0, labels)
+    # a classifier scores each validation document of this --data once (with or without the run's state)
+    covering = -(-len(corpus.valid) // batch_size) if objective == "classify" else None
+    batches = args.batches or covering or trained.get("eval_batches", 4)
     cfg = TrainConfig(seq_len=seq_len, batch_size=batch_size, eval_batches=batches, seed=trained.get("seed", 0),
                       objective=objective)  # fmt: skip
-    labels = read_labels(ckpt, model.config) if objective == "classify" else None
-    corpus = load_training_data(data, vocab, seq_len, cfg.batch_size, 0, labels)
     try:
         objective_for(cfg, model.config).sampler(corpus.valid, cfg, seed=0, evaluation=True)
     except ValueError as exc:
