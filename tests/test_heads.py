@@ -37,6 +37,19 @@ def test_padding_does_not_change_the_class_logits(pooling):
     assert torch.allclose(alone, in_batch, atol=1e-5) and torch.allclose(in_batch, other_padding, atol=1e-5)
 
 
+def test_with_lsh_and_a_pad_bucket_the_amount_of_padding_does_not_change_the_class_logits():
+    # padding hashed into a bucket of its own sorts after every real token: 8 or 24 padded
+    # positions leave the real tokens' chunks as they were (reformer train pads every document so)
+    model = ReformerForSequenceClassification(**SIZE, n_hashes=2, pad_bucket=True, hash_seed=1, num_labels=3).eval()
+    tokens = torch.randint(0, 20, (1, 40), generator=torch.Generator().manual_seed(1))
+    logits = []
+    for length in (48, 64):
+        padded = torch.cat([tokens, torch.randint(0, 20, (1, length - 40))], dim=1)
+        with torch.no_grad():
+            logits.append(model(padded, input_mask=torch.arange(length)[None] < 40))
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
 def test_classification_loss_and_label_checks():
     model = ReformerForSequenceClassification(**SIZE, num_labels=4).eval()
     tokens, labels = torch.randint(0, 20, (3, 32)), torch.tensor([0, 3, 1])
