@@ -76,14 +76,16 @@ def resolve(
     return Path(path)
 
 
-def _architecture_rows(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
+def _architecture_rows(cfg: Any, prefix: str = "", tokens: bool = True) -> list[tuple[str, str]]:
+    """The card's rows of one config; ``tokens``: the model embeds token ids (a ``Reformer``
+    stack takes vectors, and its config's ``num_tokens`` means nothing)."""
     return [
         (f"{prefix}width / depth / heads", f"{cfg.dim} / {cfg.depth} / {cfg.heads}"),
         (f"{prefix}attention layers", ", ".join(cfg.layer_kinds())),
         (f"{prefix}LSH hash rounds / bucket size", f"{cfg.n_hashes} / {cfg.bucket_size}"),
         (f"{prefix}causal", str(cfg.causal)),
         (f"{prefix}context (max_seq_len)", f"{cfg.max_seq_len:,}" if cfg.max_seq_len else "unbounded"),
-        (f"{prefix}vocabulary", f"{cfg.num_tokens:,} tokens"),
+        *([(f"{prefix}vocabulary", f"{cfg.num_tokens:,} tokens")] if tokens else []),
     ]
 
 
@@ -95,8 +97,11 @@ def model_card(model: Any, training: dict[str, Any] | None = None) -> str:
     configs = {"": model.config} if hasattr(model, "config") else {"encoder ": model.encoder.config,
                                                                      "decoder ": model.decoder.config}  # fmt: skip
     rows = [("class", f"`{arch}`"), ("parameters", f"{sum(p.numel() for p in model.parameters()):,}")]
+    tokens = any(name.endswith("token_emb") for name, _ in model.named_modules())
     for prefix, cfg in configs.items():
-        rows += _architecture_rows(cfg, prefix)
+        rows += _architecture_rows(cfg, prefix, tokens)
+    if hasattr(model, "classifier"):  # a sequence classifier: its head
+        rows.append(("labels / pooling", f"{model.config.num_labels} / {model.config.pooling}"))
     tags = ["reformer", "lsh-attention", "pytorch"]
     if any(cfg.residual == "reversible" for cfg in configs.values()):
         tags.append("reversible")

@@ -178,6 +178,19 @@ def test_model_card(saved, tmp_path):
     assert "pipeline_tag: text-generation" in (ckpt / "README.md").read_text()
 
 
+def test_the_card_of_a_classifier_names_its_head_and_a_stack_has_no_vocabulary(tmp_path):
+    from reformer import Reformer, ReformerForSequenceClassification
+
+    ReformerForSequenceClassification(**TINY, num_labels=3, pooling="max").save_pretrained(tmp_path / "c")
+    assert "| labels / pooling | 3 / max |" in (tmp_path / "c" / "README.md").read_text()
+    stack = Reformer(dim=32, depth=1, heads=2, bucket_size=8, hash_seed=1).eval()
+    stack.save_pretrained(tmp_path / "s")  # a stack on vectors: no token vocabulary to state
+    assert "vocabulary" not in (tmp_path / "s" / "README.md").read_text()
+    x = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        assert torch.equal(Reformer.from_pretrained(tmp_path / "s").eval()(x), stack(x))
+
+
 def test_a_readme_we_did_not_write_is_left_alone(tmp_path):
     (tmp_path / "README.md").write_text("# My project\n")
     with pytest.warns(UserWarning, match="not written by reformer-torch"):
