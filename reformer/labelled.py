@@ -182,7 +182,8 @@ def load_labelled(spec: str, vocab: str | Vocab, seq_len: int, labels: tuple[str
         return corpus
     path = Path(spec)
     if not path.exists():
-        raise FileNotFoundError(f"data not found: {spec} (expected a label<TAB>text file or a folder per label)")
+        raise FileNotFoundError(f"--data {spec}: no such file or folder (labelled documents are a label<TAB>text "
+                                "file, a folder with a sub-folder per label, or listops[:N])")  # fmt: skip
     docs = read_label_folders(path) if path.is_dir() else read_tsv(path)
     if not docs:
         raise ValueError(f"{spec}: no documents")

@@ -219,6 +219,10 @@ def test_cli_bad_documents_are_one_line_errors_naming_file_and_line(tmp_path, ca
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"{bad}:2: expected 'label<TAB>text'" in lines[0]
     assert not (tmp_path / "r" / "checkpoints").exists()
+    # no --data: the default (builtin) is a language model's corpus, and the error says what a classifier reads
+    code, _, err = _run(capsys, "train", "--task", "classify", *FAST, "--out", str(tmp_path / "r"))
+    assert code == 2 and err.count("\n") == 1 and "--data builtin: no such file or folder" in err
+    assert "listops[:N]" in err
 
 
 def test_cli_masked_lm_trains_and_eval_reports_masked_token_accuracy(tmp_path, capsys):
