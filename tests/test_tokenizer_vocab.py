@@ -88,6 +88,14 @@ def test_a_converted_checkpoint_generates_and_evaluates_with_its_tokenizer(tmp_p
     assert main(["eval", "--checkpoint", str(out), "--data", str(tmp_path / "text.txt"), "--seq-len", "32"]) == 0
     assert "loss" in capsys.readouterr().out
 
+    # and trains on more text from its weights, in its vocabulary
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--data", str(tmp_path / "text.txt"), "--init-from", str(out), "--seq-len", "32",
+                 "--batch-size", "2", "--steps", "2", "--eval-every", "2", "--save-every", "2", "--lr", "1e-4",
+                 "--out", str(tuned)]) == 0  # fmt: skip
+    assert "initialised from" in capsys.readouterr().err
+    assert json.loads((tuned / "checkpoints" / "step-0000002" / "vocab.json").read_text())["kind"] == "tokenizer"
+
     # --byte-vocab keeps bytes, not the tokenizer
     byte_config = transformers.ReformerConfig(**{**config.to_dict(), "vocab_size": 258})
     hf_bytes = transformers.ReformerModelWithLMHead(byte_config).eval()
