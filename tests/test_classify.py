@@ -188,6 +188,8 @@ def test_cli_classify_saves_its_labels_and_eval_reports_accuracy(tmp_path, capsy
         logged = [row for row in csv.DictReader(f) if row["eval_accuracy"]][-1]
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run))
     assert code == 0 and f"validation accuracy {float(logged['eval_accuracy']):.2%}" in out, out
+    code, out, _ = _run(capsys, "info", str(run))
+    assert code == 0 and json.loads(out)["vocabulary"] == {"kind": "byte", "labels": ["neg", "pos"]}
     assert "not comparable" not in out
     # a resume with another task is another run; --objective belongs to --task lm
     code, _, err = _run(capsys, "train", "--data", str(data), *FAST, "--steps", "9", "--out", str(run), "--resume")
