@@ -275,6 +275,12 @@ def test_cli_init_from_a_masked_lm_trains_a_classifier_on_its_weights(tmp_path, 
     for extra, match in [(["--preset", "tiny"], "--preset and --init-from"), (["--vocab", "char"], "--vocab and")]:
         code, _, err = _run(capsys, *tuned, *extra, "--out", str(tmp_path / "x"))
         assert code == 2 and match in err and not (tmp_path / "x").exists()
+    from reformer import ReformerEncDec
+
+    ReformerEncDec(dim=32, enc_num_tokens=256, enc_depth=1, enc_max_seq_len=64, dec_num_tokens=256, dec_depth=1,
+                   dec_max_seq_len=64, bucket_size=8).save_pretrained(tmp_path / "encdec")  # fmt: skip
+    code, _, err = _run(capsys, "train", "--init-from", str(tmp_path / "encdec"), *sizes, "--out", str(tmp_path / "z"))
+    assert code == 2 and "holds a ReformerEncDec; a run starts from a checkpoint of ReformerForMaskedLM" in err
     code, _, err = _run(capsys, "train", "--task", "classify", "--data", "listops:40", "--init-from", str(mlm),
                         *sizes, "--out", str(tmp_path / "y"))  # fmt: skip
     assert code == 2 and "has its own vocabulary (word)" in err and not (tmp_path / "y").exists()
