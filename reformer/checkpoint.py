@@ -11,11 +11,13 @@ import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_model
 from torch import nn
 
 from . import hub
@@ -29,6 +31,27 @@ VOCAB_NAME = "vocab.json"
 FORMAT_VERSION = 1
 
 M = TypeVar("M", bound="PretrainedMixin")
+
+#: Tensors with one row per token id: a masked LM has one more row than its vocabulary (its mask
+#: token), so a model of another task shares the rows both have.
+TOKEN_ROWS = ("token_emb.weight", "to_logits.weight", "to_logits.bias")
+
+
+@dataclass
+class WeightTransfer:
+    """What :meth:`PretrainedMixin.init_from` did, by tensor name."""
+
+    copied: list[str]
+    """Set from the checkpoint (token-indexed ones: the rows both have)."""
+    new: list[str]
+    """Left as initialised: the checkpoint has no tensor of that name and shape (a new head)."""
+    unused: list[str]
+    """In the checkpoint, not in the model (e.g. a language model's output layer)."""
+
+    def summary(self) -> str:
+        new = f"; new: {', '.join(self.new)}" if self.new else ""
+        unused = f"; not used: {', '.join(self.unused)}" if self.unused else ""
+        return f"{len(self.copied)} of {len(self.copied) + len(self.new)} tensors from the checkpoint{new}{unused}"
 
 
 def _sha256(path: Path) -> str:
@@ -156,6 +179,39 @@ class PretrainedMixin:
             raise ValueError(f"{weights_path} does not match the config in {directory / CONFIG_NAME}: {exc}") from None
         model.vocab = read_vocab_file(directory)
         return model
+
+    def init_from(
+        self, name_or_path: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
+    ) -> WeightTransfer:
+        """Set this model's weights from a checkpoint (a directory or a Hub repo id) of a model
+        that may have another task: every tensor both have under one name and shape is copied, and
+        of the token-indexed ones (:data:`TOKEN_ROWS`) the rows both have, so that e.g. a classifier
+        starts from a masked LM pre-trained on the same vocabulary, its head new."""
+        directory = hub.resolve(name_or_path, revision=revision, token=token)
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
+        verify_manifest(directory)
+        try:
+            saved = load_file(weights_path)
+        except SafetensorError as exc:
+            raise ValueError(f"corrupt weights file {weights_path}: {exc}") from None
+        assert isinstance(self, nn.Module)
+        own = self.state_dict()  # (tensors sharing the parameters' and buffers' storage)
+        copied, new = [], []
+        with torch.no_grad():
+            for name, tensor in own.items():
+                source = saved.get(name)
+                if source is not None and source.shape == tensor.shape:
+                    tensor.copy_(source)
+                elif source is not None and name in TOKEN_ROWS and source.shape[1:] == tensor.shape[1:]:
+                    rows = min(len(source), len(tensor))
+                    tensor[:rows].copy_(source[:rows])
+                else:
+                    new.append(name)
+                    continue
+                copied.append(name)
+        return WeightTransfer(copied, new, [name for name in saved if name not in own])
 
     def push_to_hub(self, repo_id: str, **options: Any) -> Any:
         """Upload this model to the Hugging Face Hub as one commit (see :func:`reformer.hub.push_to_hub`

@@ -22,6 +22,7 @@ Needs the optional dependency: ``pip install 'reformer-torch[interop]'``.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import warnings
@@ -262,9 +263,8 @@ def _copy(src: dict[str, torch.Tensor], dst: torch.nn.Module, pairs: list[tuple[
         params[b].copy_(src[a].reshape(params[b].shape))
 
 
-def _load_transformers(path: str | os.PathLike) -> Any:
+def _load_transformers(path: Path) -> Any:
     tf = _transformers()
-    path = hub.resolve(path, files=hub.TRANSFORMERS_FILES)  # a Hub repo id: its files in the Hub cache
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"no config.json in {path} (expected a transformers Reformer checkpoint directory)")
     hf_config = tf.AutoConfig.from_pretrained(path)
@@ -307,12 +307,16 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
     ``google/reformer-enwik8``: id = byte + 2, vocab 258); keep only the 256 byte rows so that
     token id == byte value, as in our byte-level models (the two special logits are dropped);
     the model's ``vocab`` (its ``vocab.json`` once saved) then says so, with a classifier's label
-    names from ``id2label``.
+    names from ``id2label``. Without it, a directory's (or repo's) tokenizer, if it has one,
+    becomes the model's ``vocab`` (:class:`~reformer.data.TokenizerVocab`: the command line
+    then encodes and decodes text with it).
     """
     tf = _transformers()
-    hf = model_or_dir
+    hf, tokenizer = model_or_dir, None
     if isinstance(model_or_dir, (str, os.PathLike)):
-        hf = _load_transformers(model_or_dir)
+        path = hub.resolve(model_or_dir, files=hub.TRANSFORMERS_FILES)  # a Hub repo id: its files in the Hub cache
+        hf = _load_transformers(path)
+        tokenizer = None if byte_vocab else _tokenizer_description(path)
     ours = {
         tf.ReformerModelWithLMHead: ReformerLM,
         tf.ReformerForMaskedLM: ReformerForMaskedLM,
@@ -334,11 +338,29 @@ def from_transformers(model_or_dir: Any, *, byte_vocab: bool = False) -> Reforme
         state.update({k: state[k][BYTE_OFFSET:] for k in VOCAB_KEYS if k in state})
     model = ours(config=cfg)
     _copy(state, model, [(theirs, mine) for mine, theirs in _names_for(model, cfg)])
-    if byte_vocab:  # (our byte vocabulary, so the command line can read it; a classifier's label names too)
-        model.vocab = {"kind": "byte"}
-        if ours is ReformerForSequenceClassification:
+    if byte_vocab or tokenizer is not None:  # our vocabulary, so the command line can read it
+        model.vocab = {"kind": "byte"} if byte_vocab else {"kind": "tokenizer", "tokenizer": tokenizer}
+        if ours is ReformerForSequenceClassification:  # the label names too
             model.vocab["labels"] = [hf.config.id2label[i] for i in range(cfg.num_labels)]
     return model.to(hf.dtype).eval()
+
+
+def _tokenizer_description(path: Path) -> dict | None:
+    """The ``tokenizer.json`` object of a transformers checkpoint directory: its own file, or the
+    fast tokenizer transformers builds from a SentencePiece ``spiece.model``; None, with a
+    warning when it has a tokenizer that cannot be read (the weights convert all the same)."""
+    if (path / "tokenizer.json").is_file():
+        return json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))
+    if not (path / "spiece.model").is_file():
+        return None
+    try:
+        tokenizer = _transformers().AutoTokenizer.from_pretrained(path)
+        return json.loads(tokenizer.backend_tokenizer.to_str())
+    except (ImportError, ValueError, OSError, AttributeError) as exc:  # no sentencepiece / protobuf, a bad file
+        warnings.warn(f"{path}: its spiece.model could not be read as a tokenizer ({exc}); the converted model "
+                      "has no vocabulary (pip install sentencepiece protobuf, then convert again)",
+                      stacklevel=3)  # fmt: skip
+        return None
 
 
 def to_transformers(model: ReformerLM | ReformerForSequenceClassification) -> Any:

@@ -10,7 +10,9 @@ generator whose state can be saved and restored, so a resumed run sees the same 
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -100,7 +102,39 @@ class WordVocab:
         return {"kind": self.kind, "words": list(self.words)}
 
 
-Vocab = ByteVocab | CharVocab | WordVocab
+class TokenizerVocab:
+    """A Hugging Face ``tokenizers`` tokenizer (its ``tokenizer.json`` object) as tokens: the
+    subword vocabulary of a model converted from ``transformers`` (e.g. the SentencePiece of
+    ``google/reformer-crime-and-punishment``). Needs the ``tokenizers`` package (the ``interop``
+    extra). Text is encoded without special tokens, as a language model continues it."""
+
+    kind = "tokenizer"
+
+    def __init__(self, tokenizer: dict):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError("this model's vocabulary is a Hugging Face tokenizer: "
+                              "pip install 'reformer-torch[interop]' (the tokenizers package)") from None  # fmt: skip
+        self.tokenizer_json = tokenizer
+        try:
+            self.tokenizer = Tokenizer.from_str(json.dumps(tokenizer))
+        except Exception as exc:  # tokenizers raises its own Exception subclass for a bad description
+            raise ValueError(f"not a tokenizers tokenizer description: {exc}") from None
+        self.num_tokens = self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, data: str | bytes) -> torch.Tensor:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return torch.tensor(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor | list[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "tokenizer": self.tokenizer_json}
+
+
+Vocab = ByteVocab | CharVocab | WordVocab | TokenizerVocab
 
 
 def vocab_from_dict(data: dict) -> Vocab:
@@ -112,7 +146,49 @@ def vocab_from_dict(data: dict) -> Vocab:
         return CharVocab(data["chars"])
     if data.get("kind") == "word" and isinstance(data.get("words"), list):
         return WordVocab(data["words"])
+    if data.get("kind") == "tokenizer" and isinstance(data.get("tokenizer"), dict):
+        return TokenizerVocab(data["tokenizer"])
     raise ValueError(f"unknown vocabulary description {data!r}")
+
+
+class TextStream:
+    """The text of tokens generated one at a time after ``prompt`` (token ids). A byte can end in
+    the middle of a character, and a subword's spacing depends on the tokens before it, so each
+    :meth:`step` returns the text now complete (maybe ``""``) and :meth:`finish` the rest.
+    Subwords: the new tokens are decoded after a few tokens of context, and the text they add
+    beyond that context's is what is new (as text-generation servers stream)."""
+
+    CONTEXT = 8
+    """Tokens of context decoded before the new ones."""
+
+    def __init__(self, vocab: Vocab, prompt: torch.Tensor | list[int]):
+        self.vocab = vocab
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids = [int(i) for i in prompt[-self.CONTEXT :]]
+        self._read = len(self._ids)  # tokens before it are already text
+
+    def step(self, token: int) -> str:
+        if self.vocab.kind == "byte":
+            return self._utf8.decode(bytes([token]))
+        if self.vocab.kind != "tokenizer":
+            return self.vocab.decode([token])
+        self._ids.append(token)
+        new = self._pending()
+        if not new or new.endswith("\ufffd"):  # nothing yet, or a character still incomplete
+            return ""
+        self._ids, self._read = self._ids[-self.CONTEXT :], min(len(self._ids), self.CONTEXT)
+        return new
+
+    def finish(self) -> str:
+        if self.vocab.kind == "byte":
+            return self._utf8.decode(b"", final=True)
+        return self._pending() if self.vocab.kind == "tokenizer" else ""
+
+    def _pending(self) -> str:
+        """Text of the tokens not yet returned (after their context)."""
+        context = self.vocab.decode(self._ids[: self._read])
+        text = self.vocab.decode(self._ids)
+        return text[len(context) :]
 
 
 @dataclass
@@ -123,16 +199,16 @@ class Corpus:
     name: str
     train: torch.Tensor | DuplicationTask
     valid: torch.Tensor | DuplicationTask
-    vocab: ByteVocab | CharVocab
+    vocab: Vocab
 
 
-def load_corpus(spec: str, vocab: str | ByteVocab | CharVocab = "byte", valid_fraction: float = 0.05) -> Corpus:
+def load_corpus(spec: str, vocab: str | Vocab = "byte", valid_fraction: float = 0.05) -> Corpus:
     """``spec``: ``builtin``, ``pysrc``, a file path, or ``enwik8:PATH``. Files other than enwik8
     keep their last ``valid_fraction`` for validation; ``pysrc`` has its own split by file.
     ``vocab``: ``"byte"``, ``"char"`` (built from the text), or a vocabulary (a model's), which
     must cover the text."""
     kind = vocab if isinstance(vocab, str) else vocab.kind
-    if kind not in ("byte", "char"):
+    if isinstance(vocab, str) and kind not in ("byte", "char"):
         raise ValueError(f"vocab must be 'byte' or 'char', got {vocab!r}")
     if not 0 < valid_fraction < 1:
         raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction!r}")

@@ -18,7 +18,8 @@ from typing import Any
 #: (the vocabulary and a classifier's label names) when the model has one (``reformer train`` writes it).
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "manifest.json", "README.md", "vocab.json")
 #: What is downloaded of a Hugging Face transformers Reformer (``reformer convert``).
-TRANSFORMERS_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*")
+TRANSFORMERS_FILES = ("config.json", "*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin*",
+                      "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")  # fmt: skip
 CARD_NAME = "README.md"
 LIBRARY_NAME = "reformer-torch"
 

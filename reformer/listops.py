@@ -60,7 +60,8 @@ class ListOpsConfig:
     heads: int = 4
     """Attention heads."""
     bucket_size: int = 64
-    """LSH chunk length; the local model's blocks (each query sees its block and the one before)."""
+    """LSH chunk length. The local model's blocks are twice that (``"local"`` layers' chunk);
+    being bidirectional, each query sees its own block and the blocks before and after it."""
     n_hashes: int = 2
     """LSH hashing rounds."""
     models: tuple[str, ...] = LISTOPS_MODELS

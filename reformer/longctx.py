@@ -93,7 +93,8 @@ class LongCtxConfig:
     """LSH chunk length."""
     local_window: int = 256
     """Local model: blocks of this many tokens, each query seeing its block and the one before
-    (``local_window`` to ``2 * local_window - 1`` tokens back)."""
+    (``local_window`` to ``2 * local_window - 1`` tokens back in one layer; through ``depth``
+    layers, ``depth * local_window`` to ``(depth + 1) * local_window - 1``)."""
     position_edges: tuple[int, ...] = (256, 1024, 2048)
     """Bounds of the position buckets (``0-256, 256-1K, 1K-2K, 2K-seq_len``)."""
     eval_rounds: tuple[int, ...] = (8, 16)
@@ -462,7 +463,8 @@ def targets(results: dict) -> list[str]:
     cfg = results["config"]
     buckets = config_from_dict(cfg).buckets()
     for label in [m for m in results["models"] if m.startswith("lsh-")]:
-        far = [k for k, (a, _) in enumerate(buckets) if a >= 2 * cfg["local_window"]]  # beyond the local window
+        reach = (cfg["depth"] + 1) * cfg["local_window"]  # local's layers reach at most this far back
+        far = [k for k, (a, _) in enumerate(buckets) if a >= reach]  # positions with context beyond it
         if "local" not in results["models"] or not far:
             continue
         k = far[-1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reformer import ReformerConfig
+from reformer import ReformerConfig, ReformerLM
 from reformer.cli import main
 from reformer.data import WindowSampler
 from reformer.heads import ReformerForMaskedLM, ReformerForSequenceClassification
@@ -196,6 +196,8 @@ def test_cli_classify_saves_its_labels_and_eval_reports_accuracy(tmp_path, capsy
         logged = [row for row in csv.DictReader(f) if row["eval_accuracy"]][-1]
     code, out, _ = _run(capsys, "eval", "--checkpoint", str(run))
     assert code == 0 and f"validation accuracy {float(logged['eval_accuracy']):.2%}" in out, out
+    code, out, _ = _run(capsys, "info", str(run))
+    assert code == 0 and json.loads(out)["vocabulary"] == {"kind": "byte", "labels": ["neg", "pos"]}
     assert "not comparable" not in out
     # without the run's state (as downloaded from the Hub), at another batch size: still each validation document once
     bare = tmp_path / "bare"
@@ -240,3 +242,68 @@ def test_cli_masked_lm_trains_and_eval_reports_masked_token_accuracy(tmp_path, c
     assert code == 2 and "is another run: " in err and "--task/--objective classify (run: mlm)" in err, err
     code, _, err = _run(capsys, "generate", "--checkpoint", str(run), "--prompt", "a")
     assert code == 2 and "does not generate" in err
+
+
+def test_init_from_copies_every_shared_tensor_and_the_common_token_rows(tmp_path):
+    """A classifier, a causal LM and a masked LM started from one another's checkpoints: the tensors
+    both have are equal afterwards, token-indexed ones on the rows both have (the masked LM's extra
+    row is its mask token); a head the task adds keeps its initialisation."""
+    torch.manual_seed(0)
+    mlm = ReformerForMaskedLM(config=ReformerConfig(num_tokens=257, **SMALL))
+    mlm.save_pretrained(tmp_path / "mlm")
+    clf_config = ReformerConfig(num_tokens=256, num_labels=3, **SMALL)
+    clf = ReformerForSequenceClassification(config=clf_config)
+    head = {k: v.clone() for k, v in clf.state_dict().items() if k.startswith("classifier.")}
+    done = clf.init_from(tmp_path / "mlm")
+    assert sorted(done.new) == sorted(head) and sorted(done.unused) == ["to_logits.bias", "to_logits.weight"]
+    theirs, ours = mlm.state_dict(), clf.state_dict()
+    for name in done.copied:
+        source = theirs[name][: len(ours[name])] if ours[name].dim() else theirs[name]
+        assert torch.equal(ours[name], source), name
+    assert all(torch.equal(ours[k], v) for k, v in head.items())
+    assert "new: classifier.dense.weight" in done.summary()
+
+    causal = ReformerLM(config=ReformerConfig(**{**SMALL, "causal": True, "num_tokens": 256}))
+    assert not causal.init_from(tmp_path / "mlm").new  # everything, the output layer's 256 rows too
+    assert torch.equal(causal.to_logits.weight, mlm.to_logits.weight[:256])
+    causal.save_pretrained(tmp_path / "lm")
+    again = ReformerForMaskedLM(config=ReformerConfig(num_tokens=257, **SMALL))
+    mask_row = again.token_emb.weight[256].clone()
+    again.init_from(tmp_path / "lm")
+    assert torch.equal(again.token_emb.weight[:256], causal.token_emb.weight)
+    assert torch.equal(again.token_emb.weight[256], mask_row)  # the mask token: not in a causal LM
+
+
+def test_cli_init_from_a_masked_lm_trains_a_classifier_on_its_weights(tmp_path, capsys):
+    data, mlm, clf = write_tsv(tmp_path / "d.tsv"), tmp_path / "mlm", tmp_path / "clf"
+    sizes = ["--seq-len", "32", "--batch-size", "8", "--eval-every", "2", "--save-every", "2", "--steps", "2"]
+    code, _, err = _run(capsys, "train", "--objective", "mlm", "--preset", "tiny", *sizes, "--out", str(mlm))
+    assert code == 0, err
+    tuned = ["train", "--task", "classify", "--data", str(data), "--init-from", str(mlm), *sizes, "--out", str(clf)]
+    code, _, err = _run(capsys, *tuned, "--lr", "1e-9")  # (weights that barely move: compare with the source)
+    assert code == 0, err
+    assert f"initialised from {mlm / 'checkpoints' / 'step-0000002'}: " in err and "new: classifier." in err
+    source = ReformerForMaskedLM.from_pretrained(mlm / "checkpoints" / "step-0000002")
+    tuned_model = ReformerForSequenceClassification.from_pretrained(clf / "checkpoints" / "step-0000002")
+    assert tuned_model.config.num_tokens == 256 and tuned_model.config.num_labels == 2
+    assert torch.allclose(tuned_model.token_emb.weight, source.token_emb.weight[:256], atol=1e-6)
+    assert json.loads((clf / "run.json").read_text())["settings"]["init_from"] == str(mlm.resolve())
+    # resumed with the same flags; without --init-from it is another run
+    code, _, err = _run(capsys, *tuned, "--lr", "1e-9", "--steps", "4", "--resume", "--allow-change")
+    assert code == 0, err
+    code, _, err = _run(capsys, "train", "--task", "classify", "--data", str(data), *sizes, "--steps", "6",
+                        "--out", str(clf), "--resume", "--allow-change")  # fmt: skip
+    assert code == 2 and f"--init-from None (run: {mlm.resolve()})" in err
+    # the checkpoint fixes the model and the vocabulary; data with another vocabulary is refused
+    for extra, match in [(["--preset", "tiny"], "--preset and --init-from"), (["--vocab", "char"], "--vocab and")]:
+        code, _, err = _run(capsys, *tuned, *extra, "--out", str(tmp_path / "x"))
+        assert code == 2 and match in err and not (tmp_path / "x").exists()
+    from reformer import ReformerEncDec
+
+    ReformerEncDec(dim=32, enc_num_tokens=256, enc_depth=1, enc_max_seq_len=64, dec_num_tokens=256, dec_depth=1,
+                   dec_max_seq_len=64, bucket_size=8).save_pretrained(tmp_path / "encdec")  # fmt: skip
+    code, _, err = _run(capsys, "train", "--init-from", str(tmp_path / "encdec"), *sizes, "--out", str(tmp_path / "z"))
+    assert code == 2 and "holds a ReformerEncDec; a run starts from a checkpoint of ReformerForMaskedLM" in err
+    code, _, err = _run(capsys, "train", "--task", "classify", "--data", "listops:40", "--init-from", str(mlm),
+                        *sizes, "--out", str(tmp_path / "y"))  # fmt: skip
+    assert code == 2 and "has its own vocabulary (word)" in err and not (tmp_path / "y").exists()

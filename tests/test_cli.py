@@ -41,6 +41,7 @@ def test_train_eval_generate_info(tmp_path, capsys):
     code, out, _ = _run(capsys, "info", run)
     info = json.loads(out)
     assert code == 0 and info["step"] == 9 and info["parameters"] > 1000 and info["best_eval_bpc"] < 8
+    assert info["vocabulary"] == {"kind": "byte"}
 
 
 def _assert_clean_error(code, out, err, match):

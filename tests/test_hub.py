@@ -236,6 +236,9 @@ def test_the_cli_takes_repo_ids(saved, tmp_path):
     torch.manual_seed(0)
     theirs = transformers.ReformerModelWithLMHead(config).eval()
     theirs.save_pretrained(tmp_path / "hf")
+    from tiny_tokenizers import metaspace_tokenizer
+
+    metaspace_tokenizer(vocab_size=20).save(str(tmp_path / "hf" / "tokenizer.json"))  # downloaded and kept
     fake = FakeHub({
         "org/tiny": {p.name: p.read_bytes() for p in ckpt.iterdir()},
         "google/tiny-reformer": {p.name: p.read_bytes() for p in (tmp_path / "hf").iterdir()},
@@ -245,6 +248,7 @@ def test_the_cli_takes_repo_ids(saved, tmp_path):
         converted = cli(home, "convert", "--from-transformers", "google/tiny-reformer", "--out", str(tmp_path / "c"),
                         endpoint=fake.endpoint)  # fmt: skip
         assert converted.returncode == 0, converted.stderr
+        assert json.loads((tmp_path / "c" / "vocab.json").read_text())["kind"] == "tokenizer"
         assert cli(home, "generate", "--checkpoint", "org/tiny", "--prompt", "a", "--max-new-tokens", "2",
                    endpoint=fake.endpoint).returncode == 0  # fmt: skip
     finally:

@@ -133,3 +133,23 @@ def test_reproduce_listops_cli_records_the_command_that_reproduces_the_study(tmp
     command = f"reformer reproduce listops --scale pilot --seed 3 --out {out} --publish {docs}"
     assert stored["command"] == command and stored["config"]["seed"] == 3 and list(stored["models"]) == ["local"]
     assert f"Command: `{command}`" in (docs / "listops.md").read_text()
+
+
+def test_the_local_models_reach_is_its_block_and_the_blocks_on_either_side():
+    """docs/listops.md: blocks of 2 x bucket_size tokens, bidirectional, each seeing its own block and
+    the blocks before and after it. One layer: a token changes exactly the outputs of its block's
+    neighbourhood."""
+    from dataclasses import replace
+
+    from reformer.heads import ReformerForSequenceClassification
+    from reformer.listops import ListOpsConfig
+
+    cfg = ListOpsConfig(seq_len=64, bucket_size=8, depth=1)
+    torch.manual_seed(0)
+    model = ReformerForSequenceClassification(config=replace(cfg.model_config("local"), depth=1)).eval()
+    x = torch.randint(1, len(LISTOPS_VOCAB), (1, 64))
+    changed = x.clone()
+    changed[0, 35] = 1 + (x[0, 35] % (len(LISTOPS_VOCAB) - 1))  # position 35: block 2 of 16-token blocks
+    with torch.no_grad():
+        moved = (model.hidden(x) - model.hidden(changed)).abs().amax(dim=-1)[0] > 1e-6  # (64,)
+    assert moved.nonzero().flatten().tolist() == list(range(16, 64))  # blocks 1, 2 and 3 (its neighbours)

@@ -153,6 +153,26 @@ TOY = dict(seq_len=64, steps=2, batch_size=2, warmup_steps=1, eval_every=1, eval
            models=("transformer", "full", "lsh-1", "local"))  # fmt: skip
 
 
+@pytest.mark.parametrize("depth", [1, 3])
+def test_the_local_models_reach_is_its_block_and_one_before_per_layer(depth):
+    """docs/long-context.md: each layer of ``local`` sees its own block of ``local_window`` bytes and
+    the one before, so after ``depth`` layers position ``p`` depends on bytes back to the start of
+    the block ``depth`` blocks before its own: ``depth * W`` to ``depth * W + W - 1`` bytes back."""
+    cfg = LongCtxConfig(**{**TOY, "depth": depth})
+    window = cfg.local_window
+    torch.manual_seed(0)
+    model = ReformerLM(config=cfg.model_config("local")).eval()
+    x = torch.randint(0, 256, (1, cfg.seq_len))
+    with torch.no_grad():
+        base = model(x)
+        for j in (3, 17, 40):
+            changed = x.clone()
+            changed[0, j] = (x[0, j] + 1) % 256
+            moved = ((model(changed) - base).abs().amax(dim=-1)[0] > 1e-6).nonzero().flatten().tolist()
+            reach = [p for p in range(cfg.seq_len) if j <= p and (p // window - depth) * window <= j]
+            assert moved == reach, (j, moved)
+
+
 def test_config_builds_the_models_it_names_with_equal_sizes():
     cfg = LongCtxConfig(**TOY)
     configs = {label: cfg.model_config(label) for label in cfg.models}

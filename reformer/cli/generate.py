@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
 import time
 
@@ -31,6 +30,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data import TextStream
     from ..generate import stream
     from ..heads import ReformerForMaskedLM
     from .loading import load_for_inference
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     prompt = vocab.encode(args.prompt)[None].to(args.device)
     out = sys.stdout
     out.write(args.prompt)
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace") if vocab.kind == "byte" else None
+    text = TextStream(vocab, prompt[0])
     if args.compile and args.no_cache:
         raise UsageError("--compile compiles the cached decode step: it cannot be combined with --no-cache")
     if args.compile:
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for token in tokens:
         t = int(token[0])
-        out.write(decoder.decode(bytes([t])) if decoder else vocab.decode([t]))
+        out.write(text.step(t))
         out.flush()
         seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
-    out.write((decoder.decode(b"", final=True) if decoder else "") + "\n")
+    out.write(text.finish() + "\n")
     if args.compile and len(seconds) > 2:
         rest = sum(seconds[2:]) / len(seconds[2:])
         print(f"torch.compile: first decode step {seconds[1]:.1f} s (compiling), then {rest * 1000:.1f} ms per token",

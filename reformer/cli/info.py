@@ -1,5 +1,5 @@
 """``reformer info``: a run's or checkpoint's architecture, step, best validation bpc,
-parameter count and config, as JSON."""
+parameter count, vocabulary kind (and a classifier's labels) and config, as JSON."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..checkpoint import read_config
+    from ..checkpoint import read_config, read_vocab_file
     from ..model import ReformerLM
     from ..train import MODEL_CLASSES, load_trainer_state
     from .loading import resolve_checkpoint
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     kind = {cls.__name__: cls for cls in MODEL_CLASSES.values()}.get(arch, ReformerLM)
     with torch.device("meta"):
         info["parameters"] = sum(p.numel() for p in kind(config=config).parameters())
+    saved = read_vocab_file(ckpt) or {"kind": "byte"}  # (no vocab.json: the CLI reads bytes)
+    info["vocabulary"] = {k: saved[k] for k in ("kind", "labels") if k in saved}
     info["config"] = config.to_dict()
     print(json.dumps(info, indent=2))
     return 0

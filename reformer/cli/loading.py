@@ -110,6 +110,13 @@ def load_training_data(
     return Corpus("duplication", task, task, ByteVocab())
 
 
+def checkpoint_identity(spec: str | None) -> str | None:
+    """``--init-from`` as stored in ``run.json``: a local path made absolute, a Hub repo id as given."""
+    if spec is None or hub.is_repo_id(spec):
+        return spec
+    return str(Path(spec).resolve())
+
+
 def data_identity(spec: str) -> str:
     """``--data`` as stored in ``run.json``: file paths made absolute."""
     if spec in ("builtin", "duplication", "listops") or spec.startswith("listops:"):

@@ -14,8 +14,9 @@ from ..presets import PRESETS
 from .options import UsageError, device_type, float_in, int_at_least, seed_type
 
 #: Settings that define a run, with their flags: ``--resume`` must be given the run's values ...
-RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "seq_len": "--seq-len", "seed": "--seed",
-                "objective": "--task/--objective", "pooling": "--pooling"}  # fmt: skip
+RUN_IDENTITY = {"data": "--data", "vocab": "--vocab", "preset": "--preset", "init_from": "--init-from",
+                "seq_len": "--seq-len", "seed": "--seed", "objective": "--task/--objective",
+                "pooling": "--pooling"}  # fmt: skip
 #: ... and these too, unless ``--allow-change`` says that a change is deliberate.
 RUN_SCHEDULE = {"steps": "--steps", "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr",
                 "warmup": "--warmup", "schedule": "--schedule", "precision": "--precision"}  # fmt: skip
@@ -37,10 +38,15 @@ def add_parser(subparsers) -> None:
                    help="--task lm: builtin or pysrc (no download), a file path, enwik8:PATH, or duplication; "
                         "--task classify: a label<TAB>text file, a folder with a sub-folder per label, or "
                         "listops[:N] (generated)")  # fmt: skip
-    t.add_argument("--vocab", choices=("byte", "char"), default="byte", help="token vocabulary (listops has its own)")
+    t.add_argument("--vocab", choices=("byte", "char"), default=None,
+                   help="token vocabulary (default: byte; listops has its own)")  # fmt: skip
     t.add_argument("--pooling", choices=("first", "last", "mean", "max"), default="mean",
                    help="--task classify: how a document's positions become one vector")  # fmt: skip
-    t.add_argument("--preset", default="tiny", help=f"model size: {', '.join(PRESETS)}")
+    t.add_argument("--preset", default=None, help=f"model size: {', '.join(PRESETS)} (default: tiny)")
+    t.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                   help="start from this checkpoint's weights (a run or checkpoint directory, or a Hub repo id), "
+                        "with its architecture and vocabulary instead of --preset and --vocab; a head the "
+                        "task adds starts fresh, e.g. a classifier from a masked LM (--objective mlm)")  # fmt: skip
     t.add_argument(
         "--seq-len", type=int_at_least(1), default=2048, help="tokens per training sequence (also the model's max)"
     )
@@ -61,8 +67,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--resume", action="store_true", help="continue the run in --out (with the same settings)")
     t.add_argument("--allow-change", action="store_true",
                    help="with --resume: continue with other --steps, --lr, --batch-size, --grad-accum, --warmup, "
-                        "--schedule or --precision than the run's (--data, --vocab, --preset, --seq-len and "
-                        "--seed never change)")  # fmt: skip
+                        "--schedule or --precision than the run's (--data, --vocab, --preset, --init-from, "
+                        "--seq-len and --seed never change)")  # fmt: skip
     t.add_argument("--device", type=device_type, default="cpu",
                    help="cpu or cuda (under torchrun: each process its LOCAL_RANK GPU)")  # fmt: skip
     t.add_argument("--seed", type=seed_type, default=0, help="random seed")
@@ -92,9 +98,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_settings(args: argparse.Namespace) -> dict:
-    from .loading import data_identity
+    from .loading import checkpoint_identity, data_identity
 
-    return {k: data_identity(args.data) if k == "data" else getattr(args, k) for k in [*RUN_IDENTITY, *RUN_SCHEDULE]}
+    identity = {"data": data_identity(args.data), "init_from": checkpoint_identity(args.init_from)}
+    return {k: identity[k] if k in identity else getattr(args, k) for k in [*RUN_IDENTITY, *RUN_SCHEDULE]}
 
 
 def stored_settings(run: Path, trainer: dict, vocab_kind: str) -> dict:
@@ -140,7 +147,7 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
     run = Path(args.out)
     try:
-        settings, config, corpus, cfg, resume_step = _checked_inputs(args, run, device)
+        settings, config, corpus, cfg, resume_step, source = _checked_inputs(args, run, device)
         refusal = None
     except (ValueError, OSError) as exc:
         refusal = exc
@@ -149,7 +156,9 @@ def _train(args: argparse.Namespace, device: str) -> int:
     if distributed.any_process(refusal is not None):
         raise refusal or UsageError("another process of the job refused the inputs (its error is above)")
     torch.manual_seed(args.seed)
-    model = MODEL_CLASSES[cfg.objective](config=ReformerConfig.from_dict(config.to_dict())).to(device)
+    model = MODEL_CLASSES[cfg.objective](config=ReformerConfig.from_dict(config.to_dict()))
+    transfer = model.init_from(source) if source is not None else None  # (every process alike)
+    model = model.to(device)
     if not distributed.is_main():
         _run_training(args, run, model, corpus, cfg, None)
         return 0
@@ -164,6 +173,8 @@ def _train(args: argparse.Namespace, device: str) -> int:
         )
         procs = f"; {distributed.world_size()} processes" if distributed.world_size() > 1 else ""
         print(f"{corpus.name}: {sizes}; model {n_params / 1e6:.2f}M parameters; run dir {run}{procs}", file=sys.stderr)
+        if transfer is not None:
+            print(f"initialised from {source}: {transfer.summary()}", file=sys.stderr)
         if cfg.compile:
             print("torch.compile: the first step compiles the model (it can take minutes)", file=sys.stderr)
         dashboard = Dashboard(run, cfg.steps, resume_step)
@@ -172,10 +183,11 @@ def _train(args: argparse.Namespace, device: str) -> int:
 
 def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
     """Check --out, the resume, the data and the model before anything is written; return the
-    run's settings, model config, corpus, training config and the step it starts from."""
-    from ..checkpoint import read_config, verify_manifest
+    run's settings, model config, corpus, training config, the step it starts from, and the
+    checkpoint a new run takes its weights from (``--init-from``; else None)."""
+    from ..checkpoint import read_config, read_meta, verify_manifest
     from ..runs import check_not_in_use, check_out_dir
-    from ..train import TrainConfig, checkpoint_dirs, load_trainer_state, objective_for
+    from ..train import MODEL_CLASSES, TrainConfig, checkpoint_dirs, load_trainer_state, objective_for
     from .loading import (
         check_backend_runs,
         check_vocab,
@@ -183,8 +195,15 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         objective_of,
         read_labels,
         read_vocab,
+        resolve_checkpoint,
     )
 
+    if args.init_from is not None and (args.preset is not None or args.vocab is not None):
+        given = "--preset" if args.preset is not None else "--vocab"
+        raise UsageError(f"{given} and --init-from exclude each other (the checkpoint fixes the model and its "
+                         "vocabulary)")  # fmt: skip
+    if args.init_from is None:
+        args.preset, args.vocab = args.preset or "tiny", args.vocab or "byte"
     if args.task == "classify":
         if args.objective != "causal":
             raise UsageError("--objective applies to --task lm (a classifier learns its labels)")
@@ -204,13 +223,25 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         check_vocab(latest, vocab, config, objective_of(architecture))
         check_same_run(run, trainer["step"], stored_settings(run, trainer, vocab.kind), settings, args.allow_change)
         labels = read_labels(latest, config) if args.objective == "classify" else None
-        resume_step = trainer["step"]
+        resume_step, source = trainer["step"], None
+    elif args.init_from is not None:  # the checkpoint's architecture and vocabulary; its weights in _train
+        source = resolve_checkpoint(args.init_from)
+        verify_manifest(source)
+        trainable = sorted(cls.__name__ for cls in MODEL_CLASSES.values())
+        if read_meta(source)[0] not in trainable:
+            raise UsageError(f"--init-from {args.init_from} holds a {read_meta(source)[0]}; a run starts from a "
+                             f"checkpoint of {', '.join(trainable)}")  # fmt: skip
+        vocab, (_, config), resume_step = read_vocab(source), read_config(source), 0
+        labels = () if args.objective == "classify" else None
     else:
         if args.preset not in PRESETS:
             raise UsageError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)}")
         vocab, config, resume_step = args.vocab, PRESETS[args.preset](max_seq_len=args.seq_len), 0
-        labels = () if args.objective == "classify" else None
+        labels, source = (() if args.objective == "classify" else None), None
     corpus = load_training_data(args.data, vocab, args.seq_len, args.batch_size, args.seed, labels)
+    if source is not None and _tokens(corpus.vocab) != _tokens(vocab):
+        raise UsageError(f"--data {args.data} has its own vocabulary ({corpus.vocab.kind}), not the one of "
+                         f"--init-from {args.init_from} ({vocab.kind})")  # fmt: skip
     if latest is None:
         new_model_config(config, corpus, args)
     if args.seq_len > config.max_seq_len:
@@ -229,7 +260,12 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
             objective.sampler(data, cfg, seed=0, evaluation=split == "validation")
         except ValueError as exc:
             raise UsageError(f"the {split} split of --data {args.data}: {exc}") from None
-    return settings, config, corpus, cfg, resume_step
+    return settings, config, corpus, cfg, resume_step, source
+
+
+def _tokens(vocab) -> dict:
+    """A vocabulary's tokens as ``vocab.json`` describes them, without a classifier's labels."""
+    return {k: v for k, v in vocab.to_dict().items() if k != "labels"}
 
 
 def saved_vocab(corpus) -> dict:
@@ -244,14 +280,13 @@ def headline(record: dict) -> str:
 
 
 def new_model_config(config, corpus, args: argparse.Namespace) -> None:
-    """Fit a preset's ``config`` to the data and the objective: the vocabulary (and ``mlm``'s
-    mask token), and for anything but next-token prediction a bidirectional model; a classifier's
-    labels and pooling."""
+    """Fit a preset's (or an ``--init-from`` checkpoint's) ``config`` to the data and the
+    objective: the vocabulary (and ``mlm``'s mask token), and for anything but next-token
+    prediction a bidirectional model; a classifier's labels and pooling."""
     from .loading import model_tokens
 
     config.num_tokens = model_tokens(corpus.vocab, args.objective)
-    if args.objective != "causal":
-        config.causal = False
+    config.causal = args.objective == "causal"  # (a checkpoint of --init-from may have had another objective)
     if args.objective == "classify":  # padding hashed into a bucket of its own: documents classify as unpadded
         config.num_labels, config.pooling, config.pad_bucket = len(corpus.labels), args.pooling, True
 
