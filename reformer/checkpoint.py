@@ -191,7 +191,7 @@ class PretrainedMixin:
         weights_path = directory / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        verify_manifest(directory)
+        verify_manifest(directory, needed=(WEIGHTS_NAME,))
         try:
             saved = load_file(weights_path)
         except SafetensorError as exc:

@@ -14,6 +14,7 @@ import torch
 
 from reformer import ReformerEncDec, ReformerLM, hub
 from reformer.checkpoint import MANIFEST_NAME, write_manifest
+from reformer.cli import main
 
 pytest.importorskip("huggingface_hub")
 from fake_hub import FakeHub, commit_of  # noqa: E402
@@ -109,6 +110,10 @@ def test_a_training_checkpoint_uploaded_as_it_is_loads_without_its_trainer_state
     finally:
         fake.close()
     assert not any((home / "hub").glob("models--org--run/snapshots/*/trainer.pt"))
+    without = next((home / "hub").glob("models--org--run/snapshots/*"))
+    assert ReformerLM(**TINY).init_from(without).new == []  # --init-from that repo: the same
+    assert main(["train", "--init-from", str(without), "--data", "duplication", "--seq-len", "16", "--steps", "1",
+                 "--batch-size", "1", "--eval-batches", "1", "--out", str(tmp_path / "run")]) == 0  # fmt: skip
     (ckpt / "trainer.pt").write_bytes(b"optimizer STATE")  # present, it is still checked
     with pytest.raises(ValueError, match="trainer.pt does not match its checksum"):
         ReformerLM.from_pretrained(ckpt)

@@ -185,7 +185,7 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
     """Check --out, the resume, the data and the model before anything is written; return the
     run's settings, model config, corpus, training config, the step it starts from, and the
     checkpoint a new run takes its weights from (``--init-from``; else None)."""
-    from ..checkpoint import read_config, read_meta, verify_manifest
+    from ..checkpoint import WEIGHTS_NAME, read_config, read_meta, verify_manifest
     from ..runs import check_not_in_use, check_out_dir
     from ..train import MODEL_CLASSES, TrainConfig, checkpoint_dirs, load_trainer_state, objective_for
     from .loading import (
@@ -226,7 +226,7 @@ def _checked_inputs(args: argparse.Namespace, run: Path, device: str):
         resume_step, source = trainer["step"], None
     elif args.init_from is not None:  # the checkpoint's architecture and vocabulary; its weights in _train
         source = resolve_checkpoint(args.init_from)
-        verify_manifest(source)
+        verify_manifest(source, needed=(WEIGHTS_NAME,))  # (a run's checkpoint from the Hub comes without trainer.pt)
         trainable = sorted(cls.__name__ for cls in MODEL_CLASSES.values())
         if read_meta(source)[0] not in trainable:
             raise UsageError(f"--init-from {args.init_from} holds a {read_meta(source)[0]}; a run starts from a "
