@@ -93,9 +93,9 @@ def verify_manifest(directory: Path, needed: tuple[str, ...] | None = None) -> N
         raise ValueError(f"corrupt checkpoint {directory}: {MANIFEST_NAME} does not list files with bytes and sha256")
     for name, entry in entries.items():
         file = directory / name
-        if not file.is_file() and needed is not None and name not in needed:
-            continue
         if not file.is_file():
+            if needed is not None and name not in needed:
+                continue
             raise ValueError(f"corrupt checkpoint {directory}: {name} is missing")
         if file.stat().st_size != entry["bytes"]:
             raise ValueError(

@@ -163,8 +163,8 @@ def push_to_hub(
     api: Any = None,
 ) -> Any:
     """Save ``model`` (weights, config, manifest, model card) and upload it to ``repo_id`` as one
-    commit, creating the repository and the branch ``revision`` if needed. Returns the Hub's commit info. ``api``: an
-    ``HfApi`` (default: a new one with ``token``)."""
+    commit, creating the repository and the branch ``revision`` if needed. Returns the Hub's
+    commit info. ``api``: an ``HfApi`` (default: a new one with ``token``)."""
     if not _REPO_ID.match(repo_id):
         raise ValueError(f"repo_id must be 'owner/name', got {repo_id!r}")
     hub = _hub()
